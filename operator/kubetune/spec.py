@@ -1,0 +1,367 @@
+"""The FinetuneRun model: the single source of truth for the CRD schema, the SDK, the operator and the trainer.
+
+Field names are snake_case in Python and camelCase in YAML/JSON (the Kubernetes convention); both are
+accepted on input. Every field carries a description (it becomes `kubectl explain` text), a default and
+bounds. `FinetuneRunSpec.model_validate(obj)` is how every component reads a spec, so a spec that the API
+server accepts is one the trainer accepts. Cross-field rules that an OpenAPI schema cannot express live in
+`cross_field_errors` and are applied by the operator (condition + Event, no Job) and by the SDK/trainer.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "kubetune.io"
+VERSION = "v1alpha1"
+KIND = "FinetuneRun"
+PLURAL = "finetuneruns"
+SINGULAR = "finetunerun"
+SHORT_NAMES = ("ftr",)
+API_VERSION = f"{GROUP}/{VERSION}"
+
+URI_PATTERN = r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|https?://.+|file://.+|/.+|[^:]+)$"
+QUANTITY_PATTERN = r"^([+]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid",
+                              use_enum_values=True, validate_default=True)
+
+    def dump(self) -> dict[str, Any]:
+        """camelCase JSON-ready dict without unset optional fields (what goes into a manifest)."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+class Precision(str, Enum):
+    AUTO = "auto"
+    FP32 = "fp32"
+    AMP = "amp"
+    AMP_BF16 = "amp_bf16"
+    BF16 = "bf16"
+
+
+class Loss(str, Enum):
+    CLIP = "CLIPLoss"
+    SIGLIP = "SigLIPLoss"
+
+
+class Optimizer(str, Enum):
+    ADAMW = "adamw"
+    ADAM = "adam"
+    SGD = "sgd"
+
+
+class Scheduler(str, Enum):
+    COSINE = "cosine"
+    CONSTANT = "constant"
+    LINEAR = "linear"
+
+
+class DataFormat(str, Enum):
+    AUTO = "auto"
+    CSV = "csv"
+    DOCLIST = "doclist"
+
+
+class Distance(str, Enum):
+    COSINE = "cosine"
+    EUCLIDEAN = "euclidean"
+    SQEUCLIDEAN = "sqeuclidean"
+
+
+class Mode(str, Enum):
+    MIN = "min"
+    MAX = "max"
+
+
+class ModelSpec(_Model):
+    name: Annotated[str, Field(min_length=1, max_length=200, description=(
+        "open_clip model name, e.g. ViT-B-32 or xlm-roberta-base-ViT-B-32; with `config`, the name the "
+        "custom config is registered under."))] = "ViT-B-32"
+    pretrained: Annotated[str | None, Field(max_length=200, description=(
+        "open_clip pretrained tag (e.g. laion2b_s34b_b79k), downloaded from the hub when the cluster has "
+        "internet. Leave empty for random init or when `weights` is set."))] = None
+    weights: Annotated[str | None, Field(max_length=2048, description=(
+        "Starting weights: an s3:// URI, an http(s) URL or a local path to a .pt/.safetensors state dict, "
+        "or a kubetune artifact directory (continue from an earlier run). Loaded with weights_only=True."))] = None
+    config: Annotated[dict[str, Any] | None, Field(description=(
+        "A custom open_clip model config (embed_dim, vision_cfg, text_cfg), e.g. a tiny model for tests. "
+        "When set, `name` is registered with this config."),
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})] = None
+
+
+class DataSpec(_Model):
+    train: Annotated[str, Field(min_length=1, max_length=2048, description=(
+        "Training pairs: a CSV of (text, image) rows or a docarray DocList serialised as protobuf; "
+        "an s3:// URI, http(s) URL or local path."))]
+    eval: Annotated[str | None, Field(max_length=2048, description=(
+        "Evaluation pairs for validation loss (same formats as train). Exclusive with valSplit."))] = None
+    query: Annotated[str | None, Field(max_length=2048, description=(
+        "Query set for retrieval evaluation (texts with the image they should find). Defaults to eval "
+        "data, or the validation split."))] = None
+    index: Annotated[str | None, Field(max_length=2048, description=(
+        "Index set for retrieval evaluation (the images searched). Defaults to the query set's images."))] = None
+    format: Annotated[DataFormat, Field(description=(
+        "Data format: auto (by extension: .csv, else DocList protobuf), csv or doclist."))] = DataFormat.AUTO
+    val_split: Annotated[float, Field(ge=0.0, le=0.5, description=(
+        "Fraction of train held out for validation and evaluation when no eval data is given."))] = 0.0
+    text_column: Annotated[str, Field(min_length=1, max_length=100, description=(
+        "CSV column holding the text."))] = "text"
+    image_column: Annotated[str, Field(min_length=1, max_length=100, description=(
+        "CSV column holding the image URI (s3://, http(s)://, file path relative to the CSV)."))] = "image"
+    skip_bad_rows: Annotated[bool, Field(description=(
+        "Skip and count rows whose image is missing or unreadable instead of failing the run."))] = False
+
+
+class TrainingSpec(_Model):
+    epochs: Annotated[int, Field(ge=1, le=1000, description="Number of passes over the training data.")] = 5
+    batch_size: Annotated[int, Field(ge=2, le=65536, description=(
+        "Pairs per optimizer step per GPU (contrastive losses need at least 2)."))] = 64
+    learning_rate: Annotated[float, Field(gt=0.0, le=1.0, description="Peak learning rate.")] = 1e-5
+    optimizer: Annotated[Optimizer, Field(description="Optimizer.")] = Optimizer.ADAMW
+    weight_decay: Annotated[float, Field(ge=0.0, le=10.0, description=(
+        "Weight decay; never applied to biases, norms, embeddings' gains or logit_scale."))] = 0.1
+    scheduler: Annotated[Scheduler, Field(description="Learning-rate schedule after warmup.")] = Scheduler.COSINE
+    warmup_steps: Annotated[int, Field(ge=0, le=10_000_000, description="Linear warmup steps.")] = 0
+    precision: Annotated[Precision, Field(description=(
+        "Numeric precision: auto (amp_bf16 on GPUs that support it, fp32 on CPU), fp32, amp, amp_bf16, "
+        "bf16."))] = Precision.AUTO
+    grad_accumulation: Annotated[int, Field(ge=1, le=1024, description=(
+        "Micro-batches accumulated per optimizer step."))] = 1
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1, description="Random seed.")] = 42
+    lock_image: Annotated[bool, Field(description="Freeze the image tower.")] = False
+    lock_text: Annotated[bool, Field(description="Freeze the text tower.")] = False
+    loss: Annotated[Loss, Field(description="Contrastive loss: CLIPLoss or SigLIPLoss.")] = Loss.CLIP
+    max_steps: Annotated[int | None, Field(ge=1, description=(
+        "Stop after this many optimizer steps (for smoke tests); default: epochs × steps per epoch."))] = None
+    num_workers: Annotated[int, Field(ge=0, le=64, description="Data-loading worker processes.")] = 2
+    grad_clip_norm: Annotated[float | None, Field(gt=0.0, description="Clip gradients to this norm.")] = None
+
+
+class EvaluationSpec(_Model):
+    enabled: Annotated[bool, Field(description="Evaluate retrieval before and after training.")] = True
+    limit: Annotated[int, Field(ge=1, le=1000, description="Top results ranked per query (the k of @k).")] = 20
+    distance: Annotated[Distance, Field(description="Distance between embeddings.")] = Distance.COSINE
+    every_epochs: Annotated[int, Field(ge=0, le=1000, description=(
+        "Also evaluate every N epochs (0: only before and after)."))] = 0
+    batch_size: Annotated[int, Field(ge=1, le=65536, description="Encoding batch size.")] = 128
+    max_queries: Annotated[int | None, Field(ge=1, description="Evaluate at most this many queries.")] = None
+
+
+class BestModelSpec(_Model):
+    monitor: Annotated[str, Field(min_length=1, max_length=100, description=(
+        "Metric to monitor: val_loss, train_loss or an evaluation metric name (e.g. recall_at_k)."))] = "val_loss"
+    mode: Annotated[Mode, Field(description="Whether lower (min) or higher (max) is better.")] = Mode.MIN
+
+
+class EarlyStoppingSpec(_Model):
+    monitor: Annotated[str, Field(min_length=1, max_length=100, description="Metric to monitor.")] = "val_loss"
+    mode: Annotated[Mode, Field(description="Whether lower (min) or higher (max) is better.")] = Mode.MIN
+    patience: Annotated[int, Field(ge=1, le=1000, description="Epochs without improvement before stopping.")] = 2
+    min_delta: Annotated[float, Field(ge=0.0, description="Smallest change that counts as improvement.")] = 0.0
+
+
+class WiseFtSpec(_Model):
+    alpha: Annotated[float, Field(ge=0.0, le=1.0, description=(
+        "WiSE-FT weight: θ = (1−α)·θ_start + α·θ_finetuned, on floating tensors only."))] = 0.4
+
+
+class CallbacksSpec(_Model):
+    evaluation: Annotated[EvaluationSpec, Field(description="Retrieval evaluation.")] = EvaluationSpec()
+    best_model: Annotated[BestModelSpec | None, Field(description=(
+        "Keep the best epoch's weights (by a monitored metric) as the final model."))] = None
+    early_stopping: Annotated[EarlyStoppingSpec | None, Field(description="Stop when a metric stalls.")] = None
+    wise_ft: Annotated[WiseFtSpec | None, Field(description="Interpolate with the starting weights.")] = None
+
+
+class ExportSpec(_Model):
+    onnx: Annotated[bool, Field(description=(
+        "Also export each tower to ONNX, verified against torch with onnxruntime."))] = False
+
+
+class SecretRef(_Model):
+    name: Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_LABEL.replace("$", "").rstrip("^") and
+                                r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+                               description="Name of a Secret in the run's namespace.")]
+    access_key_key: Annotated[str, Field(min_length=1, max_length=253, description=(
+        "Key in the Secret holding the access key id."))] = "AWS_ACCESS_KEY_ID"
+    secret_key_key: Annotated[str, Field(min_length=1, max_length=253, description=(
+        "Key in the Secret holding the secret access key."))] = "AWS_SECRET_ACCESS_KEY"
+
+
+class OutputSpec(_Model):
+    endpoint: Annotated[str | None, Field(max_length=2048, pattern=r"^https?://[^/\s]+/?$", description=(
+        "S3/MinIO endpoint URL, e.g. http://minio.minio:9000. Empty: the operator's default."))] = None
+    bucket: Annotated[str | None, Field(min_length=3, max_length=63, pattern=r"^[a-z0-9][a-z0-9.\-]*[a-z0-9]$",
+                                        description=(
+                                            "Bucket for artifacts and checkpoints. Empty: the operator's default."))] = None
+    prefix: Annotated[str, Field(max_length=1024, description=(
+        "Key prefix; the run's artifact goes under <prefix>/<namespace>/<name>/."))] = "kubetune"
+    region: Annotated[str, Field(max_length=64, description="S3 region.")] = "us-east-1"
+    credentials_secret: Annotated[SecretRef | None, Field(description=(
+        "Secret with the S3 credentials, passed to the trainer through secretKeyRef (the operator never "
+        "reads it). Empty: the operator's default."))] = None
+
+
+class Toleration(_Model):
+    key: Annotated[str | None, Field(max_length=316, description="Taint key.")] = None
+    operator: Annotated[Literal["Exists", "Equal"] | None, Field(description="Exists or Equal.")] = None
+    value: Annotated[str | None, Field(max_length=63, description="Taint value.")] = None
+    effect: Annotated[Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None,
+                      Field(description="Taint effect.")] = None
+    toleration_seconds: Annotated[int | None, Field(description="For NoExecute: how long to stay bound.")] = None
+
+
+class ResourcesSpec(_Model):
+    gpus: Annotated[int, Field(ge=0, le=16, description=(
+        "GPUs for the trainer pod (nvidia.com/gpu); more than one runs DDP through torchrun."))] = 1
+    cpu: Annotated[str, Field(pattern=QUANTITY_PATTERN, max_length=20, description="CPU request and limit.")] = "4"
+    memory: Annotated[str, Field(pattern=QUANTITY_PATTERN, max_length=20, description=(
+        "Memory request and limit."))] = "16Gi"
+    node_selector: Annotated[dict[str, str], Field(description="Node labels the trainer pod requires.")] = {}
+    tolerations: Annotated[list[Toleration], Field(max_length=32, description="Taints the pod tolerates.")] = []
+    priority_class_name: Annotated[str | None, Field(max_length=253, description="PriorityClass.")] = None
+    image: Annotated[str | None, Field(max_length=1024, description=(
+        "Trainer image. Empty: the operator's default."))] = None
+    image_pull_policy: Annotated[Literal["Always", "IfNotPresent", "Never"] | None, Field(description=(
+        "Image pull policy. Empty: the operator's default."))] = None
+    image_pull_secrets: Annotated[list[str], Field(max_length=16, description=(
+        "Names of image pull Secrets."))] = []
+
+
+class RunPolicySpec(_Model):
+    backoff_limit: Annotated[int, Field(ge=0, le=100, description=(
+        "Retries for retryable trainer failures (each resumes from the latest checkpoint)."))] = 3
+    active_deadline_seconds: Annotated[int | None, Field(ge=1, description=(
+        "Fail the run when it has been active this long."))] = None
+    ttl_seconds_after_finished: Annotated[int | None, Field(ge=0, description=(
+        "Delete the run's Job and ConfigMap this long after it finished (the run and its artifact stay)."))] = None
+    suspend: Annotated[bool, Field(description=(
+        "Suspend the run: its Job is deleted (checkpoints kept); unsuspend resumes from the last checkpoint."))] = False
+    checkpoint_every_steps: Annotated[int, Field(ge=0, description=(
+        "Write a training checkpoint every N optimizer steps (0: only at epoch ends)."))] = 0
+    checkpoint_every_epochs: Annotated[int, Field(ge=0, description=(
+        "Write a training checkpoint every N epochs (0: never at epoch ends)."))] = 1
+
+
+class FinetuneRunSpec(_Model):
+    model: Annotated[ModelSpec, Field(description="The CLIP model to start from.")] = ModelSpec()
+    data: Annotated[DataSpec, Field(description="Training and evaluation data.")]
+    training: Annotated[TrainingSpec, Field(description="Optimisation settings.")] = TrainingSpec()
+    callbacks: Annotated[CallbacksSpec, Field(description="Evaluation, checkpoints, early stopping, WiSE-FT.")] = (
+        CallbacksSpec())
+    export: Annotated[ExportSpec, Field(description="Extra artifact formats.")] = ExportSpec()
+    output: Annotated[OutputSpec, Field(description="Where the artifact and checkpoints go.")] = OutputSpec()
+    resources: Annotated[ResourcesSpec, Field(description="Pod resources and scheduling.")] = ResourcesSpec()
+    run_policy: Annotated[RunPolicySpec, Field(description="Retries, deadlines, TTL, suspend, checkpoints.")] = (
+        RunPolicySpec())
+    queue_name: Annotated[str | None, Field(max_length=63, pattern=DNS_LABEL, description=(
+        "Kueue LocalQueue; set on the Job as the kueue.x-k8s.io/queue-name label."))] = None
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> FinetuneRunSpec:
+        errors = cross_field_errors(self)
+        if errors:
+            raise ValueError("; ".join(f"{path}: {reason}" for path, reason in errors))
+        return self
+
+
+def cross_field_errors(spec: FinetuneRunSpec) -> list[tuple[str, str]]:
+    """Rules an OpenAPI schema cannot express, as (field path, reason) pairs. Pure."""
+    errors: list[tuple[str, str]] = []
+    if spec.data.val_split > 0 and spec.data.eval:
+        errors.append(("spec.data.valSplit", "set either valSplit or eval data, not both"))
+    if spec.model.pretrained and spec.model.weights:
+        errors.append(("spec.model.weights", "set either model.pretrained or model.weights, not both"))
+    if spec.training.lock_image and spec.training.lock_text:
+        errors.append(("spec.training.lockText", "locking both towers leaves nothing to train"))
+    if spec.data.index and not spec.data.query:
+        errors.append(("spec.data.query", "an index set needs a query set"))
+    monitors = [("spec.callbacks.bestModel.monitor", spec.callbacks.best_model),
+                ("spec.callbacks.earlyStopping.monitor", spec.callbacks.early_stopping)]
+    has_validation = bool(spec.data.eval) or spec.data.val_split > 0
+    for path, callback in monitors:
+        if callback is not None and callback.monitor == "val_loss" and not has_validation:
+            errors.append((path, "val_loss needs eval data or valSplit > 0"))
+    if spec.output.endpoint and re.match(r"^https?://[^/]*@", spec.output.endpoint):
+        errors.append(("spec.output.endpoint", "credentials must not be in the endpoint URL; use credentialsSecret"))
+    return errors
+
+
+# ---------------------------------------------------------------------------------------------- status
+LOG_TAIL_LINES = 30
+LOG_LINE_MAX_CHARS = 500
+MAX_METRICS = 64
+MESSAGE_MAX_CHARS = 1024
+
+
+class Phase(str, Enum):
+    PENDING = "Pending"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SUSPENDED = "Suspended"
+    CANCELLED = "Cancelled"
+
+
+TERMINAL_PHASES = frozenset({Phase.SUCCEEDED.value, Phase.FAILED.value, Phase.CANCELLED.value})
+
+
+class Condition(_Model):
+    type: Annotated[str, Field(max_length=64, description="Condition type, e.g. Ready, Running, Failed.")]
+    status: Annotated[Literal["True", "False", "Unknown"], Field(description="True, False or Unknown.")]
+    reason: Annotated[str | None, Field(max_length=128, description="CamelCase reason.")] = None
+    message: Annotated[str | None, Field(max_length=MESSAGE_MAX_CHARS, description="Human message.")] = None
+    last_transition_time: Annotated[str | None, Field(description="RFC 3339 time of the last change.")] = None
+
+
+class Progress(_Model):
+    epoch: Annotated[int | None, Field(ge=0, description="Current epoch (1-based).")] = None
+    epochs: Annotated[int | None, Field(ge=0, description="Total epochs.")] = None
+    step: Annotated[int | None, Field(ge=0, description="Optimizer steps done.")] = None
+    total_steps: Annotated[int | None, Field(ge=0, description="Optimizer steps planned.")] = None
+    percent: Annotated[float | None, Field(ge=0, le=100, description="Percent done.")] = None
+    samples_per_second: Annotated[float | None, Field(ge=0, description="Training throughput.")] = None
+    eta_seconds: Annotated[float | None, Field(ge=0, description="Estimated seconds left.")] = None
+
+
+class Metrics(_Model):
+    train_loss: Annotated[float | None, Field(description="Latest training loss.")] = None
+    val_loss: Annotated[float | None, Field(description="Latest validation loss.")] = None
+    before: Annotated[dict[str, float], Field(max_length=MAX_METRICS, description=(
+        "Retrieval metrics before fine-tuning."))] = {}
+    after: Annotated[dict[str, float], Field(max_length=MAX_METRICS, description=(
+        "Retrieval metrics after fine-tuning."))] = {}
+
+
+class Artifact(_Model):
+    uri: Annotated[str, Field(max_length=2048, description="Where the artifact is (s3:// URI or path).")]
+    size: Annotated[int | None, Field(ge=0, description="Total bytes.")] = None
+    sha256: Annotated[str | None, Field(max_length=64, description="sha256 of the artifact's manifest.")] = None
+
+
+class FinetuneRunStatus(_Model):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore",
+                              use_enum_values=True)
+
+    phase: Annotated[Phase | None, Field(description="Pending, Running, Succeeded, Failed, Suspended, Cancelled.")] = (
+        None)
+    conditions: Annotated[list[Condition], Field(max_length=16, description="Conditions with reasons.")] = []
+    observed_generation: Annotated[int | None, Field(description="The generation last acted on.")] = None
+    start_time: Annotated[str | None, Field(description="When the run started (RFC 3339).")] = None
+    completion_time: Annotated[str | None, Field(description="When the run finished (RFC 3339).")] = None
+    job_name: Annotated[str | None, Field(max_length=253, description="The run's Job.")] = None
+    pod_name: Annotated[str | None, Field(max_length=253, description="The trainer pod being followed.")] = None
+    attempts: Annotated[int | None, Field(ge=0, description="Trainer attempts so far.")] = None
+    progress: Annotated[Progress | None, Field(description="Training progress.")] = None
+    metrics: Annotated[Metrics | None, Field(description="Latest losses and retrieval metrics.")] = None
+    log_tail: Annotated[list[str], Field(max_length=LOG_TAIL_LINES, description=(
+        "The last trainer log lines (bounded)."))] = []
+    artifact: Annotated[Artifact | None, Field(description="The published artifact.")] = None
+    message: Annotated[str | None, Field(max_length=MESSAGE_MAX_CHARS, description="Human summary.")] = None

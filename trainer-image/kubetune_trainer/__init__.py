@@ -1,0 +1,1 @@
+"""The kubetune trainer: open_clip fine-tuning with evaluation, checkpoints and artifacts."""
