@@ -329,6 +329,8 @@ class Progress(_Model):
     percent: Annotated[float | None, Field(ge=0, le=100, description="Percent done.")] = None
     samples_per_second: Annotated[float | None, Field(ge=0, description="Training throughput.")] = None
     eta_seconds: Annotated[float | None, Field(ge=0, description="Estimated seconds left.")] = None
+    summary: Annotated[str | None, Field(max_length=64, description=(
+        "Short human summary for `kubectl get`, e.g. \"2/5 40%\" (epoch/epochs percent)."))] = None
 
 
 class Metrics(_Model):
@@ -359,6 +361,10 @@ class FinetuneRunStatus(_Model):
     job_name: Annotated[str | None, Field(max_length=253, description="The run's Job.")] = None
     pod_name: Annotated[str | None, Field(max_length=253, description="The trainer pod being followed.")] = None
     attempts: Annotated[int | None, Field(ge=0, description="Trainer attempts so far.")] = None
+    retries: Annotated[int | None, Field(ge=0, description=(
+        "Retryable trainer failures so far (compared with spec.runPolicy.backoffLimit)."))] = None
+    checkpoint: Annotated[str | None, Field(max_length=2048, description=(
+        "Latest training checkpoint reported by the trainer; the next attempt resumes from it."))] = None
     progress: Annotated[Progress | None, Field(description="Training progress.")] = None
     metrics: Annotated[Metrics | None, Field(description="Latest losses and retrieval metrics.")] = None
     log_tail: Annotated[list[str], Field(max_length=LOG_TAIL_LINES, description=(

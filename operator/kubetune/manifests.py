@@ -1,0 +1,266 @@
+"""Pure builders: a FinetuneRun → the children the operator owns (a ConfigMap and one Job per attempt).
+
+No I/O, no Kubernetes client, no kopf: every function takes plain dicts / models and returns dicts that can be
+sent to the API server as they are (and compared in unit tests).
+
+Design:
+- **One Job per attempt**, deterministic name ``<run>-a<N>`` (:func:`job_name`). The Job has
+  ``backoffLimit: 0``; the operator decides about retries from the trainer's exit code (retryable: new attempt
+  Job that resumes from the latest checkpoint; permanent: fail fast). A deterministic name makes creation
+  idempotent: an operator restarted between "create Job" and "record it in status" gets 409 and adopts it,
+  so there is never a duplicate Job.
+- The resolved run config (spec with defaults applied and the operator's defaults filled in) goes into a
+  ConfigMap at key ``run.yaml``, mounted read-only at ``/etc/kubetune/run.yaml``.
+- S3 credentials reach the trainer through ``secretKeyRef`` only: the operator never reads Secret values.
+- Hardened pod: non-root, read-only root filesystem (emptyDir for /tmp and /dev/shm), no privilege escalation,
+  all capabilities dropped, seccomp RuntimeDefault, no service-account token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import yaml
+
+from kubetune.operator.settings import Capabilities, OperatorSettings
+from kubetune.spec import API_VERSION, KIND, FinetuneRunSpec
+
+RUN_LABEL = "kubetune.io/run"
+ATTEMPT_LABEL = "kubetune.io/attempt"
+RUN_NAME_ANNOTATION = "kubetune.io/run-name"
+RUN_UID_ANNOTATION = "kubetune.io/run-uid"
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+GPU_RESOURCE = "nvidia.com/gpu"
+CONFIG_KEY = "run.yaml"
+CONFIG_DIR = "/etc/kubetune"
+CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_KEY}"
+CONTAINER_NAME = "trainer"
+MANAGED_BY = "kubetune-operator"
+
+_LABEL_MAX = 63
+_NAME_MAX = 253
+
+
+def _shorten(name: str, limit: int) -> str:
+    """``name`` if it fits, else a prefix plus a stable hash (names stay unique and deterministic)."""
+    if len(name) <= limit:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{name[:limit - 9].rstrip('-.')}-{digest}"
+
+
+def run_label(name: str) -> str:
+    """The ``kubetune.io/run`` label value for a run (label values are at most 63 characters)."""
+    return _shorten(name, _LABEL_MAX)
+
+
+def job_name(name: str, attempt: int) -> str:
+    """Deterministic Job name of one attempt. At most 63 characters (the Job controller copies it into a
+    pod label)."""
+    suffix = f"-a{attempt}"
+    return _shorten(name, _LABEL_MAX - len(suffix)) + suffix
+
+
+def config_map_name(name: str) -> str:
+    suffix = "-config"
+    return _shorten(name, _NAME_MAX - len(suffix)) + suffix
+
+
+def owner_reference(run: dict[str, Any]) -> dict[str, Any]:
+    """Controller owner reference to the run: children are garbage-collected with it."""
+    meta = run["metadata"]
+    return {"apiVersion": run.get("apiVersion", API_VERSION), "kind": run.get("kind", KIND),
+            "name": meta["name"], "uid": meta["uid"], "controller": True, "blockOwnerDeletion": True}
+
+
+def labels(run: dict[str, Any], attempt: int | None = None) -> dict[str, str]:
+    out = {
+        RUN_LABEL: run_label(run["metadata"]["name"]),
+        "app.kubernetes.io/name": "kubetune-trainer",
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+    }
+    if attempt is not None:
+        out[ATTEMPT_LABEL] = str(attempt)
+    return out
+
+
+def annotations(run: dict[str, Any]) -> dict[str, str]:
+    meta = run["metadata"]
+    return {RUN_NAME_ANNOTATION: meta["name"], RUN_UID_ANNOTATION: meta["uid"]}
+
+
+def resolve_spec(spec: FinetuneRunSpec, settings: OperatorSettings) -> FinetuneRunSpec:
+    """The spec with the operator's defaults filled in (image, pull policy, S3 endpoint/bucket/secret)."""
+    output = spec.output.model_copy(update={
+        "endpoint": spec.output.endpoint or settings.s3_endpoint,
+        "bucket": spec.output.bucket or settings.s3_bucket,
+    })
+    if output.credentials_secret is None and settings.s3_secret:
+        from kubetune.spec import SecretRef
+
+        output = output.model_copy(update={"credentials_secret": SecretRef(name=settings.s3_secret)})
+    resources = spec.resources.model_copy(update={
+        "image": spec.resources.image or settings.trainer_image,
+        "image_pull_policy": spec.resources.image_pull_policy or settings.image_pull_policy,
+    })
+    return spec.model_copy(update={"output": output, "resources": resources})
+
+
+def run_config(run: dict[str, Any], spec: FinetuneRunSpec, settings: OperatorSettings) -> dict[str, Any]:
+    """The document the trainer reads from /etc/kubetune/run.yaml: a FinetuneRun with the resolved spec
+    (``FinetuneRunSpec.model_validate(doc["spec"])`` reads it back)."""
+    meta = run["metadata"]
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {"name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"],
+                     "generation": meta.get("generation", 1)},
+        "spec": resolve_spec(spec, settings).dump(),
+    }
+
+
+def config_map(run: dict[str, Any], spec: FinetuneRunSpec, settings: OperatorSettings) -> dict[str, Any]:
+    meta = run["metadata"]
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": config_map_name(meta["name"]),
+            "namespace": meta["namespace"],
+            "labels": labels(run),
+            "annotations": annotations(run),
+            "ownerReferences": [owner_reference(run)],
+        },
+        "data": {CONFIG_KEY: yaml.safe_dump(run_config(run, spec, settings), sort_keys=False)},
+    }
+
+
+def _env(run: dict[str, Any], spec: FinetuneRunSpec, attempt: int, resume_from: str | None) -> list[dict[str, Any]]:
+    meta = run["metadata"]
+    env: list[dict[str, Any]] = [
+        {"name": "KUBETUNE_CONFIG", "value": CONFIG_PATH},
+        {"name": "KUBETUNE_RUN_NAME", "value": meta["name"]},
+        {"name": "KUBETUNE_RUN_NAMESPACE", "value": meta["namespace"]},
+        {"name": "KUBETUNE_RUN_UID", "value": meta["uid"]},
+        {"name": "KUBETUNE_ATTEMPT", "value": str(attempt)},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "XDG_CACHE_HOME", "value": "/tmp/.cache"},
+        {"name": "HF_HOME", "value": "/tmp/.cache/huggingface"},
+        {"name": "AWS_REGION", "value": spec.output.region},
+        {"name": "AWS_DEFAULT_REGION", "value": spec.output.region},
+    ]
+    if spec.output.endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": spec.output.endpoint})
+    if resume_from:
+        env.append({"name": "KUBETUNE_RESUME_FROM", "value": resume_from})
+    secret = spec.output.credentials_secret
+    if secret is not None:
+        env.append({"name": "AWS_ACCESS_KEY_ID",
+                    "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.access_key_key}}})
+        env.append({"name": "AWS_SECRET_ACCESS_KEY",
+                    "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.secret_key_key}}})
+    return env
+
+
+def _resources(spec: FinetuneRunSpec) -> dict[str, Any]:
+    amounts: dict[str, Any] = {"cpu": spec.resources.cpu, "memory": spec.resources.memory}
+    limits = dict(amounts)
+    if spec.resources.gpus > 0:
+        limits[GPU_RESOURCE] = str(spec.resources.gpus)
+    return {"requests": amounts, "limits": limits}
+
+
+def job(run: dict[str, Any], spec: FinetuneRunSpec, settings: OperatorSettings, *, attempt: int,
+        resume_from: str | None = None, active_deadline_seconds: int | None = None,
+        capabilities: Capabilities | None = None) -> dict[str, Any]:
+    """The batch/v1 Job of one attempt.
+
+    ``active_deadline_seconds`` is what is left of the run's ``activeDeadlineSeconds`` (the operator computes
+    it from the run's start time so that retries do not extend the deadline).
+    """
+    meta = run["metadata"]
+    resolved = resolve_spec(spec, settings)
+    res = resolved.resources
+    job_labels = labels(run, attempt)
+    if resolved.queue_name:
+        job_labels[QUEUE_LABEL] = resolved.queue_name
+    pod_labels = labels(run, attempt)
+    uid = settings.run_as_user
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": settings.termination_grace_seconds,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": uid,
+            "runAsGroup": uid,
+            "fsGroup": uid,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [{
+            "name": CONTAINER_NAME,
+            "image": res.image,
+            "imagePullPolicy": res.image_pull_policy,
+            "env": _env(run, resolved, attempt, resume_from),
+            "resources": _resources(resolved),
+            "volumeMounts": [
+                {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+                {"name": "tmp", "mountPath": "/tmp"},
+                {"name": "dshm", "mountPath": "/dev/shm"},
+            ],
+            "securityContext": {
+                "allowPrivilegeEscalation": False,
+                "readOnlyRootFilesystem": True,
+                "privileged": False,
+                "runAsNonRoot": True,
+                "capabilities": {"drop": ["ALL"]},
+            },
+        }],
+        "volumes": [
+            {"name": "config", "configMap": {"name": config_map_name(meta["name"]),
+                                             "items": [{"key": CONFIG_KEY, "path": CONFIG_KEY}]}},
+            {"name": "tmp", "emptyDir": {}},
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": settings.shm_size}},
+        ],
+    }
+    if settings.trainer_service_account:
+        pod_spec["serviceAccountName"] = settings.trainer_service_account
+    if res.node_selector:
+        pod_spec["nodeSelector"] = dict(res.node_selector)
+    if res.tolerations:
+        pod_spec["tolerations"] = [t.dump() for t in res.tolerations]
+    if res.priority_class_name:
+        pod_spec["priorityClassName"] = res.priority_class_name
+    if res.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": n} for n in res.image_pull_secrets]
+    job_spec: dict[str, Any] = {
+        "backoffLimit": 0,
+        "completions": 1,
+        "parallelism": 1,
+        "template": {"metadata": {"labels": pod_labels, "annotations": annotations(run)}, "spec": pod_spec},
+    }
+    if active_deadline_seconds is not None:
+        job_spec["activeDeadlineSeconds"] = max(1, int(active_deadline_seconds))
+    if capabilities is not None and capabilities.pod_failure_policy:
+        # Evictions/preemptions do not fail the attempt: the Job controller starts a new pod, which resumes
+        # from the latest checkpoint. Permanent trainer exits fail the Job at once.
+        job_spec["podFailurePolicy"] = {"rules": [
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+            {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER_NAME, "operator": "In",
+                                                  "values": [65, 78]}},
+        ]}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": job_name(meta["name"], attempt),
+            "namespace": meta["namespace"],
+            "labels": job_labels,
+            "annotations": annotations(run),
+            "ownerReferences": [owner_reference(run)],
+        },
+        "spec": job_spec,
+    }

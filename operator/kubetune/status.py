@@ -1,0 +1,481 @@
+"""Pure status derivation: trainer events and Job/pod state → a bounded FinetuneRun status patch.
+
+Nothing here talks to Kubernetes. The operator's log follower feeds each log line to a :class:`StatusFolder`,
+takes a coalesced patch with :meth:`StatusFolder.take_patch` when its :class:`Throttle` says so, and asks
+:func:`attempt_outcome` what a finished trainer pod means (success, retry from checkpoint, or failure).
+
+Bounds (so that a run never makes its object large): at most ``LOG_TAIL_LINES`` lines of at most
+``LOG_LINE_MAX_CHARS`` characters, at most ``MAX_METRICS`` evaluation metrics per stage, messages cut at
+``MESSAGE_MAX_CHARS``, at most 16 conditions.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime as dt
+import math
+from collections import deque
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from kubetune.events import EXIT_BAD_CONFIG, EXIT_BAD_DATA, EXIT_OK, RETRYABLE_EXIT_CODES, Event, parse_line
+from kubetune.spec import (
+    LOG_LINE_MAX_CHARS,
+    LOG_TAIL_LINES,
+    MAX_METRICS,
+    MESSAGE_MAX_CHARS,
+    TERMINAL_PHASES,
+    Phase,
+)
+
+MAX_CONDITIONS = 16
+_REASON_MAX = 128
+
+# Condition types.
+CREATED = "Created"
+RUNNING = "Running"
+RESTARTING = "Restarting"
+SUSPENDED = "Suspended"
+SUCCEEDED = "Succeeded"
+FAILED = "Failed"
+CLEANED_UP = "CleanedUp"
+# Condition types that describe the phase: exactly the one matching the phase is True.
+_PHASE_CONDITION = {
+    Phase.RUNNING.value: RUNNING,
+    Phase.SUSPENDED.value: SUSPENDED,
+    Phase.SUCCEEDED.value: SUCCEEDED,
+    Phase.FAILED.value: FAILED,
+}
+
+
+def now_rfc3339(now: float) -> str:
+    return dt.datetime.fromtimestamp(now, tz=dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_rfc3339(value: str | None) -> float | None:
+    """Kubernetes timestamps (``2026-11-23T16:06:00Z``, optionally with fractional seconds) → epoch."""
+    if not value:
+        return None
+    text = value.strip().replace("Z", "+00:00")
+    if "." in text:  # Python < 3.11 cannot parse nanoseconds: keep microseconds.
+        head, _, rest = text.partition(".")
+        digits = "".join(c for c in rest if c.isdigit())
+        tz = rest[len(digits):]
+        text = f"{head}.{digits[:6].ljust(6, '0')}{tz}"
+    try:
+        return dt.datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None
+
+
+def clip(text: str | None, limit: int = MESSAGE_MAX_CHARS) -> str | None:
+    if text is None:
+        return None
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _finite(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _metric_dict(metrics: Mapping[str, Any] | None) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, value in (metrics or {}).items():
+        number = _finite(value)
+        if number is not None and len(out) < MAX_METRICS:
+            out[str(key)[:100]] = number
+    return out
+
+
+# ------------------------------------------------------------------------------------------- conditions
+def set_condition(conditions: Iterable[Mapping[str, Any]], type_: str, status: str, reason: str,
+                  message: str | None, now: float) -> list[dict[str, Any]]:
+    """A new condition list with ``type_`` set. ``lastTransitionTime`` changes only when status changes."""
+    out = [dict(c) for c in conditions]
+    new = {"type": type_, "status": status, "reason": reason[:_REASON_MAX],
+           "message": clip(message) or "", "lastTransitionTime": now_rfc3339(now)}
+    for i, cond in enumerate(out):
+        if cond.get("type") == type_:
+            if cond.get("status") == status:
+                new["lastTransitionTime"] = cond.get("lastTransitionTime") or new["lastTransitionTime"]
+            out[i] = new
+            break
+    else:
+        out.append(new)
+    return out[-MAX_CONDITIONS:]
+
+
+def get_condition(conditions: Iterable[Mapping[str, Any]] | None, type_: str) -> Mapping[str, Any] | None:
+    for cond in conditions or ():
+        if cond.get("type") == type_:
+            return cond
+    return None
+
+
+def transition(status: Mapping[str, Any], phase: str, reason: str, message: str | None,
+               now: float) -> dict[str, Any]:
+    """Patch for moving to ``phase``: phase, message, phase conditions, start/completion times. Pure."""
+    conditions: list[dict[str, Any]] = [dict(c) for c in status.get("conditions") or ()]
+    for ph, ctype in _PHASE_CONDITION.items():
+        prior = get_condition(conditions, ctype)
+        if ph == phase:
+            conditions = set_condition(conditions, ctype, "True", reason, message, now)
+        elif prior is not None and prior.get("status") == "True":
+            conditions = set_condition(conditions, ctype, "False", reason, message, now)
+    if phase == Phase.RUNNING.value or phase in TERMINAL_PHASES:
+        restarting = get_condition(conditions, RESTARTING)
+        if restarting is not None and restarting.get("status") == "True":
+            conditions = set_condition(conditions, RESTARTING, "False", reason, message, now)
+    patch: dict[str, Any] = {"phase": phase, "message": clip(message), "conditions": conditions}
+    if phase == Phase.RUNNING.value and not status.get("startTime"):
+        patch["startTime"] = now_rfc3339(now)
+    if phase in TERMINAL_PHASES:
+        patch["completionTime"] = now_rfc3339(now)
+    return patch
+
+
+# ------------------------------------------------------------------------------------------- progress
+def percent_done(step: int | None, total_steps: int | None, epoch: int | None, epochs: int | None) -> float | None:
+    if step is not None and total_steps:
+        return round(min(100.0, max(0.0, 100.0 * step / total_steps)), 1)
+    if epoch is not None and epochs:
+        return round(min(100.0, max(0.0, 100.0 * (epoch - 1) / epochs)), 1)
+    return None
+
+
+def summary(progress: Mapping[str, Any]) -> str | None:
+    parts = []
+    if progress.get("epoch") is not None and progress.get("epochs"):
+        parts.append(f"{progress['epoch']}/{progress['epochs']}")
+    if progress.get("percent") is not None:
+        parts.append(f"{progress['percent']:.0f}%")
+    return " ".join(parts)[:64] or None
+
+
+@dataclasses.dataclass
+class _Rate:
+    """Step rate within one attempt, for an ETA when the trainer does not send one."""
+
+    t0: float | None = None
+    step0: int | None = None
+
+    def eta(self, t: float, step: int | None, total: int | None) -> float | None:
+        if step is None or not total:
+            return None
+        if self.t0 is None or self.step0 is None or step < self.step0:
+            self.t0, self.step0 = t, step
+            return None
+        done = step - self.step0
+        elapsed = t - self.t0
+        if done <= 0 or elapsed <= 0:
+            return None
+        return round(max(0.0, (total - step) * elapsed / done), 1)
+
+
+# ------------------------------------------------------------------------------------------- folding
+class StatusFolder:
+    """Folds trainer log lines into status fields and hands out coalesced patches.
+
+    ``status`` is the run's current status (camelCase dict, as stored); the folder keeps its own copy of the
+    fields it owns and remembers which top-level fields changed since the last :meth:`take_patch`.
+    """
+
+    def __init__(self, status: Mapping[str, Any] | None = None, *, tail_lines: int = LOG_TAIL_LINES,
+                 line_max_chars: int = LOG_LINE_MAX_CHARS) -> None:
+        status = copy.deepcopy(dict(status or {}))
+        self.status: dict[str, Any] = status
+        self.tail: deque[str] = deque((str(x)[:line_max_chars] for x in status.get("logTail") or ()),
+                                      maxlen=tail_lines)
+        self.line_max_chars = line_max_chars
+        self.dirty: set[str] = set()
+        self.pending_times: list[float] = []  # when the lines in the next patch were written (for lag)
+        self.last_failed: Event | None = None
+        self.started = False
+        self.finished = False
+        self._rate = _Rate()
+
+    # -- input
+    def feed_line(self, line: str, written_at: float | None = None) -> Event | None:
+        """Fold one log line (without newline); returns the event if it was one."""
+        line = line.rstrip("\r\n")
+        event = parse_line(line)
+        if event is None:
+            if line.strip():
+                self.tail.append(clip(line, self.line_max_chars) or "")
+                self.dirty.add("logTail")
+                self._pending(written_at)
+            return None
+        self.fold_event(event, written_at if written_at is not None else event.time)
+        self._pending(written_at if written_at is not None else event.time)
+        return event
+
+    def _pending(self, written_at: float | None) -> None:
+        if written_at is not None and len(self.pending_times) < 10_000:
+            self.pending_times.append(written_at)
+
+    def fold_event(self, event: Event, t: float) -> None:
+        kind = event.type
+        if kind == "started":
+            self.started = True
+            progress = dict(self.status.get("progress") or {})
+            for src, dst in (("epochs", "epochs"), ("total_steps", "totalSteps")):
+                value = getattr(event, src)
+                if value is not None:
+                    progress[dst] = value
+            extra = event.model_extra or {}
+            resumed = extra.get("resumed_from_step")
+            if isinstance(resumed, int) and resumed >= 0:
+                progress["step"] = resumed
+            self._rate = _Rate()
+            self._set_progress(progress)
+        elif kind == "progress":
+            progress = dict(self.status.get("progress") or {})
+            for src, dst in (("epoch", "epoch"), ("epochs", "epochs"), ("step", "step"),
+                             ("total_steps", "totalSteps")):
+                value = getattr(event, src)
+                if isinstance(value, int) and value >= 0:
+                    progress[dst] = value
+            sps = _finite(event.samples_per_second)
+            if sps is not None and sps >= 0:
+                progress["samplesPerSecond"] = round(sps, 3)
+            eta = _finite(event.eta_seconds)
+            if eta is None:
+                eta = self._rate.eta(t, progress.get("step"), progress.get("totalSteps"))
+            else:
+                self._rate.eta(t, progress.get("step"), progress.get("totalSteps"))
+            if eta is not None and eta >= 0:
+                progress["etaSeconds"] = round(eta, 1)
+            self._set_progress(progress)
+            loss = _finite(event.loss)
+            if loss is not None:
+                self._set_metric("trainLoss", loss)
+        elif kind == "metrics":
+            for src, dst in (("train_loss", "trainLoss"), ("val_loss", "valLoss")):
+                value = _finite(getattr(event, src))
+                if value is not None:
+                    self._set_metric(dst, value)
+        elif kind == "evaluation":
+            if event.stage in {"before", "after"}:
+                metrics = dict(self.status.get("metrics") or {})
+                metrics[event.stage] = _metric_dict(event.metrics)
+                self.status["metrics"] = metrics
+                self.dirty.add("metrics")
+        elif kind == "checkpoint":
+            if event.uri:
+                self.status["checkpoint"] = clip(event.uri, 2048)
+                self.dirty.add("checkpoint")
+        elif kind == "artifact":
+            if event.uri:
+                artifact: dict[str, Any] = {"uri": clip(event.uri, 2048)}
+                if isinstance(event.size, int) and event.size >= 0:
+                    artifact["size"] = event.size
+                if event.sha256 and len(event.sha256) <= 64:
+                    artifact["sha256"] = event.sha256
+                self.status["artifact"] = artifact
+                self.dirty.add("artifact")
+        elif kind == "finished":
+            self.finished = True
+            progress = dict(self.status.get("progress") or {})
+            progress["percent"] = 100.0
+            progress["etaSeconds"] = 0.0
+            if progress.get("totalSteps"):
+                progress["step"] = progress["totalSteps"]
+            self._set_progress(progress)
+        elif kind == "failed":
+            self.last_failed = event
+
+    def _set_progress(self, progress: dict[str, Any]) -> None:
+        if progress.get("percent") != 100.0 or not self.finished:
+            pct = percent_done(progress.get("step"), progress.get("totalSteps"), progress.get("epoch"),
+                               progress.get("epochs"))
+            if pct is not None:
+                progress["percent"] = pct
+        progress["summary"] = summary(progress)
+        progress = {k: v for k, v in progress.items() if v is not None}
+        if progress != self.status.get("progress"):
+            self.status["progress"] = progress
+            self.dirty.add("progress")
+
+    def _set_metric(self, key: str, value: float) -> None:
+        metrics = dict(self.status.get("metrics") or {})
+        if metrics.get(key) != value:
+            metrics[key] = value
+            self.status["metrics"] = metrics
+            self.dirty.add("metrics")
+
+    def update(self, patch: Mapping[str, Any]) -> None:
+        """Record an operator-side change (phase, conditions, ...) so that it goes out with the next patch."""
+        for key, value in patch.items():
+            self.status[key] = copy.deepcopy(value)
+            self.dirty.add(key)
+
+    # -- output
+    @property
+    def has_pending(self) -> bool:
+        return bool(self.dirty)
+
+    def take_patch(self) -> tuple[dict[str, Any], list[float]]:
+        """The status fields changed since the last call (top-level merge patch), and the write times of the
+        lines it covers. Clears the pending state."""
+        self.status["logTail"] = list(self.tail)
+        patch = {key: copy.deepcopy(self.status.get(key)) for key in sorted(self.dirty)}
+        times = self.pending_times
+        self.dirty = set()
+        self.pending_times = []
+        return patch, times
+
+
+class Throttle:
+    """At most one flush per ``interval`` seconds; urgent flushes (phase changes) go out at once."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.last = -math.inf
+
+    def due(self, now: float, *, urgent: bool = False) -> bool:
+        return urgent or now - self.last >= self.interval
+
+    def delay(self, now: float) -> float:
+        """Seconds until the next non-urgent flush is allowed."""
+        return max(0.0, self.last + self.interval - now)
+
+    def flushed(self, now: float) -> None:
+        self.last = now
+
+
+# ------------------------------------------------------------------------------------------- pods & jobs
+@dataclasses.dataclass(frozen=True)
+class PodState:
+    name: str
+    phase: str  # Pending, Running, Succeeded, Failed, Unknown
+    exit_code: int | None = None
+    reason: str | None = None  # terminated reason (OOMKilled, Error, Completed) or pod reason (Evicted)
+    message: str | None = None
+    waiting_reason: str | None = None  # ImagePullBackOff, CreateContainerConfigError, ...
+    started: bool = False  # the trainer container has started (its log can be followed)
+    created: float | None = None
+
+    @property
+    def terminated(self) -> bool:
+        return self.phase in {"Succeeded", "Failed"}
+
+
+def pod_state(pod: Mapping[str, Any], container: str = "trainer") -> PodState:
+    meta = pod.get("metadata") or {}
+    status = pod.get("status") or {}
+    state = PodState(name=meta.get("name", ""), phase=status.get("phase") or "Pending",
+                     reason=status.get("reason"), message=status.get("message"),
+                     created=parse_rfc3339(meta.get("creationTimestamp")))
+    for cs in status.get("containerStatuses") or ():
+        if cs.get("name") != container:
+            continue
+        st = cs.get("state") or {}
+        last = cs.get("lastState") or {}
+        term = st.get("terminated") or last.get("terminated")
+        if term:
+            return dataclasses.replace(state, exit_code=term.get("exitCode"),
+                                       reason=term.get("reason") or state.reason,
+                                       message=term.get("message") or state.message, started=True)
+        if st.get("running"):
+            return dataclasses.replace(state, started=True)
+        waiting = st.get("waiting") or {}
+        return dataclasses.replace(state, waiting_reason=waiting.get("reason"),
+                                   message=waiting.get("message") or state.message)
+    return state
+
+
+@dataclasses.dataclass(frozen=True)
+class JobState:
+    name: str
+    complete: bool = False
+    failed: bool = False
+    reason: str | None = None
+    message: str | None = None
+
+
+def job_state(job: Mapping[str, Any]) -> JobState:
+    name = (job.get("metadata") or {}).get("name", "")
+    for cond in (job.get("status") or {}).get("conditions") or ():
+        if cond.get("status") != "True":
+            continue
+        if cond.get("type") == "Complete":
+            return JobState(name, complete=True, reason=cond.get("reason"), message=cond.get("message"))
+        if cond.get("type") == "Failed":
+            return JobState(name, failed=True, reason=cond.get("reason"), message=cond.get("message"))
+    return JobState(name)
+
+
+# ------------------------------------------------------------------------------------------- outcome
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    action: str  # "succeed" | "retry" | "fail"
+    reason: str
+    message: str
+
+
+PERMANENT_REASONS = {EXIT_BAD_CONFIG: "InvalidConfig", EXIT_BAD_DATA: "BadData"}
+
+
+def attempt_outcome(*, exit_code: int | None, pod_reason: str | None = None, job: JobState | None = None,
+                    failed_event: Event | None = None, retries: int, backoff_limit: int) -> Outcome:
+    """What a finished attempt means for the run. Pure.
+
+    - exit 0 → succeed;
+    - the Job's deadline (``DeadlineExceeded``) → fail (the run's activeDeadlineSeconds is spent);
+    - OOMKilled → fail (it would run out of memory again);
+    - exit 75 (EX_TEMPFAIL), 137/143 (killed: preemption, eviction), an evicted pod, or a trainer ``failed``
+      event with ``retryable: true`` → retry from the latest checkpoint while ``retries < backoff_limit``;
+    - 78 (bad config), 65 (bad data), 1 and anything else → fail fast.
+    """
+    event_msg = (failed_event.message or "") if failed_event else ""
+    if exit_code == EXIT_OK:
+        return Outcome("succeed", "TrainingSucceeded", "The trainer finished and published the artifact.")
+    if job is not None and job.failed and job.reason == "DeadlineExceeded":
+        return Outcome("fail", "DeadlineExceeded",
+                       clip(f"The run exceeded spec.runPolicy.activeDeadlineSeconds. {job.message or ''}") or "")
+    if pod_reason == "OOMKilled":
+        return Outcome("fail", "OutOfMemory", "The trainer ran out of memory (OOMKilled); raise "
+                       "spec.resources.memory or lower spec.training.batchSize.")
+    if exit_code in PERMANENT_REASONS:
+        reason = (failed_event.reason if failed_event and failed_event.reason else PERMANENT_REASONS[exit_code])
+        return Outcome("fail", reason, clip(f"Trainer exited with code {exit_code} (permanent). {event_msg}") or "")
+    retryable = (exit_code in RETRYABLE_EXIT_CODES or pod_reason in {"Evicted", "Preempted", "Shutdown"}
+                 or (exit_code is None and job is None)
+                 or bool(failed_event and failed_event.retryable))
+    what = f"exit code {exit_code}" if exit_code is not None else (pod_reason or "pod lost")
+    if retryable:
+        if retries < backoff_limit:
+            return Outcome("retry", "RetryableFailure", clip(
+                f"Trainer attempt failed ({what}); retry {retries + 1}/{backoff_limit} from the latest "
+                f"checkpoint. {event_msg}") or "")
+        return Outcome("fail", "BackoffLimitExceeded", clip(
+            f"Trainer failed ({what}) and spec.runPolicy.backoffLimit={backoff_limit} retries are used up. "
+            f"{event_msg}") or "")
+    reason = failed_event.reason if failed_event and failed_event.reason else "TrainerError"
+    return Outcome("fail", reason, clip(f"Trainer failed ({what}). {event_msg}") or "")
+
+
+def is_terminal(status: Mapping[str, Any] | None) -> bool:
+    return bool(status) and (status or {}).get("phase") in TERMINAL_PHASES
+
+
+def ttl_due(status: Mapping[str, Any] | None, ttl_seconds: int | None, now: float) -> bool:
+    """Whether the TTL after finish has passed (and children were not already cleaned up)."""
+    if ttl_seconds is None or not is_terminal(status):
+        return False
+    cond = get_condition((status or {}).get("conditions"), CLEANED_UP)
+    if cond is not None and cond.get("status") == "True":
+        return False
+    finished = parse_rfc3339((status or {}).get("completionTime"))
+    return finished is not None and now >= finished + ttl_seconds
+
+
+def status_size(status: Mapping[str, Any]) -> int:
+    """Bytes of the status as JSON (what it adds to the object in etcd)."""
+    import json
+
+    return len(json.dumps(status, separators=(",", ":")))

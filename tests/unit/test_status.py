@@ -1,0 +1,146 @@
+"""Pure status folding: events → bounded status patches; pod/job state → outcomes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kubetune import status as st
+from kubetune.events import format_event
+from kubetune.spec import FinetuneRunStatus
+
+pytestmark = pytest.mark.unit
+
+
+def test_progress_metrics_artifact_fold() -> None:
+    f = st.StatusFolder()
+    f.feed_line(format_event("started", run="r", model="ViT-B-32", epochs=2, total_steps=10), 100.0)
+    f.feed_line("loading data", 100.1)
+    f.feed_line(format_event("evaluation", stage="before", metrics={"recall_at_k": 0.5, "mrr": 0.2}), 100.2)
+    f.feed_line(format_event("progress", epoch=1, epochs=2, step=2, total_steps=10, loss=2.5,
+                             samples_per_second=12.5), 101.0)
+    f.feed_line(format_event("progress", epoch=1, epochs=2, step=4, total_steps=10, loss=2.0), 103.0)
+    f.feed_line(format_event("metrics", stage="val", val_loss=1.9, train_loss=2.1), 103.5)
+    f.feed_line(format_event("checkpoint", uri="s3://b/ckpt/step-4", step=4), 103.6)
+    patch, times = f.take_patch()
+    assert times == [100.0, 100.1, 100.2, 101.0, 103.0, 103.5, 103.6]
+    progress = patch["progress"]
+    assert progress["step"] == 4 and progress["totalSteps"] == 10 and progress["percent"] == 40.0
+    assert progress["etaSeconds"] == 6.0  # 2 steps in 2 s, 6 left
+    assert progress["summary"] == "1/2 40%"
+    assert progress["samplesPerSecond"] == 12.5
+    assert patch["metrics"]["trainLoss"] == 2.1 and patch["metrics"]["valLoss"] == 1.9
+    assert patch["metrics"]["before"] == {"recall_at_k": 0.5, "mrr": 0.2}
+    assert patch["checkpoint"] == "s3://b/ckpt/step-4"
+    assert patch["logTail"] == ["loading data"]
+    FinetuneRunStatus.model_validate(patch)  # the patch fits the status model (and thus the CRD schema)
+    # Nothing new → empty patch.
+    assert f.take_patch() == ({}, [])
+    f.feed_line(format_event("evaluation", stage="after", metrics={"recall_at_k": 0.8}), 110)
+    f.feed_line(format_event("artifact", uri="s3://b/run/", size=1234, sha256="ab" * 32), 111)
+    f.feed_line(format_event("finished", artifact_uri="s3://b/run/"), 112)
+    patch, _ = f.take_patch()
+    assert patch["artifact"] == {"uri": "s3://b/run/", "size": 1234, "sha256": "ab" * 32}
+    assert patch["metrics"]["after"] == {"recall_at_k": 0.8}
+    assert patch["progress"]["percent"] == 100.0 and patch["progress"]["step"] == 10
+    assert f.started and f.finished
+
+
+def test_log_tail_and_sizes_are_bounded() -> None:
+    f = st.StatusFolder()
+    for i in range(1000):
+        f.feed_line(f"line {i} " + "x" * 5000, float(i))
+    f.feed_line(format_event("evaluation", stage="after", metrics={f"m{i}": float(i) for i in range(500)}), 1.0)
+    f.feed_line('KUBETUNE_EVENT {"type": "progress", "loss": NaN, "step": 3}', 2.0)
+    f.update({"message": "m" * 10})
+    patch, _ = f.take_patch()
+    assert len(patch["logTail"]) == 30 and patch["logTail"][-1].startswith("line 999")
+    assert all(len(line) <= 500 for line in patch["logTail"])
+    assert len(patch["metrics"]["after"]) <= 64
+    assert "trainLoss" not in patch["metrics"]
+    assert st.status_size(patch) < 20_000
+    json.dumps(patch, allow_nan=False)  # valid JSON for the API server
+    FinetuneRunStatus.model_validate(patch)
+
+
+def test_garbage_lines_never_raise() -> None:
+    f = st.StatusFolder()
+    for line in ["KUBETUNE_EVENT {", "KUBETUNE_EVENT []", "KUBETUNE_EVENT " + "9" * 70000,
+                 'KUBETUNE_EVENT {"type": "nope"}', "", "\r\n"]:
+        assert f.feed_line(line, 1.0) is None
+    patch, _ = f.take_patch()
+    assert len(patch.get("logTail", [])) == 4  # the non-empty, non-event lines are kept as text
+
+
+def test_transitions_and_conditions() -> None:
+    status: dict = {}
+    patch = st.transition(status, "Running", "TrainerStarted", "started", 1000.0)
+    assert patch["phase"] == "Running" and patch["startTime"] == "1970-01-01T00:16:40Z"
+    status.update(patch)
+    running = st.get_condition(status["conditions"], "Running")
+    assert running is not None and running["status"] == "True"
+    # Same status again keeps lastTransitionTime.
+    again = st.transition(status, "Running", "TrainerStarted", "still", 2000.0)
+    assert st.get_condition(again["conditions"], "Running")["lastTransitionTime"] == running["lastTransitionTime"]
+    status.update(st.transition(status, "Succeeded", "TrainingSucceeded", "done", 3000.0))
+    assert st.get_condition(status["conditions"], "Running")["status"] == "False"
+    assert st.get_condition(status["conditions"], "Succeeded")["status"] == "True"
+    assert status["completionTime"] == "1970-01-01T00:50:00Z"
+    assert st.is_terminal(status)
+    conds: list = []
+    for i in range(40):
+        conds = st.set_condition(conds, f"T{i}", "True", "R", "m", 1.0)
+    assert len(conds) == st.MAX_CONDITIONS
+
+
+def test_outcomes() -> None:
+    ok = st.attempt_outcome(exit_code=0, retries=0, backoff_limit=3)
+    assert ok.action == "succeed"
+    retry = st.attempt_outcome(exit_code=75, retries=1, backoff_limit=3)
+    assert retry.action == "retry" and "2/3" in retry.message
+    assert st.attempt_outcome(exit_code=137, retries=3, backoff_limit=3).reason == "BackoffLimitExceeded"
+    assert st.attempt_outcome(exit_code=78, retries=0, backoff_limit=3).reason == "InvalidConfig"
+    assert st.attempt_outcome(exit_code=65, retries=0, backoff_limit=3).action == "fail"
+    assert st.attempt_outcome(exit_code=1, retries=0, backoff_limit=3).reason == "TrainerError"
+    assert st.attempt_outcome(exit_code=137, pod_reason="OOMKilled", retries=0, backoff_limit=3).reason == "OutOfMemory"
+    deadline = st.JobState("j", failed=True, reason="DeadlineExceeded", message="Job was active longer")
+    assert st.attempt_outcome(exit_code=None, job=deadline, retries=0, backoff_limit=3).reason == "DeadlineExceeded"
+    assert st.attempt_outcome(exit_code=None, pod_reason="Evicted", retries=0, backoff_limit=3).action == "retry"
+
+
+def test_pod_and_job_state() -> None:
+    pod = {"metadata": {"name": "p", "creationTimestamp": "2026-11-23T16:06:00Z"},
+           "status": {"phase": "Failed", "containerStatuses": [
+               {"name": "trainer", "state": {"terminated": {"exitCode": 75, "reason": "Error"}}}]}}
+    ps = st.pod_state(pod)
+    assert ps.terminated and ps.exit_code == 75 and ps.started and ps.created is not None
+    waiting = {"metadata": {"name": "p"}, "status": {"phase": "Pending", "containerStatuses": [
+        {"name": "trainer", "state": {"waiting": {"reason": "ImagePullBackOff", "message": "nope"}}}]}}
+    ws = st.pod_state(waiting)
+    assert ws.waiting_reason == "ImagePullBackOff" and not ws.started and not ws.terminated
+    job = {"metadata": {"name": "j"}, "status": {"conditions": [
+        {"type": "Failed", "status": "True", "reason": "DeadlineExceeded", "message": "m"}]}}
+    assert st.job_state(job).failed and st.job_state(job).reason == "DeadlineExceeded"
+    assert not st.job_state({"metadata": {"name": "j"}}).failed
+
+
+def test_throttle_and_ttl() -> None:
+    t = st.Throttle(1.0)
+    assert t.due(0.0)
+    t.flushed(0.0)
+    assert not t.due(0.5) and t.due(0.5, urgent=True) and t.due(1.0)
+    assert t.delay(0.25) == 0.75
+    finished = {"phase": "Succeeded", "completionTime": "1970-01-01T00:00:10Z", "conditions": []}
+    assert not st.ttl_due(finished, 5, 14.0)
+    assert st.ttl_due(finished, 5, 15.0)
+    assert not st.ttl_due(finished, None, 1e9)
+    assert not st.ttl_due({"phase": "Running"}, 0, 1e9)
+    cleaned = {**finished, "conditions": st.set_condition([], st.CLEANED_UP, "True", "TTLExpired", "", 20.0)}
+    assert not st.ttl_due(cleaned, 5, 100.0)
+
+
+def test_rfc3339_parsing() -> None:
+    assert st.parse_rfc3339("1970-01-01T00:00:10Z") == 10.0
+    assert st.parse_rfc3339("1970-01-01T00:00:10.123456789Z") == pytest.approx(10.123456)
+    assert st.parse_rfc3339("garbage") is None and st.parse_rfc3339(None) is None
