@@ -1,0 +1,98 @@
+"""Background daemons with pid files in the state dir: started detached (they outlive the CLI and are shared
+by pytest workers), stopped by process group, SIGTERM then SIGKILL."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from .paths import state_dir
+
+
+def pid_file(name: str) -> Path:
+    return state_dir() / "pids" / f"{name}.pid"
+
+
+def log_file(name: str) -> Path:
+    path = state_dir() / "logs" / f"{name}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def pid_of(name: str) -> int | None:
+    try:
+        pid = int(pid_file(name).read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid
+    # A zombie or a recycled pid of another program is not ours.
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":
+            return None
+    except (FileNotFoundError, IndexError):
+        return None
+    return pid
+
+
+def is_running(name: str) -> bool:
+    return pid_of(name) is not None
+
+
+def start(name: str, argv: Sequence[str], *, env: dict[str, str] | None = None, cwd: Path | None = None) -> int:
+    """Start `argv` detached in its own session; return its pid. No-op when already running."""
+    existing = pid_of(name)
+    if existing:
+        return existing
+    log = log_file(name)
+    pid_path = pid_file(name)
+    pid_path.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        out.write(f"\n=== {time.strftime('%H:%M:%S')} starting: {' '.join(argv)}\n".encode())
+        out.flush()
+        proc = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env, cwd=cwd, start_new_session=True, close_fds=True)
+    pid_path.write_text(str(proc.pid))
+    return proc.pid
+
+
+def exited_early(name: str) -> bool:
+    return pid_file(name).exists() and not is_running(name)
+
+
+def stop(name: str, timeout: float = 15.0) -> None:
+    pid = pid_of(name)
+    if pid:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and pid_of(name):
+            time.sleep(0.2)
+        if pid_of(name):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+            time.sleep(0.5)
+    pid_file(name).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def machine_lock(name: str = "harness") -> Iterator[None]:
+    """One `up`/`down` at a time on this machine (pytest workers and helpers share the cluster)."""
+    path = state_dir() / f"{name}.lock"
+    with path.open("w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

@@ -1,0 +1,104 @@
+"""Session fixtures for real infrastructure: S3 (moto server), the Kubernetes cluster, Prometheus.
+
+Fixture contract (stable; tests across the repo rely on it):
+- ``s3_server`` (session): :class:`tests.cluster.s3.S3Server` with host/pod endpoints and credentials.
+- ``s3_bucket`` (function): a fresh, empty bucket name on that server.
+- ``s3_client`` (session): a ``minio.Minio`` client for the host endpoint.
+- ``cluster`` (session): :class:`tests.cluster.cluster.ClusterInfo` (integration: an API server);
+  ``.kubeconfig``, ``.host_ip``, ``.kind``, ``.can_run_pods``, ``.base_image``, ``.build_image(...)``.
+- ``e2e_cluster`` (session): the same, but skips with the reason when the cluster cannot run pods.
+- ``kube_api`` (session): a ``kubernetes.client.ApiClient`` for the cluster.
+- ``namespace`` (function): a fresh namespace, deleted after the test.
+- ``prometheus`` (session): :class:`tests.cluster.prometheus.Prometheus`.
+
+The cluster is started once per machine (``up`` is idempotent and locked), so parallel workers and
+several developers' test runs share it; tests keep apart through their own namespaces and buckets.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.cluster.cluster import ClusterInfo
+from tests.cluster.prometheus import Prometheus, ensure_prometheus
+from tests.cluster.s3 import S3Server, ensure_s3
+from tests.cluster.system import HarnessError
+
+_cluster_used: list[ClusterInfo] = []
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> S3Server:
+    return ensure_s3()
+
+
+@pytest.fixture(scope="session")
+def s3_client(s3_server: S3Server) -> Any:
+    from minio import Minio
+
+    return Minio(s3_server.host_endpoint.removeprefix("http://"), access_key=s3_server.access_key,
+                 secret_key=s3_server.secret_key, secure=False, region=s3_server.region)
+
+
+@pytest.fixture
+def s3_bucket(s3_client: Any) -> Iterator[str]:
+    name = f"kt-{uuid.uuid4().hex[:12]}"
+    s3_client.make_bucket(name)
+    yield name
+
+
+@pytest.fixture(scope="session")
+def cluster() -> ClusterInfo:
+    from tests.cluster.cluster import up
+
+    try:
+        info = up()
+    except HarnessError as err:
+        if "needs root" in str(err):
+            pytest.skip(str(err))
+        raise
+    _cluster_used.append(info)
+    return info
+
+
+@pytest.fixture(scope="session")
+def e2e_cluster(cluster: ClusterInfo) -> ClusterInfo:
+    if not cluster.can_run_pods:
+        pytest.skip(f"e2e needs pods: {cluster.reason_no_pods}")
+    return cluster
+
+
+@pytest.fixture(scope="session")
+def kube_api(cluster: ClusterInfo) -> Any:
+    from kubernetes import config
+
+    return config.new_client_from_config(config_file=cluster.kubeconfig)
+
+
+@pytest.fixture
+def namespace(kube_api: Any, request: pytest.FixtureRequest) -> Iterator[str]:
+    from kubernetes import client
+
+    core = client.CoreV1Api(kube_api)
+    stem = "".join(ch if ch.isalnum() else "-" for ch in request.node.name.lower())[:40].strip("-")
+    name = f"t-{stem}-{uuid.uuid4().hex[:6]}"
+    core.create_namespace({"metadata": {"name": name, "labels": {"kubetune.io/test": "true"}}})
+    yield name
+    core.delete_namespace(name, propagation_policy="Background")
+
+
+@pytest.fixture(scope="session")
+def prometheus() -> Prometheus:
+    return ensure_prometheus()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _cluster_used:
+        info = ClusterInfo.load() or _cluster_used[0]
+        terminalreporter.write_sep("-", "kubetune test cluster")
+        terminalreporter.write_line(f"{info.kind} cluster, KUBECONFIG={info.kubeconfig}")
+        terminalreporter.write_line(f"harness timings: {info.timings.summary()}")
