@@ -179,7 +179,7 @@ def crd() -> dict[str, Any]:
         "properties": {
             "apiVersion": {"type": "string", "description": "APIVersion of this object (kubetune.io/v1alpha1)."},
             "kind": {"type": "string", "description": "Kind of this object (FinetuneRun)."},
-            "metadata": {"type": "object", "description": "Standard object metadata."},
+            "metadata": {"type": "object"},  # the API server forbids anything else here
             "spec": spec_s,
             "status": status_s,
         },
