@@ -186,8 +186,7 @@ class ExportSpec(_Model):
 
 
 class SecretRef(_Model):
-    name: Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_LABEL.replace("$", "").rstrip("^") and
-                                r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+    name: Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
                                description="Name of a Secret in the run's namespace.")]
     access_key_key: Annotated[str, Field(min_length=1, max_length=253, description=(
         "Key in the Secret holding the access key id."))] = "AWS_ACCESS_KEY_ID"
@@ -199,8 +198,8 @@ class OutputSpec(_Model):
     endpoint: Annotated[str | None, Field(max_length=2048, pattern=r"^https?://[^/\s]+/?$", description=(
         "S3/MinIO endpoint URL, e.g. http://minio.minio:9000. Empty: the operator's default."))] = None
     bucket: Annotated[str | None, Field(min_length=3, max_length=63, pattern=r"^[a-z0-9][a-z0-9.\-]*[a-z0-9]$",
-                                        description=(
-                                            "Bucket for artifacts and checkpoints. Empty: the operator's default."))] = None
+                                        description="Bucket for artifacts and checkpoints. Empty: the operator's default.")] = (
+        None)
     prefix: Annotated[str, Field(max_length=1024, description=(
         "Key prefix; the run's artifact goes under <prefix>/<namespace>/<name>/."))] = "kubetune"
     region: Annotated[str, Field(max_length=64, description="S3 region.")] = "us-east-1"

@@ -49,11 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "env":
             from .cluster import ClusterInfo
 
-            info = ClusterInfo.load()
-            if not info:
+            loaded = ClusterInfo.load()
+            if not loaded:
                 print("# cluster not up: python -m tests.cluster up", file=sys.stderr)
                 return 1
-            print(f"export KUBECONFIG={info.kubeconfig}")
+            print(f"export KUBECONFIG={loaded.kubeconfig}")
     except HarnessError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

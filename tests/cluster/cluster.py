@@ -333,8 +333,17 @@ def _pod_containers() -> list[str]:
 
 def _unmount_under(root: Path) -> None:
     mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
-    for mount in sorted((m for m in mounts if m.startswith(str(root) + "/")), key=len, reverse=True):
+    inside = [m for m in mounts if m == str(root) or m.startswith(str(root) + "/")]
+    for mount in sorted(inside, key=len, reverse=True):
         run(["umount", "-l", mount], check=False)
+
+
+def _cleanup_kube_proxy_rules() -> None:
+    from .build import cached_binaries
+
+    bin_dir = cached_binaries()
+    if bin_dir:
+        run([str(bin_dir / "kube-proxy"), "--cleanup"], check=False, timeout=60)
 
 
 def down() -> None:
@@ -354,7 +363,11 @@ def down() -> None:
         _unmount_under(KUBELET_ROOT)
         procs.stop("kube-apiserver")
         procs.stop("etcd")
+        ours = procs.is_running("dockerd")
         procs.stop("dockerd", timeout=30)
+        if ours:
+            _unmount_under(Path("/run/docker/netns"))
+        _cleanup_kube_proxy_rules()
         shutil.rmtree(state_dir() / "etcd", ignore_errors=True)
         (state_dir() / "cluster.json").unlink(missing_ok=True)
 
