@@ -27,6 +27,7 @@ API_VERSION = f"{GROUP}/{VERSION}"
 URI_PATTERN = r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|https?://.+|file://.+|/.+|[^:]+)$"
 QUANTITY_PATTERN = r"^([+]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+BUCKET_PATTERN = r"^[a-z0-9][a-z0-9.\-]*[a-z0-9]$"
 
 
 class _Model(BaseModel):
@@ -197,9 +198,8 @@ class SecretRef(_Model):
 class OutputSpec(_Model):
     endpoint: Annotated[str | None, Field(max_length=2048, pattern=r"^https?://[^/\s]+/?$", description=(
         "S3/MinIO endpoint URL, e.g. http://minio.minio:9000. Empty: the operator's default."))] = None
-    bucket: Annotated[str | None, Field(min_length=3, max_length=63, pattern=r"^[a-z0-9][a-z0-9.\-]*[a-z0-9]$",
-                                        description="Bucket for artifacts and checkpoints. Empty: the operator's default.")] = (
-        None)
+    bucket: Annotated[str | None, Field(min_length=3, max_length=63, pattern=BUCKET_PATTERN, description=(
+        "Bucket for artifacts and checkpoints; empty: the operator's default."))] = None
     prefix: Annotated[str, Field(max_length=1024, description=(
         "Key prefix; the run's artifact goes under <prefix>/<namespace>/<name>/."))] = "kubetune"
     region: Annotated[str, Field(max_length=64, description="S3 region.")] = "us-east-1"
