@@ -1,0 +1,355 @@
+"""One small object-store abstraction: a local directory or an S3/MinIO bucket, under a key prefix.
+
+The trainer writes checkpoints and artifacts through it, the SDK downloads artifacts through it, and tests
+run it against a real S3 HTTP server. No torch here (the operator image imports this package).
+
+A run's keys, relative to its store (see :func:`run_store`)::
+
+    checkpoints/latest.json, checkpoints/step-000123.pt, ...
+    artifact/manifest.json, artifact/clip-text/..., artifact/clip-vision/...
+
+Connection problems are retried with exponential backoff and end in :class:`StoreUnavailable`, which the
+trainer maps to a retryable exit code. Credentials come from the environment (``AWS_ACCESS_KEY_ID`` /
+``AWS_SECRET_ACCESS_KEY``) and are never logged, printed or put into an exception or ``repr``.
+"""
+
+from __future__ import annotations
+
+import builtins
+import io
+import logging
+import os
+import shutil
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, TypeVar
+from urllib.parse import urlparse
+
+if TYPE_CHECKING:
+    from minio import Minio
+
+    from .spec import OutputSpec
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+ACCESS_KEY_ENV = "AWS_ACCESS_KEY_ID"
+SECRET_KEY_ENV = "AWS_SECRET_ACCESS_KEY"
+CHECKPOINTS = "checkpoints"
+ARTIFACT = "artifact"
+_TRANSIENT_S3_CODES = frozenset({"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout",
+                                 "RequestTimeTooSkewed", "OperationAborted"})
+
+
+class StoreError(Exception):
+    """A store operation failed for a reason that retrying will not fix (permission, bad bucket...)."""
+
+
+class StoreUnavailable(StoreError):
+    """The store could not be reached after all retries: retryable at the process level."""
+
+
+class ObjectNotFound(StoreError):
+    """The key does not exist."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff: ``base_delay * 2**i`` capped at ``max_delay``, ``attempts`` tries in all."""
+
+    attempts: int = 5
+    base_delay: float = 0.5
+    max_delay: float = 8.0
+    sleep: Callable[[float], None] = time.sleep
+
+    def delays(self) -> list[float]:
+        return [min(self.max_delay, self.base_delay * 2**i) for i in range(self.attempts - 1)]
+
+
+def _clean_key(key: str) -> str:
+    parts = [p for p in PurePosixPath(key.replace("\\", "/")).parts if p not in ("", "/", ".")]
+    if any(p == ".." for p in parts):
+        raise StoreError(f"key must not contain '..': {key!r}")
+    return "/".join(parts)
+
+
+def join_key(*parts: str) -> str:
+    """Join key parts with '/', dropping empty parts and duplicate slashes."""
+    return "/".join(p for p in (_clean_key(part) for part in parts) if p)
+
+
+class Store(ABC):
+    """Keys are '/'-separated paths relative to the store's root (a directory or a bucket prefix)."""
+
+    @abstractmethod
+    def uri(self, key: str = "") -> str:
+        """Where ``key`` lives: a local path or an ``s3://bucket/key`` URI."""
+
+    @abstractmethod
+    def put_file(self, key: str, path: str | os.PathLike[str]) -> None: ...
+
+    @abstractmethod
+    def get_file(self, key: str, path: str | os.PathLike[str]) -> None:
+        """Download ``key`` to ``path`` (parents created); :class:`ObjectNotFound` when absent."""
+
+    @abstractmethod
+    def put_bytes(self, key: str, data: bytes) -> None: ...
+
+    @abstractmethod
+    def get_bytes(self, key: str) -> bytes: ...
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> list[str]:
+        """All keys under ``prefix`` (recursive), sorted, relative to the store root."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Delete one key; deleting a missing key is not an error."""
+
+    @abstractmethod
+    def child(self, prefix: str) -> Store:
+        """The same backend rooted at ``prefix`` below this store's root."""
+
+    def put_dir(self, prefix: str, directory: str | os.PathLike[str]) -> builtins.list[str]:
+        """Upload every file under ``directory`` to ``prefix/<relative path>``; returns the keys."""
+        root = Path(directory)
+        keys = []
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            key = join_key(prefix, path.relative_to(root).as_posix())
+            self.put_file(key, path)
+            keys.append(key)
+        return keys
+
+    def get_dir(self, prefix: str, directory: str | os.PathLike[str]) -> builtins.list[Path]:
+        """Download every key under ``prefix`` into ``directory``, keeping relative paths."""
+        prefix = _clean_key(prefix)
+        out = []
+        for key in self.list(prefix):
+            rel = key[len(prefix):].lstrip("/") if prefix else key
+            target = Path(directory) / rel
+            self.get_file(key, target)
+            out.append(target)
+        return out
+
+
+class LocalStore(Store):
+    """A directory on the local filesystem (local mode, tests, a mounted volume)."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).expanduser().resolve()
+
+    def __repr__(self) -> str:
+        return f"LocalStore({str(self.root)!r})"
+
+    def _path(self, key: str) -> Path:
+        return self.root / _clean_key(key)
+
+    def uri(self, key: str = "") -> str:
+        return str(self._path(key))
+
+    def put_file(self, key: str, path: str | os.PathLike[str]) -> None:
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, target)  # atomic: a reader never sees half a checkpoint
+
+    def get_file(self, key: str, path: str | os.PathLike[str]) -> None:
+        source = self._path(key)
+        if not source.is_file():
+            raise ObjectNotFound(self.uri(key))
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        if source.resolve() != Path(path).resolve():
+            shutil.copyfile(source, path)
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+
+    def get_bytes(self, key: str) -> bytes:
+        source = self._path(key)
+        if not source.is_file():
+            raise ObjectNotFound(self.uri(key))
+        return source.read_bytes()
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = self._path(prefix)
+        if base.is_file():
+            return [_clean_key(prefix)]
+        if not base.is_dir():
+            return []
+        return sorted(p.relative_to(self.root).as_posix() for p in base.rglob("*")
+                      if p.is_file() and not p.name.endswith(".tmp"))
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def child(self, prefix: str) -> LocalStore:
+        return LocalStore(self._path(prefix))
+
+
+class S3Store(Store):
+    """A bucket prefix on S3/MinIO through the ``minio`` client, with retry and backoff."""
+
+    def __init__(self, client: Minio, bucket: str, prefix: str = "", retry: RetryPolicy | None = None) -> None:
+        self.client = client
+        self.bucket = bucket
+        self.prefix = _clean_key(prefix)
+        self.retry = retry or RetryPolicy()
+
+    def __repr__(self) -> str:  # never the credentials
+        return f"S3Store({self.uri()!r})"
+
+    def _key(self, key: str) -> str:
+        return join_key(self.prefix, key)
+
+    def uri(self, key: str = "") -> str:
+        path = self._key(key)
+        return f"s3://{self.bucket}/{path}" if path else f"s3://{self.bucket}"
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        from minio.error import S3Error, ServerError
+        from urllib3.exceptions import HTTPError
+
+        delays = self.retry.delays()
+        for attempt in range(self.retry.attempts):
+            try:
+                return fn()
+            except S3Error as exc:
+                if exc.code in ("NoSuchKey", "NoSuchObject"):
+                    raise ObjectNotFound(what) from None
+                if exc.code not in _TRANSIENT_S3_CODES:
+                    raise StoreError(f"{what}: {exc.code}: {exc.message}") from None
+                error: Exception = exc
+            except (ServerError, HTTPError, OSError) as exc:
+                error = exc
+            if attempt < len(delays):
+                log.warning("store: %s failed (%s), retry %d/%d in %.1fs", what, type(error).__name__,
+                            attempt + 1, len(delays), delays[attempt])
+                self.retry.sleep(delays[attempt])
+        raise StoreUnavailable(f"{what}: unreachable after {self.retry.attempts} attempts "
+                               f"({type(error).__name__}: {str(error)[:200]})")
+
+    def put_file(self, key: str, path: str | os.PathLike[str]) -> None:
+        self._call(f"put {self.uri(key)}", lambda: self.client.fput_object(self.bucket, self._key(key), str(path)))
+
+    def get_file(self, key: str, path: str | os.PathLike[str]) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._call(f"get {self.uri(key)}", lambda: self.client.fget_object(self.bucket, self._key(key), str(path)))
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self._call(f"put {self.uri(key)}", lambda: self.client.put_object(
+            self.bucket, self._key(key), io.BytesIO(data), len(data)))
+
+    def get_bytes(self, key: str) -> bytes:
+        def read() -> bytes:
+            response = self.client.get_object(self.bucket, self._key(key))
+            try:
+                return bytes(response.read())
+            finally:
+                response.close()
+                response.release_conn()
+
+        return self._call(f"get {self.uri(key)}", read)
+
+    def list(self, prefix: str = "") -> list[str]:
+        full = self._key(prefix)
+        # a trailing '/' so that prefix "ckpt" does not match "ckpt2/..."
+        query = f"{full}/" if full else ""
+        names = self._call(f"list {self.uri(prefix)}", lambda: [
+            o.object_name for o in self.client.list_objects(self.bucket, prefix=query, recursive=True)])
+        if _clean_key(prefix) and self.exists(prefix):
+            names.append(full)
+        cut = len(self.prefix) + 1 if self.prefix else 0
+        return sorted({str(n)[cut:] for n in names if n})
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._call(f"stat {self.uri(key)}", lambda: self.client.stat_object(self.bucket, self._key(key)))
+        except ObjectNotFound:
+            return False
+        return True
+
+    def delete(self, key: str) -> None:
+        self._call(f"delete {self.uri(key)}", lambda: self.client.remove_object(self.bucket, self._key(key)))
+
+    def child(self, prefix: str) -> S3Store:
+        return S3Store(self.client, self.bucket, self._key(prefix), self.retry)
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/some/key`` → ``("bucket", "some/key")``."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise ValueError(f"not an s3:// URI: {uri!r}")
+    return parsed.netloc, _clean_key(parsed.path)
+
+
+def minio_client(endpoint: str, region: str = "us-east-1", env: Mapping[str, str] | None = None,
+                 timeout_seconds: float = 30.0) -> Minio:
+    """A client for ``endpoint`` (http(s)://host:port) with credentials from the environment.
+
+    urllib3's own retries are turned off: :class:`S3Store` retries with backoff and reports the outcome.
+    """
+    import urllib3
+    from minio import Minio
+
+    env = os.environ if env is None else env
+    parsed = urlparse(endpoint)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise ValueError("the S3 endpoint must look like http(s)://host[:port]")
+    http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=min(10.0, timeout_seconds), read=timeout_seconds),
+                               retries=False, maxsize=16)
+    return Minio(parsed.netloc, access_key=env.get(ACCESS_KEY_ENV) or None,
+                 secret_key=env.get(SECRET_KEY_ENV) or None, secure=parsed.scheme == "https",
+                 region=region, http_client=http)
+
+
+def s3_store(endpoint: str, uri_or_bucket: str, region: str = "us-east-1", env: Mapping[str, str] | None = None,
+             retry: RetryPolicy | None = None) -> S3Store:
+    """An :class:`S3Store` for ``s3://bucket/prefix`` (or a bare bucket name) on ``endpoint``."""
+    if uri_or_bucket.startswith("s3://"):
+        bucket, prefix = parse_s3_uri(uri_or_bucket)
+    else:
+        bucket, prefix = uri_or_bucket, ""
+    return S3Store(minio_client(endpoint, region, env), bucket, prefix, retry)
+
+
+def store_from_uri(uri: str, endpoint: str | None = None, region: str = "us-east-1",
+                   env: Mapping[str, str] | None = None, retry: RetryPolicy | None = None) -> Store:
+    """An artifact/run URI (``s3://...`` or a local path/``file://``) as a store rooted there."""
+    if uri.startswith("s3://"):
+        env = os.environ if env is None else env
+        endpoint = endpoint or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+        if not endpoint:
+            raise ValueError(f"{uri}: an S3 endpoint is needed (argument or AWS_ENDPOINT_URL_S3)")
+        return s3_store(endpoint, uri, region, env, retry)
+    return LocalStore(uri.removeprefix("file://"))
+
+
+def run_key(prefix: str, namespace: str, name: str) -> str:
+    """``<prefix>/<namespace>/<name>``: where one run's checkpoints and artifact live in the bucket."""
+    return join_key(prefix, namespace, name)
+
+
+def run_store(output: OutputSpec, namespace: str, name: str, output_dir: str | os.PathLike[str] | None = None,
+              env: Mapping[str, str] | None = None, retry: RetryPolicy | None = None) -> Store:
+    """The store rooted at one run: ``output_dir`` itself in local mode, else the bucket's run prefix."""
+    if output_dir is not None:
+        return LocalStore(output_dir)
+    if not output.endpoint or not output.bucket:
+        raise ValueError("spec.output.endpoint and spec.output.bucket are needed without a local output dir")
+    return s3_store(output.endpoint, output.bucket, output.region, env, retry).child(
+        run_key(output.prefix, namespace, name))

@@ -1,0 +1,115 @@
+"""``python -m kubetune_trainer --config run.yaml [--output-dir DIR] [--run-name NAME]``.
+
+Exit codes (see :mod:`kubetune.events`): 0 done; 75 retryable (store or data source unreachable, SIGTERM:
+preemption, eviction, suspend — the latest checkpoint is kept); 78 bad config; 65 bad data; 1 anything else.
+Every failure also emits a ``failed`` event with a CamelCase reason before the process exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+from types import FrameType
+
+from kubetune.events import EXIT_BAD_CONFIG, EXIT_BAD_DATA, EXIT_FAILED, EXIT_OK, EXIT_RETRYABLE
+from kubetune.storage import StoreError, StoreUnavailable
+
+from .config import ConfigError, build_parser, resolve
+from .data import DataError, FetchUnavailable
+from .events import Emitter
+
+
+def classify(exc: BaseException) -> tuple[str, int]:
+    """(reason, exit code) for an exception that ended the run."""
+    from .model import ModelError
+    from .run import NotEnoughData, Preempted
+
+    table: list[tuple[type[BaseException] | tuple[type[BaseException], ...], str, int]] = [
+        (Preempted, "Preempted", EXIT_RETRYABLE),
+        ((StoreUnavailable, FetchUnavailable), "StorageUnavailable", EXIT_RETRYABLE),
+        (StoreError, "StorageRejected", EXIT_BAD_CONFIG),
+        (ConfigError, "InvalidConfig", EXIT_BAD_CONFIG),
+        (ModelError, "InvalidModel", EXIT_BAD_CONFIG),
+        ((DataError, NotEnoughData), "InvalidData", EXIT_BAD_DATA),
+        (FloatingPointError, "LossDiverged", EXIT_FAILED),
+        (MemoryError, "OutOfMemory", EXIT_FAILED),
+    ]
+    for types, reason, code in table:
+        if isinstance(exc, types):
+            return reason, code
+    if type(exc).__name__ == "OutOfMemoryError":
+        return "OutOfMemory", EXIT_FAILED
+    return "TrainerError", EXIT_FAILED
+
+
+def launch_torchrun(nproc: int, argv: list[str]) -> int:
+    """Re-run this program under torchrun with ``nproc`` processes on this node."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "kubetune_trainer", *argv]
+    child = subprocess.Popen(cmd)
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    return child.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=os.environ.get("KUBETUNE_LOG_LEVEL", "INFO"), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    emitter = Emitter(enabled=int(os.environ.get("RANK", "0")) == 0)
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = resolve(args)
+    except ConfigError as exc:
+        emitter.emit("failed", reason="InvalidConfig", message=str(exc)[:1000], retryable=False,
+                     exit_code=EXIT_BAD_CONFIG)
+        logging.getLogger("kubetune_trainer").error("%s", exc)
+        return EXIT_BAD_CONFIG
+
+    if "WORLD_SIZE" not in os.environ:
+        nproc = args.nproc
+        if nproc is None:
+            import torch
+
+            gpus = cfg.spec.resources.gpus
+            nproc = gpus if gpus > 1 and torch.cuda.device_count() >= gpus else 1
+        if nproc > 1:
+            return launch_torchrun(nproc, argv)
+
+    from .run import Preempted, StopFlag, Trainer
+
+    stop = StopFlag()
+
+    def on_sigterm(signum: int, _frame: FrameType | None) -> None:
+        stop.requested = True
+        if not stop.in_loop:  # outside the training loop there is no step boundary to wait for
+            raise Preempted(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    log = logging.getLogger("kubetune_trainer")
+    try:
+        Trainer(cfg, emitter, stop).run()
+    except (Exception, Preempted) as exc:
+        reason, code = classify(exc)
+        if code == EXIT_FAILED:
+            log.exception("the run failed")
+        else:
+            log.error("%s: %s", reason, exc)
+        emitter.emit("failed", reason=reason, message=f"{type(exc).__name__}: {exc}"[:1000],
+                     retryable=code == EXIT_RETRYABLE, exit_code=code)
+        return code
+    finally:
+        from .distributed import shutdown
+
+        shutdown()
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,444 @@
+"""One fine-tuning run, start to finish: data, model, (resume), evaluate, train, evaluate, artifact.
+
+Everything that talks to the outside goes through the run's :class:`kubetune.storage.Store` and the
+:class:`~kubetune_trainer.events.Emitter`; the stages themselves live in :mod:`loop`, :mod:`evaluate`,
+:mod:`callbacks`, :mod:`checkpoint` and :mod:`export`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from kubetune.spec import FinetuneRunSpec
+from kubetune.storage import ARTIFACT, Store, run_store, store_from_uri
+from torch import nn
+
+from . import checkpoint, distributed, evaluate, export, loop
+from . import model as model_lib
+from .callbacks import Monitor, wise_ft
+from .config import RunConfig
+from .data import Datasets, Fetcher, PairSet, load_datasets
+from .events import Emitter
+from .sampling import EpochBatchSampler, ImageDataset, PairDataset, batches_per_epoch, make_loader, tokenize
+
+log = logging.getLogger("kubetune_trainer")
+PROGRESS_SECONDS = float(os.environ.get("KUBETUNE_PROGRESS_SECONDS", "5"))
+
+
+class Preempted(Exception):
+    """SIGTERM (eviction, preemption, suspend): checkpointed if possible; retryable."""
+
+
+class NotEnoughData(Exception):
+    pass
+
+
+@dataclass
+class StopFlag:
+    """Set by the SIGTERM handler; the training loop polls it at step boundaries."""
+
+    requested: bool = False
+    in_loop: bool = False
+
+
+@dataclass
+class LoopState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # the epoch in progress (0-based)
+    batch_in_epoch: int = 0  # loader batches of this epoch already trained on
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    before: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    monitors: dict[str, dict[str, Any]] = field(default_factory=dict)
+    stopped_early: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Result:
+    artifact_uri: str
+    sha256: str
+    size: int
+    metrics: dict[str, dict[str, float]]
+    steps: int
+    resumed_from_step: int | None
+
+
+def fetch_weights(uri: str, fetcher: Fetcher, spec: FinetuneRunSpec, work_dir: Path) -> Path:
+    """Make ``spec.model.weights`` local: a state-dict file or an artifact directory."""
+    if not uri.startswith(("s3://", "http://", "https://")):
+        path = Path(uri.removeprefix("file://"))
+        if not path.exists():
+            raise model_lib.ModelError(f"spec.model.weights: {path} does not exist")
+        return path
+    if Path(uri.split("?")[0]).suffix in model_lib.WEIGHT_SUFFIXES:
+        try:
+            return fetcher.local_path(uri)
+        except FileNotFoundError:
+            raise model_lib.ModelError(f"spec.model.weights: {uri} does not exist") from None
+    if not uri.startswith("s3://"):
+        raise model_lib.ModelError("spec.model.weights: an http(s) URL must name a weights file")
+    target = work_dir / "weights"
+    shutil.rmtree(target, ignore_errors=True)
+    source = store_from_uri(uri, endpoint=spec.output.endpoint, region=spec.output.region)
+    if not source.get_dir("", target):
+        raise model_lib.ModelError(f"spec.model.weights: nothing under {uri}")
+    return target
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, emitter: Emitter, stop: StopFlag | None = None,
+                 store: Store | None = None) -> None:
+        self.cfg = cfg
+        self.spec = cfg.spec
+        self.emitter = emitter
+        self.stop = stop or StopFlag()
+        self.dist = distributed.from_env()
+        self.device = distributed.pick_device(self.dist, want_gpu=self.spec.resources.gpus > 0)
+        self.precision = model_lib.resolve_precision(self.spec.training.precision, self.device)
+        self.work = cfg.work_dir / (f"rank{self.dist.rank}" if self.dist.distributed else "")
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.store = store or run_store(self.spec.output, cfg.namespace, cfg.name, cfg.output_dir)
+        self.fetcher = Fetcher(cfg.work_dir / "cache", self.spec.output)
+        self.started_at = time.time()
+
+    # ---------------------------------------------------------------------------------------------- events
+    def emit(self, event_type: Any, **fields: Any) -> None:
+        if self.dist.is_main:
+            self.emitter.emit(event_type, **fields)
+
+    def info(self, message: str, *args: Any) -> None:
+        if self.dist.is_main:
+            log.info(message, *args)
+
+    # ---------------------------------------------------------------------------------------------- run
+    def run(self) -> Result:
+        distributed.init(self.dist, self.device)
+        finished = checkpoint.latest_info(self.store)
+        if finished and finished.get("finished") and self.store.exists(f"{ARTIFACT}/manifest.json"):
+            return self._already_finished(finished)
+        spec = self.spec
+        torch.manual_seed(spec.training.seed)
+        weights = None
+        if spec.model.weights:
+            weights = fetch_weights(spec.model.weights, self.fetcher, spec, self.cfg.work_dir)
+        bundle = model_lib.build(spec.model, self.device, self.precision, self.cfg.work_dir, weights)
+        model = bundle.model
+        start_weights = ({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                         if spec.callbacks.wise_ft else None)
+        data = load_datasets(spec.data, self.fetcher, spec.training.seed, on_progress=self.info)
+        self.info("data: %s", ", ".join(f"{s.name}={len(s)}" for s in
+                                        (data.train, data.val, data.query, data.index) if s is not None))
+        if spec.training.lock_image:
+            model.lock_image_tower()  # type: ignore[operator]
+        if spec.training.lock_text:
+            model.lock_text_tower()  # type: ignore[operator]
+        tokens = tokenize(bundle.tokenizer, data.train.texts())
+        train_set = PairDataset(data.train.pairs, bundle.preprocess_train, tokens)
+        micro = spec.training.batch_size
+        accum = spec.training.grad_accumulation
+        per_epoch_batches = batches_per_epoch(len(train_set), micro, self.dist.world_size)
+        steps_per_epoch = per_epoch_batches // accum
+        if steps_per_epoch < 1:
+            raise NotEnoughData(f"the train set has {len(train_set)} usable pairs, fewer than batchSize × "
+                                f"gradAccumulation × processes = {micro * accum * self.dist.world_size}")
+        total_steps = spec.training.epochs * steps_per_epoch
+        if spec.training.max_steps:
+            total_steps = min(total_steps, spec.training.max_steps)
+        sampler = EpochBatchSampler(len(train_set), micro, spec.training.seed, self.dist.rank, self.dist.world_size)
+        loader = make_loader(train_set, spec.training.num_workers, self.device.type == "cuda", batch_sampler=sampler)
+
+        train_model: nn.Module = model
+        if self.dist.distributed:
+            train_model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        optimizer = loop.make_optimizer(spec.training.optimizer, loop.param_groups(model, spec.training.weight_decay),
+                                        spec.training.learning_rate)
+        scaler = loop.grad_scaler(self.precision, self.device)
+        loss_fn = loop.make_loss(spec.training.loss, self.dist.rank, self.dist.world_size)
+        eval_loss_fn = loop.make_loss(spec.training.loss)
+
+        state = LoopState()
+        resumed = checkpoint.load_latest(self.store, self.work)
+        resumed_from = None
+        if resumed is not None:
+            info, saved = resumed
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            if scaler is not None and saved.get("scaler"):
+                scaler.load_state_dict(saved["scaler"])
+            state = LoopState(**saved["loop"])
+            resumed_from = state.step
+            self.info("resuming from %s (step %d, epoch %d)", info["key"], state.step, state.epoch + 1)
+        monitors = self._monitors(state)
+
+        self.emit("started", run=self.cfg.name, namespace=self.cfg.namespace, model=spec.model.name,
+                  epochs=spec.training.epochs, total_steps=total_steps, step=state.step,
+                  world_size=self.dist.world_size, attempt=int(os.environ.get("KUBETUNE_ATTEMPT", "1")),
+                  resumed_from_step=resumed_from, device=str(self.device.type), precision=self.precision,
+                  train_pairs=len(data.train), skipped_rows=data.skipped() or None)
+        evaluator = _Evaluator(self, bundle, data)
+        if not state.before and evaluator.enabled and spec.callbacks.evaluation.enabled:
+            state.before = evaluator.retrieval(model, "before", 0)
+
+        # ------------------------------------------------------------------------------------ epochs
+        progress = _Progress(self, total_steps, micro * accum * self.dist.world_size)
+        self.stop.in_loop = True
+        train_model.train()
+        while state.epoch < spec.training.epochs and state.step < total_steps and not state.stopped_early:
+            epoch = state.epoch
+            sampler.set_epoch(epoch, state.batch_in_epoch)
+            group: list[loop.Batch] = []
+            for batch in loader:
+                group.append(batch)
+                if len(group) < accum:
+                    continue
+                lr = loop.lr_at(state.step, spec.training.learning_rate, spec.training.warmup_steps, total_steps,
+                                spec.training.scheduler)
+                loop.set_lr(optimizer, lr)
+                loss = loop.train_step(train_model, loss_fn, optimizer, group, self.device, self.precision,
+                                       scaler, spec.training.grad_clip_norm)
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"the training loss is {loss} at step {state.step + 1}")
+                group = []
+                state.step += 1
+                state.batch_in_epoch += accum
+                state.loss_sum += loss
+                state.loss_count += 1
+                progress.step(state, loss, lr)
+                every = spec.run_policy.checkpoint_every_steps
+                if every and state.step % every == 0 and state.step < total_steps:
+                    self._checkpoint(model, optimizer, scaler, state)
+                if distributed.any_true(self.stop.requested, self.dist, self.device):
+                    self._checkpoint(model, optimizer, scaler, state)
+                    raise Preempted(f"SIGTERM at step {state.step}: checkpointed")
+                if state.step >= total_steps:
+                    break
+            epoch_done = state.batch_in_epoch + accum > per_epoch_batches or state.step >= total_steps
+            if not epoch_done:  # pragma: no cover - the loader always runs to the end of the epoch
+                continue
+            self._end_epoch(model, evaluator, eval_loss_fn, monitors, state, epoch)
+            state.epoch += 1
+            state.batch_in_epoch, state.loss_sum, state.loss_count = 0, 0.0, 0
+            every_epochs = spec.run_policy.checkpoint_every_epochs
+            if every_epochs and state.epoch % every_epochs == 0 and state.step < total_steps and (
+                    state.epoch < spec.training.epochs and not state.stopped_early):
+                self._checkpoint(model, optimizer, scaler, state)
+        self.stop.in_loop = False
+        if self.stop.requested:
+            raise Preempted("SIGTERM after training")
+
+        # ------------------------------------------------------------------------------------ finish
+        if spec.callbacks.best_model is not None and "best_model" in monitors and \
+                self.store.exists(checkpoint.BEST):
+            best = monitors["best_model"]
+            self.info("best model: epoch %s (%s = %.5g)", best.best_epoch, best.metric, best.best or math.nan)
+            model.load_state_dict(checkpoint.load_weights(self.store, self.work, checkpoint.BEST))
+        if spec.callbacks.wise_ft is not None and start_weights is not None:
+            alpha = spec.callbacks.wise_ft.alpha
+            model.load_state_dict(wise_ft(start_weights, model.state_dict(), alpha))
+            self.info("WiSE-FT: interpolated with the starting weights, alpha=%.3f", alpha)
+        after = evaluator.retrieval(model, "after", state.epoch) if (
+            evaluator.enabled and spec.callbacks.evaluation.enabled) else {}
+        result = self._export(model, bundle, state, after, resumed_from)
+        distributed.barrier(self.dist)
+        return result
+
+    # ---------------------------------------------------------------------------------------------- pieces
+    def _monitors(self, state: LoopState) -> dict[str, Monitor]:
+        monitors = {}
+        callbacks = self.spec.callbacks
+        if callbacks.best_model is not None:
+            monitors["best_model"] = Monitor(callbacks.best_model.monitor, callbacks.best_model.mode)
+        if callbacks.early_stopping is not None:
+            es = callbacks.early_stopping
+            monitors["early_stopping"] = Monitor(es.monitor, es.mode, es.min_delta)
+        for name, monitor in monitors.items():
+            if name in state.monitors:
+                monitor.load_state_dict(state.monitors[name])
+        return monitors
+
+    def _end_epoch(self, model: nn.Module, evaluator: _Evaluator, eval_loss_fn: nn.Module,
+                   monitors: dict[str, Monitor], state: LoopState, epoch: int) -> None:
+        spec = self.spec
+        metrics: dict[str, float] = {}
+        if state.loss_count:
+            metrics["train_loss"] = state.loss_sum / state.loss_count
+        if self.dist.is_main:
+            if evaluator.val is not None:
+                metrics["val_loss"] = evaluator.val_loss(model, eval_loss_fn)
+            every = spec.callbacks.evaluation.every_epochs
+            needs_retrieval = any(m.metric not in ("train_loss", "val_loss") for m in monitors.values())
+            last = epoch + 1 == spec.training.epochs
+            if evaluator.enabled and spec.callbacks.evaluation.enabled and not last and (
+                    (every and (epoch + 1) % every == 0) or needs_retrieval):
+                metrics.update(evaluator.retrieval(model, "epoch", epoch + 1))
+            self.emit("metrics", stage="val" if "val_loss" in metrics else "train", epoch=epoch + 1,
+                      step=state.step, train_loss=metrics.get("train_loss"), val_loss=metrics.get("val_loss"))
+            self.info("epoch %d/%d: %s", epoch + 1, spec.training.epochs,
+                      ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k in ("train_loss", "val_loss")))
+        state.history.append({"epoch": epoch + 1, "step": state.step, **{
+            k: v for k, v in metrics.items() if k in ("train_loss", "val_loss")}})
+        best = monitors.get("best_model")
+        if best is not None and best.update(metrics, epoch + 1) and self.dist.is_main:
+            checkpoint.save_weights(self.store, self.work, checkpoint.BEST,
+                                    {k: v.detach().cpu() for k, v in model.state_dict().items()})
+        early = monitors.get("early_stopping")
+        stop = False
+        if early is not None and early.update(metrics, epoch + 1) is False:
+            stop = early.bad_epochs >= self.spec.callbacks.early_stopping.patience  # type: ignore[union-attr]
+        state.stopped_early = distributed.any_true(stop, self.dist, self.device)
+        if state.stopped_early:
+            self.info("early stopping after epoch %d (%s did not improve for %d epochs)", epoch + 1,
+                      early.metric if early else "?", early.bad_epochs if early else 0)
+        state.monitors = {name: m.state_dict() for name, m in monitors.items()}
+
+    def _checkpoint(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler | None, state: LoopState) -> None:
+        if self.dist.is_main:
+            payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                       "scaler": scaler.state_dict() if scaler is not None else {}, "loop": state.to_dict()}
+            uri = checkpoint.save(self.store, self.work, payload, state.step, state.epoch)
+            self.emit("checkpoint", uri=uri, step=state.step, epoch=state.epoch + 1)
+            self.info("checkpoint: %s", uri)
+        distributed.barrier(self.dist)
+
+    def _export(self, model: nn.Module, bundle: model_lib.ModelBundle, state: LoopState, after: dict[str, float],
+                resumed_from: int | None) -> Result:
+        metrics = {"before": state.before, "after": after}
+        if not self.dist.is_main:
+            return Result("", "", 0, metrics, state.step, resumed_from)
+        root = self.work / "artifact"
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        import open_clip
+
+        metadata = {
+            "run": {"name": self.cfg.name, "namespace": self.cfg.namespace},
+            "spec": self.spec.dump(),
+            "training": {"steps": state.step, "epochs_completed": state.epoch, "stopped_early": state.stopped_early,
+                         "resumed_from_step": resumed_from, "history": state.history,
+                         "world_size": self.dist.world_size, "precision": self.precision,
+                         "device": self.device.type},
+            "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        sha, size, files = export.write_artifact(root, model, bundle.name, bundle.config, bundle.preprocess_cfg,
+                                                 metrics, metadata, onnx=self.spec.export.onnx)
+        for stale in self.store.list(ARTIFACT):
+            self.store.delete(stale)
+        # everything but the manifest first: a present manifest.json means a complete artifact
+        for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != "manifest.json"):
+            self.store.put_file(f"{ARTIFACT}/{path.relative_to(root).as_posix()}", path)
+        self.store.put_file(f"{ARTIFACT}/manifest.json", root / "manifest.json")
+        uri = self.store.uri(ARTIFACT)
+        self.emit("artifact", uri=uri, size=size, sha256=sha, files=files)
+        checkpoint.mark_finished(self.store, {"artifact": uri, "sha256": sha, "size": size, "files": files,
+                                              "metrics": metrics})
+        self.emit("finished", artifact_uri=uri, duration_seconds=round(time.time() - self.started_at, 3),
+                  step=state.step, metrics=None)
+        self.info("artifact: %s (%d files, %d bytes, manifest sha256 %s)", uri, files, size, sha)
+        return Result(uri, sha, size, metrics, state.step, resumed_from)
+
+    def _already_finished(self, info: dict[str, Any]) -> Result:
+        uri = str(info.get("artifact", self.store.uri(ARTIFACT)))
+        self.info("run already finished; artifact at %s", uri)
+        self.emit("artifact", uri=uri, size=info.get("size"), sha256=info.get("sha256"), files=info.get("files"))
+        self.emit("finished", artifact_uri=uri, duration_seconds=round(time.time() - self.started_at, 3))
+        return Result(uri, str(info.get("sha256", "")), int(info.get("size", 0)), info.get("metrics", {}),
+                      int(info.get("step", 0)), None)
+
+
+class _Progress:
+    """Throttled progress events with samples/s over the last window and an ETA."""
+
+    def __init__(self, trainer: Trainer, total_steps: int, samples_per_step: int) -> None:
+        self.trainer = trainer
+        self.total = total_steps
+        self.samples_per_step = samples_per_step
+        self.first_step: int | None = None
+        self.started = self.window_start = time.perf_counter()
+        self.window_steps = 0
+        self.last_emit = 0.0
+
+    def step(self, state: LoopState, loss: float, lr: float) -> None:
+        now = time.perf_counter()
+        if self.first_step is None:
+            self.first_step = state.step - 1
+            self.started = self.window_start = now - 1e-9
+            self.window_steps = 0
+        self.window_steps += 1
+        done = state.step >= self.total
+        if now - self.last_emit < PROGRESS_SECONDS and not done and state.step - self.first_step > 1:
+            return
+        rate = self.window_steps * self.samples_per_step / max(1e-9, now - self.window_start)
+        steps_this_attempt = state.step - self.first_step
+        eta = (self.total - state.step) * (now - self.started) / max(1, steps_this_attempt)
+        spec = self.trainer.spec
+        self.trainer.emit("progress", epoch=state.epoch + 1, epochs=spec.training.epochs, step=state.step,
+                          total_steps=self.total, loss=loss, lr=lr, samples_per_second=round(rate, 3),
+                          eta_seconds=round(eta, 3))
+        self.trainer.info("epoch %d step %d/%d loss %.4f lr %.3g %.1f samples/s", state.epoch + 1, state.step,
+                          self.total, loss, lr, rate)
+        self.last_emit, self.window_start, self.window_steps = now, now, 0
+
+
+class _Evaluator:
+    """Validation loss and retrieval metrics on rank 0, with the validation transforms."""
+
+    def __init__(self, trainer: Trainer, bundle: model_lib.ModelBundle, data: Datasets) -> None:
+        self.trainer = trainer
+        self.bundle = bundle
+        self.spec = trainer.spec.callbacks.evaluation
+        self.val = data.val
+        self.query: PairSet | None = data.query
+        self.index: PairSet | None = data.index
+        self.enabled = self.query is not None and self.index is not None
+        if self.enabled:
+            assert self.query is not None and self.index is not None
+            queries = self.query.keyed()[: self.spec.max_queries or None]
+            self.task = evaluate.RetrievalTask.build(queries, self.index.keyed())
+            by_key = {p.image.key: p.image for p in self.index.pairs}
+            self.images = [by_key[k] for k in self.task.index_keys]
+        self._val_cache: PairDataset | None = None
+
+    def val_loss(self, model: nn.Module, loss_fn: nn.Module) -> float:
+        if self.val is None:
+            return math.nan
+        if self._val_cache is None:
+            tokens = tokenize(self.bundle.tokenizer, self.val.texts())
+            self._val_cache = PairDataset(self.val.pairs, self.bundle.preprocess_val, tokens)
+        loader = make_loader(self._val_cache, 0, False, batch_size=self.trainer.spec.training.batch_size)
+        return loop.validation_loss(loop.unwrap(model), loss_fn, iter(loader), self.trainer.device,
+                                    self.trainer.precision)
+
+    def retrieval(self, model: nn.Module, stage: str, epoch: int) -> dict[str, float]:
+        if not self.trainer.dist.is_main:  # the other ranks wait in their next collective
+            return {}
+        started = time.perf_counter()
+        net = loop.unwrap(model)
+        was_training = net.training
+        net.eval()
+        device, precision, batch = self.trainer.device, self.trainer.precision, self.spec.batch_size
+        tokens = tokenize(self.bundle.tokenizer, self.task.query_texts)
+        text_emb = loop.encode(net.encode_text, list(tokens.split(batch)), device, precision)  # type: ignore[arg-type]
+        images = make_loader(ImageDataset(self.images, self.bundle.preprocess_val), 0, False, batch_size=batch)
+        image_emb = loop.encode(net.encode_image, iter(images), device, precision)  # type: ignore[arg-type]
+        net.train(was_training)
+        metrics = evaluate.retrieval_metrics(text_emb, image_emb, self.task.relevant, k=self.spec.limit,
+                                             distance=self.spec.distance)
+        self.trainer.emit("evaluation", stage=stage, epoch=epoch, metrics=metrics)
+        self.trainer.info("evaluation (%s, %.1fs): %s", stage, time.perf_counter() - started,
+                          ", ".join(f"{k}={metrics[k]:.4f}" for k in ("R@1", "R@5", "reciprocal_rank", "ndcg_at_k")))
+        return metrics
