@@ -137,9 +137,9 @@ def _finish(node: dict[str, Any], defs: dict[str, Any], *, with_defaults: bool) 
         out.pop("properties", None)
     if with_defaults and node.get("default") is not None:
         default = _strip_nulls(node["default"])
-        if isinstance(default, dict) and out.get("type") == "object" and "properties" in out:
-            if default == _nested_defaults(out):
-                default = {}
+        if (isinstance(default, dict) and out.get("type") == "object" and "properties" in out
+                and default == _nested_defaults(out)):
+            default = {}
         out["default"] = default
     return _ordered(out)
 

@@ -10,7 +10,8 @@ Design:
   idempotent: an operator restarted between "create Job" and "record it in status" gets 409 and adopts it,
   so there is never a duplicate Job.
 - The resolved run config (spec with defaults applied and the operator's defaults filled in) goes into a
-  ConfigMap at key ``run.yaml``, mounted read-only at ``/etc/kubetune/run.yaml``.
+  ConfigMap at key ``run.yaml``, mounted read-only at ``/etc/kubetune/run.yaml``. It is written as JSON,
+  which is valid YAML: ``yaml.safe_load`` and ``json.load`` both read it.
 - S3 credentials reach the trainer through ``secretKeyRef`` only: the operator never reads Secret values.
 - Hardened pod: non-root, read-only root filesystem (emptyDir for /tmp and /dev/shm), no privilege escalation,
   all capabilities dropped, seccomp RuntimeDefault, no service-account token.
@@ -19,12 +20,11 @@ Design:
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Any
 
-import yaml
-
 from kubetune.operator.settings import Capabilities, OperatorSettings
-from kubetune.spec import API_VERSION, KIND, FinetuneRunSpec
+from kubetune.spec import API_VERSION, KIND, FinetuneRunSpec, SecretRef
 
 RUN_LABEL = "kubetune.io/run"
 ATTEMPT_LABEL = "kubetune.io/attempt"
@@ -85,7 +85,7 @@ def labels(run: dict[str, Any], attempt: int | None = None) -> dict[str, str]:
     return out
 
 
-def annotations(run: dict[str, Any]) -> dict[str, str]:
+def run_annotations(run: dict[str, Any]) -> dict[str, str]:
     meta = run["metadata"]
     return {RUN_NAME_ANNOTATION: meta["name"], RUN_UID_ANNOTATION: meta["uid"]}
 
@@ -97,8 +97,6 @@ def resolve_spec(spec: FinetuneRunSpec, settings: OperatorSettings) -> FinetuneR
         "bucket": spec.output.bucket or settings.s3_bucket,
     })
     if output.credentials_secret is None and settings.s3_secret:
-        from kubetune.spec import SecretRef
-
         output = output.model_copy(update={"credentials_secret": SecretRef(name=settings.s3_secret)})
     resources = spec.resources.model_copy(update={
         "image": spec.resources.image or settings.trainer_image,
@@ -129,10 +127,11 @@ def config_map(run: dict[str, Any], spec: FinetuneRunSpec, settings: OperatorSet
             "name": config_map_name(meta["name"]),
             "namespace": meta["namespace"],
             "labels": labels(run),
-            "annotations": annotations(run),
+            "annotations": run_annotations(run),
             "ownerReferences": [owner_reference(run)],
         },
-        "data": {CONFIG_KEY: yaml.safe_dump(run_config(run, spec, settings), sort_keys=False)},
+        # JSON is valid YAML: the trainer reads it with yaml.safe_load, stdlib-only tools with json.load.
+        "data": {CONFIG_KEY: json.dumps(run_config(run, spec, settings), indent=2, allow_nan=False) + "\n"},
     }
 
 
@@ -240,7 +239,7 @@ def job(run: dict[str, Any], spec: FinetuneRunSpec, settings: OperatorSettings, 
         "backoffLimit": 0,
         "completions": 1,
         "parallelism": 1,
-        "template": {"metadata": {"labels": pod_labels, "annotations": annotations(run)}, "spec": pod_spec},
+        "template": {"metadata": {"labels": pod_labels, "annotations": run_annotations(run)}, "spec": pod_spec},
     }
     if active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = max(1, int(active_deadline_seconds))
@@ -259,7 +258,7 @@ def job(run: dict[str, Any], spec: FinetuneRunSpec, settings: OperatorSettings, 
             "name": job_name(meta["name"], attempt),
             "namespace": meta["namespace"],
             "labels": job_labels,
-            "annotations": annotations(run),
+            "annotations": run_annotations(run),
             "ownerReferences": [owner_reference(run)],
         },
         "spec": job_spec,

@@ -432,7 +432,7 @@ def attempt_outcome(*, exit_code: int | None, pod_reason: str | None = None, job
     - 78 (bad config), 65 (bad data), 1 and anything else → fail fast.
     """
     event_msg = (failed_event.message or "") if failed_event else ""
-    if exit_code == EXIT_OK:
+    if exit_code == EXIT_OK or (exit_code is None and job is not None and job.complete):
         return Outcome("succeed", "TrainingSucceeded", "The trainer finished and published the artifact.")
     if job is not None and job.failed and job.reason == "DeadlineExceeded":
         return Outcome("fail", "DeadlineExceeded",

@@ -6,7 +6,6 @@ from typing import Any
 
 import pytest
 import yaml
-
 from kubetune import manifests
 from kubetune.operator.settings import Capabilities, OperatorSettings
 from kubetune.spec import FinetuneRunSpec

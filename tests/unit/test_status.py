@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from kubetune import status as st
 from kubetune.events import format_event
 from kubetune.spec import FinetuneRunStatus

@@ -1,0 +1,158 @@
+"""Shared, in-memory state of one operator process: settings, API client, metrics, the index of the runs'
+Jobs and pods (fed by kopf watch handlers), and the global status-patch rate limiter."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from typing import Any
+
+from kubetune.manifests import ATTEMPT_LABEL, RUN_LABEL
+from kubetune.operator.kube import Kube
+from kubetune.operator.metrics import Metrics
+from kubetune.operator.settings import Capabilities, OperatorSettings
+from kubetune.status import JobState, PodState, job_state, pod_state
+
+RunKey = tuple[str, str]  # (namespace, run label value)
+
+
+@dataclasses.dataclass(frozen=True)
+class PodEntry:
+    attempt: int
+    state: PodState
+
+
+class ChildIndex:
+    """What the operator knows about the runs' Jobs and pods, from its watches. A follower waits on
+    :meth:`wait` instead of polling the API server."""
+
+    def __init__(self) -> None:
+        self._jobs: dict[tuple[str, str], JobState] = {}
+        self._pods: dict[RunKey, dict[str, PodEntry]] = {}
+        self._changed: dict[RunKey, asyncio.Event] = {}
+
+    @staticmethod
+    def _run_key(body: Any) -> tuple[RunKey, int] | None:
+        meta = body.get("metadata") or {}
+        labels = meta.get("labels") or {}
+        run = labels.get(RUN_LABEL)
+        if not run:
+            return None
+        try:
+            attempt = int(labels.get(ATTEMPT_LABEL) or 0)
+        except ValueError:
+            attempt = 0
+        return (meta.get("namespace", ""), run), attempt
+
+    def _notify(self, key: RunKey) -> None:
+        event = self._changed.get(key)
+        if event is not None:
+            event.set()
+
+    def on_job(self, event_type: str | None, body: Any) -> None:
+        parsed = self._run_key(body)
+        if parsed is None:
+            return
+        key, _ = parsed
+        meta = body.get("metadata") or {}
+        jkey = (meta.get("namespace", ""), meta.get("name", ""))
+        if event_type == "DELETED":
+            self._jobs.pop(jkey, None)
+        else:
+            self._jobs[jkey] = job_state(body)
+        self._notify(key)
+
+    def on_pod(self, event_type: str | None, body: Any) -> None:
+        parsed = self._run_key(body)
+        if parsed is None:
+            return
+        key, attempt = parsed
+        name = (body.get("metadata") or {}).get("name", "")
+        pods = self._pods.setdefault(key, {})
+        if event_type == "DELETED":
+            pods.pop(name, None)
+            if not pods:
+                self._pods.pop(key, None)
+        else:
+            pods[name] = PodEntry(attempt, pod_state(body))
+        self._notify(key)
+
+    def job(self, namespace: str, name: str) -> JobState | None:
+        return self._jobs.get((namespace, name))
+
+    def pod(self, key: RunKey, attempt: int) -> PodState | None:
+        """The newest pod of this attempt."""
+        entries = [e.state for e in self._pods.get(key, {}).values() if e.attempt == attempt]
+        if not entries:
+            return None
+        return max(entries, key=lambda p: (p.created or 0.0, p.name))
+
+    def register(self, key: RunKey) -> asyncio.Event:
+        return self._changed.setdefault(key, asyncio.Event())
+
+    def unregister(self, key: RunKey) -> None:
+        self._changed.pop(key, None)
+
+    def forget_run(self, key: RunKey) -> None:
+        self._pods.pop(key, None)
+        self._changed.pop(key, None)
+
+
+class TokenBucket:
+    """Global rate limit for status patches (all runs together): ``rate`` per second, bursts of ``burst``."""
+
+    def __init__(self, rate: float, burst: float | None = None) -> None:
+        self.rate = rate
+        self.burst = burst if burst is not None else max(1.0, rate)
+        self.tokens = self.burst
+        self.stamp = time.monotonic()
+        self._lock = asyncio.Lock()
+
+    async def acquire(self) -> None:
+        async with self._lock:
+            while True:
+                now = time.monotonic()
+                self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+                self.stamp = now
+                if self.tokens >= 1:
+                    self.tokens -= 1
+                    return
+                await asyncio.sleep((1 - self.tokens) / self.rate)
+
+
+@dataclasses.dataclass
+class Context:
+    settings: OperatorSettings
+    metrics: Metrics
+    children: ChildIndex = dataclasses.field(default_factory=ChildIndex)
+    kube_client: Kube | None = None
+    capabilities: Capabilities | None = None
+    limiter: TokenBucket | None = None
+
+    @property
+    def kube(self) -> Kube:
+        if self.kube_client is None:
+            raise RuntimeError("not logged in yet")
+        return self.kube_client
+
+    def patch_limiter(self) -> TokenBucket:
+        if self.limiter is None:  # created lazily: it needs the running loop
+            self.limiter = TokenBucket(self.settings.status_qps)
+        return self.limiter
+
+    async def server_capabilities(self) -> Capabilities:
+        if self.capabilities is None:
+            version = await self.kube.version()
+            self.capabilities = Capabilities.from_version(version.get("major", "1"), version.get("minor", "0"))
+            self.metrics.info.labels(version=_version(), kubernetes=version.get("gitVersion", "")).set(1)
+        return self.capabilities
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("kubetune")
+    except Exception:  # pragma: no cover - not installed as a distribution
+        return "0+unknown"

@@ -1,0 +1,239 @@
+"""kopf handlers: thin, each delegating to pure functions or the :class:`Supervisor`.
+
+:func:`build_registry` registers everything on a fresh :class:`kopf.OperatorRegistry` (no import-time side
+effects; the TTL timer interval comes from the settings object).
+
+- ``on.startup``: kopf settings (own finalizer/annotation prefixes, event reporting, watch timeouts,
+  server-side label selectors);
+- ``on.login``: kopf's login (service account or kubeconfig); the same credentials build the async client;
+- ``on.create`` / ``on.resume``: cross-field validation → ``Failed``/``InvalidSpec`` condition and a Warning
+  Event with the field paths, and no Job; ``Suspended`` when created suspended;
+- ``daemon``: the :class:`Supervisor` of an active run (neither finished nor suspended);
+- ``on.field(spec.runPolicy.suspend)``: suspend deletes the attempt's Job (checkpoints stay in S3); unsuspend
+  lets the daemon resume with a new attempt;
+- ``on.update(spec)``: re-validate, refresh the ConfigMap for the next attempt, observedGeneration;
+- ``on.delete``: kopf stops the daemon (and so the log following) first; Jobs are deleted at once;
+- ``timer``: TTL after finish: delete Jobs and ConfigMap, keep the run and its artifact;
+- ``on.event`` for runs/Jobs/pods: the metrics table; the Job/pod index the supervisors wait on;
+- ``on.probe``: liveness details.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from typing import Any
+
+import kopf
+
+from kubetune import manifests
+from kubetune.operator.context import Context
+from kubetune.operator.kube import Kube, config_maps_path, jobs_path
+from kubetune.operator.supervisor import Supervisor, format_errors, validate
+from kubetune.spec import GROUP, PLURAL, VERSION, Phase
+from kubetune.status import CLEANED_UP, SUSPENDED, is_terminal, set_condition, transition, ttl_due
+
+PREFIX = "kubetune.io"
+FINALIZER = f"{PREFIX}/finalizer"
+RUNS = (GROUP, VERSION, PLURAL)
+RUN_SELECTOR = manifests.RUN_LABEL  # "label exists" selector
+
+
+def configure_kopf(settings: kopf.OperatorSettings, *, instance: str | None = None) -> None:
+    """Apply kubetune's kopf settings (pure apart from mutating ``settings``)."""
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=PREFIX, key="last-handled-configuration")
+    settings.posting.reporting_component = "kubetune-operator"
+    settings.posting.reporting_instance = instance or socket.gethostname()
+    settings.posting.event_name_prefix = "kubetune-"
+    settings.posting.level = logging.INFO
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.watching.connect_timeout = 10
+    settings.networking.request_timeout = 60
+    settings.watching.label_selectors["batch/v1", "jobs"] = RUN_SELECTOR
+    settings.watching.label_selectors["v1", "pods"] = RUN_SELECTOR
+
+
+def _suspended(spec: Any) -> bool:
+    return bool(((spec or {}).get("runPolicy") or {}).get("suspend"))
+
+
+def _active(spec: Any, status: Any, **_: Any) -> bool:
+    """The supervisor daemon runs while this holds."""
+    return not is_terminal(status) and not _suspended(spec)
+
+
+def _ttl_pending(spec: Any, status: Any, **_: Any) -> bool:
+    ttl = ((spec or {}).get("runPolicy") or {}).get("ttlSecondsAfterFinished")
+    return ttl is not None and is_terminal(status)
+
+
+def build_registry(ctx: Context) -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+    metrics = ctx.metrics
+
+    @kopf.on.startup(registry=registry)
+    async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+        configure_kopf(settings)
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> Any:
+        info = _login(**kwargs)
+        if info is not None:
+            if ctx.kube_client is None:
+                ctx.kube_client = Kube.from_connection_info(info, relogin=lambda: _relogin(ctx, kwargs))
+            else:
+                ctx.kube_client.update_credentials(info)
+        return info
+
+    @kopf.on.probe(id="runs", registry=registry)
+    def probe_runs(**_: Any) -> int:
+        return len(metrics.table)
+
+    # ---------------------------------------------------------------------------------------- runs
+    @kopf.on.resume(*RUNS, registry=registry)
+    @kopf.on.create(*RUNS, registry=registry)
+    async def accept(body: kopf.Body, spec: Any, status: Any, meta: Any, patch: kopf.Patch,
+                     **_: Any) -> None:
+        with metrics.timed("accept"):
+            if is_terminal(status) or (status or {}).get("phase"):
+                return  # already handled (resume after restart): the daemon or nothing takes over
+            model, errors = validate(spec)
+            now = time.time()
+            if model is None:
+                message = f"Invalid spec: {format_errors(errors)}"
+                patch.status.update(transition(status or {}, Phase.FAILED.value, "InvalidSpec", message, now))
+                patch.status["observedGeneration"] = meta.get("generation")
+                kopf.warn(body, reason="InvalidSpec", message=message[:1024])
+                metrics.transition(None, Phase.FAILED.value)
+                return
+            if _suspended(spec):
+                update = transition(status or {}, Phase.SUSPENDED.value, "Suspended",
+                                    "Created suspended; unsuspend to start.", now)
+                patch.status.update(update)
+                patch.status["observedGeneration"] = meta.get("generation")
+                metrics.transition(None, Phase.SUSPENDED.value)
+
+    @kopf.daemon(*RUNS, id="supervisor", when=_active, cancellation_timeout=10.0, registry=registry)
+    async def supervise(body: kopf.Body, stopped: Any, logger: Any, **_: Any) -> None:
+        await Supervisor(ctx, body, stopped, logger).run()
+
+    @kopf.on.field(*RUNS, field="spec.runPolicy.suspend", registry=registry)
+    async def suspend_changed(body: kopf.Body, old: Any, new: Any, status: Any, patch: kopf.Patch,
+                              namespace: Any, name: Any, **_: Any) -> None:
+        if old is None or bool(old) == bool(new) or is_terminal(status):
+            return
+        with metrics.timed("suspend"):
+            now = time.time()
+            if new:
+                deleted = await ctx.kube.delete_collection(
+                    jobs_path(namespace), f"{manifests.RUN_LABEL}={manifests.run_label(name)}")
+                update = transition(status or {}, Phase.SUSPENDED.value, "Suspended",
+                                    f"Suspended: deleted {deleted} Job(s); checkpoints are kept.", now)
+                patch.status.update(update)
+                kopf.info(body, reason="Suspended", message=update["message"])
+                metrics.transition((status or {}).get("phase"), Phase.SUSPENDED.value)
+            else:
+                conditions = set_condition((status or {}).get("conditions") or [], SUSPENDED, "False", "Resumed",
+                                           "Resumed; continuing from the latest checkpoint.", now)
+                patch.status["conditions"] = conditions
+                kopf.info(body, reason="Resumed", message="Resumed; a new attempt continues from the latest "
+                                                          "checkpoint.")
+
+    @kopf.on.update(*RUNS, field="spec", registry=registry)
+    async def spec_updated(body: kopf.Body, diff: Any, spec: Any, status: Any, meta: Any, patch: kopf.Patch,
+                           namespace: Any, **_: Any) -> None:
+        if all(tuple(d[1]) == ("runPolicy", "suspend") or _only_suspend(d) for d in diff):
+            return  # handled by suspend_changed
+        with metrics.timed("update"):
+            if is_terminal(status):
+                kopf.info(body, reason="SpecChangeIgnored", message="The run has finished; spec changes have no "
+                                                                    "effect.")
+                return
+            model, errors = validate(spec)
+            if model is None:
+                kopf.warn(body, reason="InvalidSpecUpdate",
+                          message=f"Update ignored: {format_errors(errors)}"[:1024])
+                return
+            run = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
+                   "metadata": {**dict(meta), "namespace": namespace}, "spec": dict(spec)}
+            cm = manifests.config_map(run, model, ctx.settings)
+            try:
+                await ctx.kube.merge_patch(config_maps_path(namespace, cm["metadata"]["name"]), {"data": cm["data"]})
+            except Exception as e:  # the ConfigMap may not exist yet: the next attempt creates it
+                logging.getLogger(__name__).debug(f"ConfigMap not updated: {e}")
+            patch.status["observedGeneration"] = meta.get("generation")
+            kopf.info(body, reason="SpecUpdated", message="Spec changed; it applies from the next attempt.")
+
+    @kopf.on.delete(*RUNS, registry=registry)
+    async def deleted(namespace: Any, name: Any, **_: Any) -> None:
+        with metrics.timed("delete"):
+            # The daemon is already stopped (kopf stops it before deletion handlers); owner references would
+            # garbage-collect the Jobs too, but deleting them now frees the GPUs at once.
+            await ctx.kube.delete_collection(jobs_path(namespace),
+                                             f"{manifests.RUN_LABEL}={manifests.run_label(name)}")
+            metrics.table.forget(namespace, name)
+            ctx.children.forget_run((namespace, manifests.run_label(name)))
+
+    @kopf.timer(*RUNS, id="ttl", interval=ctx.settings.ttl_check_interval, when=_ttl_pending,
+                initial_delay=1.0, registry=registry)
+    async def ttl(body: kopf.Body, spec: Any, status: Any, patch: kopf.Patch, namespace: Any, name: Any,
+                  **_: Any) -> None:
+        ttl_seconds = (spec.get("runPolicy") or {}).get("ttlSecondsAfterFinished")
+        if not ttl_due(status, ttl_seconds, time.time()):
+            return
+        with metrics.timed("ttl"):
+            selector = f"{manifests.RUN_LABEL}={manifests.run_label(name)}"
+            jobs = await ctx.kube.delete_collection(jobs_path(namespace), selector)
+            cms = await ctx.kube.delete_collection(config_maps_path(namespace), selector)
+            message = f"TTL after finish expired: deleted {jobs} Job(s) and {cms} ConfigMap(s)."
+            patch.status["conditions"] = set_condition(status.get("conditions") or [], CLEANED_UP, "True",
+                                                       "TTLExpired", message, time.time())
+            kopf.info(body, reason="TTLExpired", message=message)
+
+    @kopf.on.event(*RUNS, registry=registry)
+    def run_event(event: Any, namespace: Any, name: Any, status: Any, **_: Any) -> None:
+        if event.get("type") == "DELETED":
+            metrics.table.forget(namespace, name)
+        else:
+            metrics.table.update(namespace, name, status)
+
+    # ---------------------------------------------------------------------------------------- children
+    @kopf.on.event("batch", "v1", "jobs", labels={manifests.RUN_LABEL: kopf.PRESENT}, registry=registry)
+    def job_event(event: Any, body: kopf.Body, **_: Any) -> None:
+        ctx.children.on_job(event.get("type"), body)
+
+    @kopf.on.event("", "v1", "pods", labels={manifests.RUN_LABEL: kopf.PRESENT}, registry=registry)
+    def pod_event(event: Any, body: kopf.Body, **_: Any) -> None:
+        ctx.children.on_pod(event.get("type"), body)
+
+    return registry
+
+
+def _only_suspend(diff_item: Any) -> bool:
+    """A diff item on ``runPolicy`` as a whole whose only change is ``suspend``."""
+    _, path, old, new = diff_item
+    if tuple(path) != ("runPolicy",) or not isinstance(old, dict) or not isinstance(new, dict):
+        return False
+    keys = set(old) | set(new)
+    return all(old.get(k) == new.get(k) for k in keys if k != "suspend")
+
+
+def _login(**kwargs: Any) -> Any:
+    """kopf's own login functions, in the order kopf uses: in-cluster service account, then kubeconfig."""
+    if os.path.exists("/var/run/secrets/kubernetes.io/serviceaccount/token"):
+        info = kopf.login_with_service_account(**kwargs)
+        if info is not None:
+            return info
+    return kopf.login_with_kubeconfig(**kwargs)
+
+
+def _relogin(ctx: Context, kwargs: dict[str, Any]) -> None:
+    info = _login(**kwargs)
+    if info is not None and ctx.kube_client is not None:
+        ctx.kube_client.update_credentials(info)

@@ -1,0 +1,217 @@
+"""A small asyncio Kubernetes API client on aiohttp (which kopf already depends on).
+
+Why not the ``kubernetes`` package here: it is synchronous, and following hundreds of pod logs with it needs a
+thread per stream. One event loop with aiohttp follows them all. Credentials come from kopf's own login
+(:class:`kopf.ConnectionInfo`), so the operator and its handlers authenticate identically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+
+from kubetune.spec import GROUP, PLURAL, VERSION
+
+log = logging.getLogger(__name__)
+
+MERGE_PATCH = "application/merge-patch+json"
+MAX_LINE_BYTES = 128 * 1024
+
+
+class KubeError(Exception):
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(f"{status} {reason}: {message}")
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+
+# -------------------------------------------------------------------------------------------- paths
+def runs_path(namespace: str, name: str | None = None, subresource: str | None = None) -> str:
+    path = f"/apis/{GROUP}/{VERSION}/namespaces/{quote(namespace)}/{PLURAL}"
+    if name:
+        path += f"/{quote(name)}"
+    if subresource:
+        path += f"/{subresource}"
+    return path
+
+
+def jobs_path(namespace: str, name: str | None = None) -> str:
+    return f"/apis/batch/v1/namespaces/{quote(namespace)}/jobs" + (f"/{quote(name)}" if name else "")
+
+
+def pods_path(namespace: str, name: str | None = None, subresource: str | None = None) -> str:
+    path = f"/api/v1/namespaces/{quote(namespace)}/pods" + (f"/{quote(name)}" if name else "")
+    return path + (f"/{subresource}" if subresource else "")
+
+
+def config_maps_path(namespace: str, name: str | None = None) -> str:
+    return f"/api/v1/namespaces/{quote(namespace)}/configmaps" + (f"/{quote(name)}" if name else "")
+
+
+def split_log_line(raw: str) -> tuple[str | None, str]:
+    """``"<RFC3339 timestamp> <text>"`` (``timestamps=true``) → (timestamp, text)."""
+    stamp, sep, text = raw.partition(" ")
+    if sep and len(stamp) >= 20 and stamp[4:5] == "-" and stamp.endswith("Z"):
+        return stamp, text
+    return None, raw
+
+
+# -------------------------------------------------------------------------------------------- client
+class Kube:
+    """Minimal JSON client: get/create/patch/delete/list and a line stream for pod logs."""
+
+    def __init__(self, server: str, *, headers: Mapping[str, str] | None = None,
+                 ssl_context: Any = None, relogin: Callable[[], Any] | None = None) -> None:
+        self.server = server.rstrip("/")
+        self.headers = dict(headers or {})
+        self.ssl_context = ssl_context
+        self.relogin = relogin  # re-read credentials after a 401 (rotated service-account tokens)
+        self._session: aiohttp.ClientSession | None = None
+
+    @classmethod
+    def from_connection_info(cls, info: Any, relogin: Callable[[], Any] | None = None) -> Kube:
+        """Build from a :class:`kopf.ConnectionInfo` (what kopf's login handlers return)."""
+        headers = dict(info.as_http_headers())
+        return cls(info.server, headers=headers, ssl_context=info.as_ssl_context(), relogin=relogin)
+
+    def update_credentials(self, info: Any) -> None:
+        self.headers = dict(info.as_http_headers())
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, ssl=self.ssl_context),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+                headers={"User-Agent": "kubetune-operator"},
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def request(self, method: str, path: str, *, params: Mapping[str, Any] | None = None,
+                      body: Any = None, content_type: str = "application/json",
+                      timeout: float = 30.0) -> Any:
+        data = None if body is None else json.dumps(body, allow_nan=False)
+        for attempt in (1, 2):
+            headers = {**self.headers, "Accept": "application/json"}
+            if data is not None:
+                headers["Content-Type"] = content_type
+            async with self.session.request(method, self.server + path, params=params, data=data,
+                                            headers=headers,
+                                            timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+                if resp.status == 401 and attempt == 1 and self.relogin is not None:
+                    self.relogin()
+                    continue
+                text = await resp.text()
+                if resp.status >= 400:
+                    raise _error(resp.status, text)
+                return json.loads(text) if text else None
+        raise KubeError(401, "Unauthorized", "credentials rejected twice")  # pragma: no cover
+
+    async def get(self, path: str, params: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+        """The object, or None when it does not exist."""
+        try:
+            return await self.request("GET", path, params=params)
+        except KubeError as e:
+            if e.status == 404:
+                return None
+            raise
+
+    async def create(self, collection_path: str, obj: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
+        """Create; on 409 return the existing object. Returns (object, created)."""
+        try:
+            return await self.request("POST", collection_path, body=obj), True
+        except KubeError as e:
+            if e.status != 409:
+                raise
+        existing = await self.get(f"{collection_path}/{quote(obj['metadata']['name'])}")
+        if existing is None:  # deleted in between: let the caller retry
+            raise KubeError(409, "Conflict", f"{obj['metadata']['name']} exists and vanished")
+        return existing, False
+
+    async def merge_patch(self, path: str, patch: Mapping[str, Any]) -> dict[str, Any]:
+        return await self.request("PATCH", path, body=patch, content_type=MERGE_PATCH)
+
+    async def delete(self, path: str, *, propagation: str = "Background") -> bool:
+        """Delete; False when it was already gone."""
+        try:
+            await self.request("DELETE", path, body={"kind": "DeleteOptions", "apiVersion": "v1",
+                                                     "propagationPolicy": propagation})
+            return True
+        except KubeError as e:
+            if e.status == 404:
+                return False
+            raise
+
+    async def delete_collection(self, collection_path: str, label_selector: str,
+                                *, propagation: str = "Background") -> int:
+        """Delete every object matching the selector (list + delete: works for every resource)."""
+        items = await self.list(collection_path, label_selector)
+        deleted = 0
+        for item in items:
+            if await self.delete(f"{collection_path}/{quote(item['metadata']['name'])}", propagation=propagation):
+                deleted += 1
+        return deleted
+
+    async def list(self, collection_path: str, label_selector: str | None = None) -> list[dict[str, Any]]:
+        params = {"labelSelector": label_selector} if label_selector else None
+        result = await self.request("GET", collection_path, params=params)
+        return list((result or {}).get("items") or [])
+
+    async def version(self) -> dict[str, Any]:
+        return await self.request("GET", "/version")
+
+    async def stream_lines(self, path: str, params: Mapping[str, Any]) -> AsyncIterator[str]:
+        """Yield lines (without newline) of a streaming GET, e.g. a followed pod log. Over-long lines are cut."""
+        headers = dict(self.headers)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=None)
+        async with self.session.get(self.server + path, params=params, headers=headers,
+                                    timeout=timeout) as resp:
+            if resp.status >= 400:
+                if resp.status == 401 and self.relogin is not None:
+                    self.relogin()
+                raise _error(resp.status, await resp.text())
+            buffer = b""
+            async for chunk in resp.content.iter_any():
+                buffer += chunk
+                while True:
+                    newline = buffer.find(b"\n")
+                    if newline < 0:
+                        break
+                    line, buffer = buffer[:newline], buffer[newline + 1:]
+                    yield line[:MAX_LINE_BYTES].decode("utf-8", "replace")
+                if len(buffer) > MAX_LINE_BYTES:  # a line without end: emit what fits, drop the rest
+                    yield buffer[:MAX_LINE_BYTES].decode("utf-8", "replace")
+                    buffer = b""
+            if buffer:
+                yield buffer.decode("utf-8", "replace")
+
+
+def _error(status: int, text: str) -> KubeError:
+    try:
+        payload = json.loads(text)
+        return KubeError(status, str(payload.get("reason") or ""), str(payload.get("message") or text))
+    except (ValueError, AttributeError):
+        return KubeError(status, "", text[:500])
+
+
+async def sleep_or_stop(seconds: float, stop: asyncio.Event | None) -> bool:
+    """Sleep; True when ``stop`` was set meanwhile."""
+    if stop is None:
+        await asyncio.sleep(seconds)
+        return False
+    try:
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+        return True
+    except asyncio.TimeoutError:
+        return False
