@@ -31,8 +31,9 @@ from .paths import K8S_VERSION, state_dir
 from .pki import ensure_pki, write_kubeconfig
 from .system import HarnessError, ensure_packages, host_ip, is_root, run, tail, wait_for
 
-APISERVER_PORT = 6443
-ETCD_PORT = 2379
+APISERVER_PORT = int(os.environ.get("KUBETUNE_APISERVER_PORT", "6443"))
+ETCD_PORT = int(os.environ.get("KUBETUNE_ETCD_PORT", "2379"))
+ETCD_PEER_PORT = int(os.environ.get("KUBETUNE_ETCD_PEER_PORT", "2380"))
 KUBELET_ROOT = Path("/var/lib/kubetune-kubelet")
 PAUSE_IMAGE = "k8s.gcr.io/pause:3.2"
 # Ordered: `down` stops them in reverse.
@@ -162,7 +163,9 @@ def start_control_plane(bin_dir: Path, etcd: str, root: Path, ip: str) -> Path:
     _start_checked("etcd", [etcd, "--data-dir", str(root / "etcd"),
                             "--listen-client-urls", f"http://127.0.0.1:{ETCD_PORT}",
                             "--advertise-client-urls", f"http://127.0.0.1:{ETCD_PORT}",
-                            "--listen-peer-urls", "http://127.0.0.1:2380"],
+                            "--listen-peer-urls", f"http://127.0.0.1:{ETCD_PEER_PORT}",
+                            "--initial-advertise-peer-urls", f"http://127.0.0.1:{ETCD_PEER_PORT}",
+                            "--initial-cluster", f"default=http://127.0.0.1:{ETCD_PEER_PORT}"],
                    lambda: _http_ok(f"http://127.0.0.1:{ETCD_PORT}/health"), 30)
     _start_checked("kube-apiserver", [
         str(bin_dir / "kube-apiserver"), f"--etcd-servers=http://127.0.0.1:{ETCD_PORT}",
@@ -347,27 +350,32 @@ def _cleanup_kube_proxy_rules() -> None:
 
 
 def down() -> None:
-    """Stop everything the harness started; safe after a crash and when nothing runs."""
+    """Stop everything this state dir's `up` started; safe after a crash and when nothing runs. Shared
+    machine state (pod containers, kubelet mounts, kube-proxy rules, docker's netns) is cleaned only when
+    this state dir's kubelet, kube-proxy or dockerd ran."""
     with procs.machine_lock():
         from .prometheus import stop_prometheus
         from .s3 import stop_s3
 
         stop_prometheus()
         stop_s3()
+        had_node = any(procs.pid_file(c).exists() for c in ("kubelet", "kube-proxy"))
         for component in ("kubelet", "kube-proxy", "kube-scheduler", "kube-controller-manager"):
             procs.stop(component)
-        if procs.is_running("dockerd"):
+        if had_node and procs.is_running("dockerd"):
             containers = _pod_containers()
             if containers:
                 run(["docker", "rm", "-f", "-v", *containers], check=False, timeout=120)
-        _unmount_under(KUBELET_ROOT)
+        if had_node:
+            _unmount_under(KUBELET_ROOT)
         procs.stop("kube-apiserver")
         procs.stop("etcd")
-        ours = procs.is_running("dockerd")
+        own_dockerd = procs.is_running("dockerd")
         procs.stop("dockerd", timeout=30)
-        if ours:
+        if own_dockerd:
             _unmount_under(Path("/run/docker/netns"))
-        _cleanup_kube_proxy_rules()
+        if had_node:
+            _cleanup_kube_proxy_rules()
         shutil.rmtree(state_dir() / "etcd", ignore_errors=True)
         (state_dir() / "cluster.json").unlink(missing_ok=True)
 

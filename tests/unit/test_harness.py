@@ -1,0 +1,123 @@
+"""The harness's own building blocks, with real processes, real openssl and a real Prometheus."""
+
+from __future__ import annotations
+
+import http.server
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.cluster import build, cluster, procs
+from tests.cluster.pki import ensure_pki
+from tests.cluster.prometheus import Prometheus
+from tests.cluster.system import HarnessError
+
+
+@pytest.fixture
+def isolated_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("KUBETUNE_STATE_DIR", str(tmp_path))
+    return tmp_path
+
+
+@pytest.mark.unit
+def test_a_daemon_that_dies_is_reported_with_its_log(isolated_state: Path) -> None:
+    argv = ["sh", "-c", "echo 'listen tcp :2379: bind: address already in use' >&2; exit 3"]
+    with pytest.raises(HarnessError) as err:
+        cluster._start_checked("fake-etcd", argv, lambda: False, timeout=10)
+    assert "fake-etcd failed to start" in str(err.value)
+    assert "address already in use" in str(err.value)
+
+
+def _live_members(group: int) -> list[str]:
+    """Processes of a process group, zombies excluded (this test process is the parent of the leader)."""
+    out = subprocess.run(["ps", "-o", "pid=,stat=", "-g", str(group)], text=True, stdout=subprocess.PIPE).stdout
+    return [line.split()[0] for line in out.splitlines() if line.split() and not line.split()[1].startswith("Z")]
+
+
+@pytest.mark.unit
+def test_start_is_idempotent_and_stop_kills_the_process_group(isolated_state: Path) -> None:
+    pid = procs.start("sleeper", ["sh", "-c", "sleep 300 & sleep 300"])
+    assert procs.start("sleeper", ["sh", "-c", "exit 1"]) == pid  # already running: not started twice
+    assert len(_live_members(pid)) >= 2
+    procs.stop("sleeper")
+    assert not procs.is_running("sleeper")
+    assert _live_members(pid) == []
+    procs.stop("sleeper")  # stopping what is not running is fine
+
+
+@pytest.mark.unit
+def test_build_key_follows_the_patches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    patches = tmp_path / "patches"
+    patches.mkdir()
+    for patch in build.PATCH_DIR.glob("*.patch"):
+        (patches / patch.name).write_bytes(patch.read_bytes())
+    monkeypatch.setattr(build, "PATCH_DIR", patches)
+    original = build.build_key()
+    assert build.build_key() == original
+    (patches / "0002-extra.patch").write_text("--- a/x\n+++ b/x\n")
+    assert build.build_key() != original
+
+
+@pytest.mark.unit
+def test_the_oom_patch_applies_to_the_cached_source_tree() -> None:
+    """The documented kubelet patch still applies to Debian's source (checked against the real tarball)."""
+    tarball = build.cache_dir() / "src" / build.DEBIAN_ORIG_TARBALL
+    if not tarball.exists():
+        pytest.skip(f"the Kubernetes source tarball is not cached yet ({tarball}); `python -m tests.cluster build`")
+    import tarfile
+
+    wanted = ("pkg/kubelet/dockershim/docker_sandbox.go", "pkg/kubelet/qos/policy.go")
+    with tarfile.open(tarball) as tar:
+        members = [m for m in tar.getmembers() if m.name.split("/", 1)[-1] in wanted]
+        assert len(members) == 2
+        tree = Path(build.cache_dir()) / "patch-check"
+        tar.extractall(tree, members=members, filter="tar")
+    (source,) = list(tree.iterdir())
+    out = subprocess.run(["patch", "-p1", "--dry-run", "-i",
+                          str(build.PATCH_DIR / "0001-kubelet-oom-score-adj-zero.patch")],
+                         cwd=source, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert out.returncode == 0, out.stdout
+
+
+@pytest.mark.unit
+def test_pki_serving_cert_names_every_address_pods_and_tests_use(tmp_path: Path) -> None:
+    pki = ensure_pki(tmp_path / "pki", "10.1.2.3", "node-a")
+    text = subprocess.run(["openssl", "x509", "-in", str(pki.serving_crt), "-noout", "-text"], text=True,
+                          stdout=subprocess.PIPE, check=True).stdout
+    for name in ("IP Address:10.1.2.3", "IP Address:127.0.0.1", "IP Address:10.96.0.1",
+                 "DNS:kubernetes.default.svc"):
+        assert name in text
+    verify = subprocess.run(["openssl", "verify", "-CAfile", str(pki.ca_crt), str(pki.serving_crt)], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert verify.returncode == 0, verify.stdout
+    assert pki.token("system:node:node-a") != pki.token("admin")
+    assert ensure_pki(tmp_path / "pki", "10.1.2.3", "node-a").token("admin") == pki.token("admin")  # reused
+
+
+class _Exposition(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = b"# TYPE harness_probe gauge\nharness_probe{kind=\"test\"} 42\n"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.mark.integration
+def test_prometheus_scrapes_a_target_the_test_registers(prometheus: Prometheus) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Exposition)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    target = prometheus.add_target("harness-probe", f"127.0.0.1:{server.server_address[1]}")
+    try:
+        result = prometheus.wait_for_series('harness_probe{job="harness-probe"}', timeout=60)
+        assert result and float(result[0]["value"][1]) == 42
+        with pytest.raises(HarnessError, match="parse error"):
+            prometheus.query("sum(harness_probe")
+    finally:
+        target.unlink()
+        server.shutdown()
