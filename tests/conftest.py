@@ -96,6 +96,19 @@ def prometheus() -> Prometheus:
     return ensure_prometheus()
 
 
+TRAINER_IMAGE = "kubetune/trainer:dev"
+
+
+@pytest.fixture(scope="session")
+def trainer_image(e2e_cluster: ClusterInfo) -> str:
+    from tests.cluster.images import ensure_project_image
+    from tests.cluster.procs import machine_lock
+
+    with machine_lock("image-trainer"):  # one build at a time across pytest workers
+        return ensure_project_image(TRAINER_IMAGE, "trainer-image/Dockerfile", ("operator/kubetune", "trainer-image"),
+                                    ("trainer", "onnx"))
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     if _cluster_used:
         info = ClusterInfo.load() or _cluster_used[0]

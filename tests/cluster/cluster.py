@@ -22,6 +22,7 @@ import ssl
 import subprocess
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -119,7 +120,8 @@ def _fail_with_log(name: str, what: str) -> HarnessError:
                         f"{tail(procs.log_file(name), 20)}")
 
 
-def _start_checked(name: str, argv: list[str], ready, timeout: float, what: str = "start") -> None:  # type: ignore[no-untyped-def]
+def _start_checked(name: str, argv: list[str], ready: Callable[[], object], timeout: float,
+                   what: str = "start") -> None:
     procs.start(name, argv)
 
     def check() -> bool:

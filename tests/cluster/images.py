@@ -111,7 +111,7 @@ def serve_build_files(wheels: Path | None) -> Iterator[str]:
 
 def build_image(tag: str, context: Path, dockerfile: Path | None = None, *,
                 build_args: Mapping[str, str] | None = None, wheels_for: Sequence[str] = (),
-                timeout: float = 1800) -> float:
+                labels: Mapping[str, str] | None = None, timeout: float = 1800) -> float:
     """Build `tag` from `context` on the local base image with the classic builder. Returns seconds taken.
 
     `wheels_for`: pip requirements to pre-download into a cached wheelhouse served as PIP_FIND_LINKS.
@@ -129,6 +129,8 @@ def build_image(tag: str, context: Path, dockerfile: Path | None = None, *,
             cmd += ["-f", str(dockerfile)]
         for key, value in args.items():
             cmd += ["--build-arg", f"{key}={value}"]
+        for key, value in (labels or {}).items():
+            cmd += ["--label", f"{key}={value}"]
         cmd.append(str(context))
         env = dict(os.environ, DOCKER_BUILDKIT="0")
         proc = subprocess.run(cmd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -136,3 +138,48 @@ def build_image(tag: str, context: Path, dockerfile: Path | None = None, *,
     if proc.returncode != 0:
         raise HarnessError(f"docker build {tag} failed:\n{proc.stdout[-4000:]}")
     return time.monotonic() - started
+
+
+def extra_requirements(*extras: str) -> list[str]:
+    """The project's base dependencies plus those of `extras`, from pyproject.toml (for a wheelhouse)."""
+    import tomllib
+
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    requirements = list(project["dependencies"])
+    for extra in extras:
+        requirements += project["optional-dependencies"][extra]
+    return [*requirements, "setuptools>=69", "wheel"]
+
+
+def source_digest(*paths: str) -> str:
+    """sha256 over the files under `paths` (relative to the repo root), caches and bytecode excluded."""
+    digest = hashlib.sha256()
+    for rel in paths:
+        root = REPO_ROOT / rel
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for path in files:
+            if "__pycache__" in path.parts or path.suffix == ".pyc":
+                continue
+            digest.update(str(path.relative_to(REPO_ROOT)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _image_label(tag: str, label: str) -> str | None:
+    out = run(["docker", "image", "inspect", "--format", f'{{{{ index .Config.Labels "{label}" }}}}', tag],
+              check=False)
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def ensure_project_image(tag: str, dockerfile: str, sources: Sequence[str], extras: Sequence[str]) -> str:
+    """Build a project image from the repo root unless an image with the same source digest exists.
+
+    The digest covers `sources` (paths in the repo), pyproject.toml and the Dockerfile, and is stored as the
+    image label ``io.kubetune.source-digest``: a changed trainer or operator rebuilds, an unchanged one does not.
+    """
+    digest = source_digest(dockerfile, "pyproject.toml", *sources)
+    if _image_label(tag, "io.kubetune.source-digest") == digest:
+        return tag
+    build_image(tag, REPO_ROOT, REPO_ROOT / dockerfile, wheels_for=extra_requirements(*extras),
+                labels={"io.kubetune.source-digest": digest})
+    return tag

@@ -6,7 +6,7 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 # Everything the harness needs from Debian. `iptables`/`conntrack` serve kube-proxy, `debootstrap` the base
@@ -119,8 +119,8 @@ def host_ip() -> str:
     return ips[0]
 
 
-def wait_for(predicate, timeout: float, what: str, *, interval: float = 0.5,
-             on_timeout=None) -> None:  # type: ignore[no-untyped-def]
+def wait_for(predicate: Callable[[], object], timeout: float, what: str, *, interval: float = 0.5,
+             on_timeout: Callable[[], str] | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
