@@ -35,6 +35,7 @@ DOCLIST_TEXT_FIELDS = ("text", "caption", "title")
 DOCLIST_URL_FIELDS = ("image", "url", "image_url", "uri")
 DOCLIST_BYTES_FIELDS = ("image_bytes", "bytes_", "blob")
 DOCLIST_TENSOR_FIELDS = ("tensor", "image_tensor")
+DOCLIST_PROTOCOLS = ("protobuf-array", "protobuf")
 DEFAULT_CACHE_BYTES = 1 << 30  # decoded RGB pixels kept in memory (per process), 1 GiB
 
 
@@ -212,28 +213,31 @@ def _first(doc: dict[str, Any], names: Sequence[str]) -> Any:
 
 
 def read_doclist(data: bytes, set_name: str) -> list[dict[str, Any]]:
-    """Decode a DocList serialised with the protobuf protocol (optionally compressed) into plain dicts."""
+    """Decode a DocList serialised with a protobuf protocol (any docarray compression) into plain dicts.
+
+    Only the protobuf protocols are tried, never pickle: data from a bucket is not trusted code.
+    """
     from docarray import DocList
     from docarray.base_doc import AnyDoc
 
-    errors = []
-    for compress in _compressions(data):
-        try:
-            docs = DocList[AnyDoc].from_bytes(data, protocol="protobuf", compress=compress)
-            return [_doc_to_dict(doc) for doc in docs]
-        except Exception as exc:
-            errors.append(f"{compress or 'uncompressed'}: {type(exc).__name__}")
-    raise DataError(set_name, None, "not a CSV nor a protobuf-serialised DocList (" + ", ".join(errors) + ")")
+    errors = set()
+    for protocol in DOCLIST_PROTOCOLS:
+        for compress in _compressions(data):
+            try:
+                docs = DocList[AnyDoc].from_bytes(data, protocol=protocol, compress=compress)
+                return [_doc_to_dict(doc) for doc in docs]
+            except Exception as exc:
+                errors.add(type(exc).__name__)
+    tried = ", ".join(sorted(errors))
+    raise DataError(set_name, None, f"neither a CSV nor a protobuf-serialised DocList ({tried})")
 
 
 def _compressions(data: bytes) -> list[str | None]:
+    """Whole-payload magic first (protobuf-array); per-document compression (protobuf) has none: try all."""
     magic = {b"\x04\x22\x4d\x18": "lz4", b"\x1f\x8b": "gzip", b"BZh": "bz2", b"\xfd7zXZ": "lzma"}
-    for prefix, name in magic.items():
-        if data.startswith(prefix):
-            return [name]
-    if data[:1] == b"\x78":
-        return ["zlib", None]
-    return [None]
+    first = [name for prefix, name in magic.items() if data.startswith(prefix)]
+    rest = [c for c in (None, "lz4", "gzip", "zlib", "bz2", "lzma") if c not in first]
+    return [*first, *rest]
 
 
 def _doc_to_dict(doc: Any) -> dict[str, Any]:
