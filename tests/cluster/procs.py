@@ -83,7 +83,14 @@ def stop(name: str, timeout: float = 15.0) -> None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
             time.sleep(0.5)
+        _reap(pid)
     pid_file(name).unlink(missing_ok=True)
+
+
+def _reap(pid: int) -> None:
+    """Collect the exit status when the daemon is our own child, so it leaves no zombie behind."""
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
 
 
 @contextlib.contextmanager

@@ -81,6 +81,9 @@ def ensure_deb_src() -> bool:
 
 
 def ensure_packages(packages: Sequence[str] = DEBIAN_PACKAGES, log: Path | None = None) -> None:
+    if packages is DEBIAN_PACKAGES and not shutil.which("kubectl"):
+        # Debian's kubectl is built from the same 1.20.2 source as the harness's cluster.
+        packages = (*packages, "kubernetes-client")
     added_src = ensure_deb_src() if is_root() else False
     missing = missing_packages(packages)
     if not missing and not added_src:
