@@ -24,7 +24,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--metrics-port", type=int, default=8080, help="Prometheus /metrics port (0: off).")
     p.add_argument("--health-port", type=int, default=8081, help="Liveness endpoint port, /healthz (0: off).")
     p.add_argument("--peering", default="kubetune",
-                   help="kopf peering name for leader election between replicas (needs the KopfPeering CRDs).")
+                   help="kopf peering name for leader election between replicas. Used when the KopfPeering CRDs "
+                        "(crds/kopf-peering.yaml) are installed; without them the operator runs alone.")
     p.add_argument("--standalone", action="store_true", help="No peering: this is the only replica.")
     p.add_argument("--priority", type=int, default=0, help="Peering priority of this replica.")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics = Metrics()
     if args.metrics_port:
         metrics.serve(args.metrics_port)
-    ctx = Context(settings=settings, metrics=metrics)
+    ctx = Context(settings=settings, metrics=metrics, peering_name=args.peering)
     registry = build_registry(ctx)
     clusterwide = args.all_namespaces or not args.namespace
     liveness = f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None
@@ -52,8 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             registry=registry,
             clusterwide=clusterwide,
             namespaces=args.namespace,
-            standalone=args.standalone,
-            peering_name=args.peering,
+            standalone=args.standalone or None,
             priority=args.priority,
             liveness_endpoint=liveness,
             memo=kopf.Memo(ctx=ctx),

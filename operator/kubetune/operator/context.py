@@ -129,6 +129,7 @@ class Context:
     kube_client: Kube | None = None
     capabilities: Capabilities | None = None
     limiter: TokenBucket | None = None
+    peering_name: str = "kubetune"
 
     @property
     def kube(self) -> Kube:

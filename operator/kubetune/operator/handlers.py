@@ -41,8 +41,12 @@ RUNS = (GROUP, VERSION, PLURAL)
 RUN_SELECTOR = manifests.RUN_LABEL  # "label exists" selector
 
 
-def configure_kopf(settings: kopf.OperatorSettings, *, instance: str | None = None) -> None:
+def configure_kopf(settings: kopf.OperatorSettings, *, peering_name: str = "kubetune",
+                   instance: str | None = None) -> None:
     """Apply kubetune's kopf settings (pure apart from mutating ``settings``)."""
+    # Leader election through kopf peering when its CRDs exist; a lone replica runs without them.
+    settings.peering.name = peering_name
+    settings.peering.mandatory = False
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -79,7 +83,7 @@ def build_registry(ctx: Context) -> kopf.OperatorRegistry:
 
     @kopf.on.startup(registry=registry)
     async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
-        configure_kopf(settings)
+        configure_kopf(settings, peering_name=ctx.peering_name)
 
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> Any:
