@@ -15,6 +15,7 @@ import csv
 import hashlib
 import io
 import logging
+import posixpath
 import random
 import urllib.error
 import urllib.parse
@@ -171,8 +172,11 @@ def resolve_uri(value: str, base: str) -> str:
     value = value.strip()
     if value.startswith(("s3://", "http://", "https://", "file://", "/")):
         return value
-    if base.startswith(("s3://", "http://", "https://")):
-        return urllib.parse.urljoin(base.rsplit("/", 1)[0] + "/", value)
+    if base.startswith("s3://"):  # urljoin does not know the s3 scheme
+        bucket, key = parse_s3_uri(base)
+        return f"s3://{bucket}/" + posixpath.normpath(posixpath.join(posixpath.dirname(key), value)).lstrip("/")
+    if base.startswith(("http://", "https://")):
+        return urllib.parse.urljoin(base, value)
     return str((Path(base.removeprefix("file://")).parent / value).resolve())
 
 

@@ -145,3 +145,12 @@ def test_run_file_forms(tmp_path: Path) -> None:
         parse_run_document({**spec, "training": {"batchSize": 1}})
     with pytest.raises(ConfigError, match="valSplit"):
         parse_run_document({**spec, "data": {"train": "a.csv", "eval": "b.csv", "valSplit": 0.1}})
+
+
+def test_image_references_resolve_against_remote_csvs() -> None:
+    from kubetune_trainer.data import resolve_uri
+
+    assert resolve_uri("images/a.png", "s3://b/data/train.csv") == "s3://b/data/images/a.png"
+    assert resolve_uri("../img/a.png", "s3://b/data/sub/train.csv") == "s3://b/data/img/a.png"
+    assert resolve_uri("a.png", "https://host/d/train.csv") == "https://host/d/a.png"
+    assert resolve_uri("s3://other/x.png", "s3://b/train.csv") == "s3://other/x.png"
