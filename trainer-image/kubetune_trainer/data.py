@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from kubetune.spec import DataSpec, OutputSpec
 from kubetune.storage import ObjectNotFound, StoreError, minio_client, parse_s3_uri
@@ -36,7 +36,7 @@ DOCLIST_TEXT_FIELDS = ("text", "caption", "title")
 DOCLIST_URL_FIELDS = ("image", "url", "image_url", "uri")
 DOCLIST_BYTES_FIELDS = ("image_bytes", "bytes_", "blob")
 DOCLIST_TENSOR_FIELDS = ("tensor", "image_tensor")
-DOCLIST_PROTOCOLS = ("protobuf-array", "protobuf")
+DOCLIST_PROTOCOLS: tuple[Literal["protobuf-array"], Literal["protobuf"]] = ("protobuf-array", "protobuf")
 DEFAULT_CACHE_BYTES = 1 << 30  # decoded RGB pixels kept in memory (per process), 1 GiB
 
 
