@@ -61,8 +61,8 @@ def test_run_gets_configmap_and_job_owned_by_it(cluster: Any, operator: Any, run
     assert cm.metadata.owner_references[0].uid == uid
     config = json.loads(cm.data["run.yaml"])
     assert config["metadata"]["uid"] == uid and config["spec"]["model"]["config"]["standin"]["steps"] == 50
-    status = wait_for(lambda: (s := runs.status("r1")).get("jobName") and condition(s, "Created").get("status") == "True"
-                      and s, 20, "status with the Job")
+    status = wait_for(lambda: (s := runs.status("r1")).get("jobName")
+                      and condition(s, "Created").get("status") == "True" and s, 20, "status with the Job")
     assert status["attempts"] == 1 and status["jobName"] == "r1-a1"
     assert status["phase"] in {"Pending", "Running"}
     assert status["observedGeneration"] == 1

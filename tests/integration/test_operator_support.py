@@ -40,7 +40,8 @@ def wait_for(fn: Callable[[], T], timeout: float = 30.0, what: str = "condition"
     pytest.fail(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
 
 
-def kubectl(kubeconfig: str, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+def kubectl(kubeconfig: str, *args: str, input: str | None = None,
+            check: bool = True) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "KUBECONFIG": kubeconfig}
     proc = subprocess.run(["kubectl", *args], input=input, capture_output=True, text=True, env=env, timeout=60)
     if check and proc.returncode != 0:
@@ -104,7 +105,8 @@ class Runs:
         return list(self.batch.list_namespaced_job(self.namespace, label_selector=selector).items)
 
     def config_maps(self, name: str) -> list[Any]:
-        return list(self.core.list_namespaced_config_map(self.namespace, label_selector=f"kubetune.io/run={name}").items)
+        selector = f"kubetune.io/run={name}"
+        return list(self.core.list_namespaced_config_map(self.namespace, label_selector=selector).items)
 
     def events(self, name: str) -> list[Any]:
         items = self.core.list_namespaced_event(self.namespace,
