@@ -38,7 +38,7 @@ def _service_account_kubeconfig(cluster: Any, kube_api: Any, path: Path) -> Path
     sa = wait_for(lambda: (s := core.read_namespaced_service_account("kubetune-operator", "kubetune-system")).secrets
                   and s, 30, "the service account's token secret")
     secret = core.read_namespaced_secret(sa.secrets[0].name, "kubetune-system")  # the test reads it, not the operator
-    token = base64.b64decode(secret.data["token"]).decode()
+    token = base64.b64decode((secret.data or {})["token"]).decode()
     admin = yaml.safe_load(Path(cluster.kubeconfig).read_text())
     current = next(c for c in admin["contexts"] if c["name"] == admin["current-context"])["context"]
     server = next(c for c in admin["clusters"] if c["name"] == current["cluster"])["cluster"]

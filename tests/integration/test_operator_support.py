@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
@@ -25,10 +25,8 @@ STANDIN_DIR = ROOT / "tests" / "images" / "standin"
 STANDIN_IMAGE = "kubetune/standin:test"
 GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetuneruns"
 
-T = TypeVar("T")
 
-
-def wait_for(fn: Callable[[], T], timeout: float = 30.0, what: str = "condition", interval: float = 0.2) -> T:
+def wait_for(fn: Callable[[], Any], timeout: float = 30.0, what: str = "condition", interval: float = 0.2) -> Any:
     """Poll ``fn`` until it returns something truthy; fail the test with ``what`` on timeout."""
     deadline = time.monotonic() + timeout
     last: Any = None
@@ -79,13 +77,17 @@ class Runs:
         self.namespace = namespace
 
     def create(self, manifest: dict[str, Any]) -> dict[str, Any]:
-        return self.api.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, manifest)  # type: ignore[no-any-return]
+        created: dict[str, Any] = self.api.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL,
+                                                                            manifest)  # type: ignore[assignment]
+        return created
 
     def get(self, name: str) -> dict[str, Any] | None:
         from kubernetes.client.exceptions import ApiException
 
         try:
-            return self.api.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, name)  # type: ignore[no-any-return]
+            obj: dict[str, Any] = self.api.get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL,
+                                                                         name)  # type: ignore[assignment]
+            return obj
         except ApiException as e:
             if e.status == 404:
                 return None
