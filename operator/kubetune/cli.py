@@ -12,7 +12,7 @@ import json
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
@@ -472,7 +472,7 @@ def models(all_pretrained: Annotated[bool, typer.Option("--all", help="Every ope
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``kubetune`` script; returns the exit code."""
-    command: Callable[..., Any] = typer.main.get_command(app)
+    command = typer.main.get_command(app)
     try:
         command.main(args=argv, prog_name="kubetune", standalone_mode=True)
     except SystemExit as exc:

@@ -147,7 +147,11 @@ def run_local(run_file: str | os.PathLike[str], output_dir: str | os.PathLike[st
                                 env=child_env)
         assert proc.stdout is not None and proc.stderr is not None
         stderr = proc.stderr
-        reader = threading.Thread(target=lambda: [log_line(raw.rstrip("\n")) for raw in stderr], daemon=True)
+        def pump() -> None:
+            for raw in stderr:
+                log_line(raw.rstrip("\n"))
+
+        reader = threading.Thread(target=pump, daemon=True)
         reader.start()
         try:
             for raw in proc.stdout:

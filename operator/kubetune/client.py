@@ -1,0 +1,778 @@
+"""The SDK's cluster side: create FinetuneRuns, follow them, download their artifacts.
+
+    import kubetune
+    from kubetune import EvaluationCallback, WiSEFTCallback
+
+    run = kubetune.fit(model="ViT-B-32", pretrained="laion2b_s34b_b79k", train_data="train.csv",
+                       eval_data="eval.csv", epochs=5, learning_rate=1e-6,
+                       callbacks=[EvaluationCallback(limit=20), WiSEFTCallback(alpha=0.5)])
+    for line in run.stream_logs():          # follows the trainer pod(s) until the run ends
+        print(line)
+    run.metrics()                           # {"before": {...}, "after": {...}}
+    artifact = run.save_artifact("clip-model")   # every file checked against the manifest's sha256
+
+Runs are ``FinetuneRun`` objects created through the Kubernetes API (the operator does the rest), so
+``kubectl get ftr`` sees them too. Local data (a CSV with its images, or a docarray ``DocList``) is uploaded
+to S3 first, under ``s3://BUCKET/<prefix>/<namespace>/<name>/inputs/``, and the spec points there.
+
+S3 from the SDK's side: endpoint from ``Client(s3_endpoint=...)``, ``$KUBETUNE_S3_ENDPOINT``,
+``$AWS_ENDPOINT_URL_S3``/``$AWS_ENDPOINT_URL`` or ``spec.output.endpoint``; bucket from ``spec.output.bucket``,
+``$KUBETUNE_S3_BUCKET`` or ``kubetune`` (the operator's default); credentials from ``$AWS_ACCESS_KEY_ID`` /
+``$AWS_SECRET_ACCESS_KEY``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import secrets
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from datetime import datetime, timezone
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from . import runfile
+from .callbacks import Callback
+from .errors import (
+    ArtifactCorrupt,
+    ArtifactMissing,
+    ClusterUnavailable,
+    ConfigInvalid,
+    KubetuneError,
+    RunAlreadyExists,
+    RunFailed,
+    RunNotFinished,
+    RunNotFound,
+    StorageUnavailable,
+)
+from .events import MARKER
+from .spec import API_VERSION, GROUP, KIND, PLURAL, TERMINAL_PHASES, VERSION, FinetuneRunSpec, FinetuneRunStatus, Phase
+
+RUN_LABEL = "kubetune.io/run"  # = kubetune.manifests.RUN_LABEL (not imported: keep the SDK light)
+DEFAULT_BUCKET = "kubetune"
+INPUTS = "inputs"
+
+# Finetuner's CLIP names → (open_clip name, pretrained tag)
+MODEL_ALIASES: dict[str, tuple[str, str]] = {
+    "clip-base-en": ("ViT-B-32", "openai"),
+    "clip-large-en": ("ViT-L-14", "openai"),
+    "clip-base-multi": ("xlm-roberta-base-ViT-B-32", "laion5b_s13b_b90k"),
+}
+
+
+def _label_value(name: str) -> str:
+    from .manifests import run_label
+
+    return run_label(name)
+
+
+# ------------------------------------------------------------------------------------------------ client
+class Client:
+    """A connection to one cluster (kubeconfig/context or in-cluster) and, for data and artifacts, one S3."""
+
+    def __init__(self, namespace: str | None = None, kubeconfig: str | os.PathLike[str] | None = None,
+                 context: str | None = None, s3_endpoint: str | None = None, s3_bucket: str | None = None,
+                 api_client: Any = None) -> None:
+        self._kubeconfig = str(kubeconfig) if kubeconfig else None
+        self._context = context
+        self._api_client = api_client
+        self._namespace = namespace
+        self.s3_endpoint = s3_endpoint or os.environ.get("KUBETUNE_S3_ENDPOINT") or os.environ.get(
+            "AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        self.s3_bucket = s3_bucket or os.environ.get("KUBETUNE_S3_BUCKET")
+
+    # ---- kubernetes plumbing
+    @property
+    def api_client(self) -> Any:
+        if self._api_client is None:
+            try:
+                from kubernetes import config
+            except ImportError:
+                from .errors import MissingExtra
+
+                raise MissingExtra("talking to a cluster", "sdk", "kubernetes") from None
+            try:
+                if self._kubeconfig or not os.environ.get("KUBERNETES_SERVICE_HOST"):
+                    self._api_client = config.new_client_from_config(config_file=self._kubeconfig,
+                                                                     context=self._context)
+                else:
+                    config.load_incluster_config()
+                    from kubernetes.client import ApiClient
+
+                    self._api_client = ApiClient()
+            except (config.ConfigException, OSError, TypeError) as exc:
+                raise ClusterUnavailable(f"no usable kubeconfig: {exc}",
+                                         "set KUBECONFIG or pass --kubeconfig/--context (Client(kubeconfig=...))"
+                                         ) from None
+        return self._api_client
+
+    @property
+    def namespace(self) -> str:
+        if self._namespace is None:
+            self._namespace = "default"
+            try:
+                from kubernetes import config
+
+                if os.environ.get("KUBERNETES_SERVICE_HOST") and not self._kubeconfig:
+                    path = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+                    if path.is_file():
+                        self._namespace = path.read_text().strip() or "default"
+                else:
+                    contexts, active = config.list_kube_config_contexts(config_file=self._kubeconfig)
+                    chosen = next((c for c in contexts if c["name"] == self._context), active) if self._context \
+                        else active
+                    self._namespace = (chosen or {}).get("context", {}).get("namespace") or "default"
+            except Exception:  # no kubeconfig yet: the API call will say so
+                pass
+        return self._namespace
+
+    def _custom(self) -> Any:
+        from kubernetes.client import CustomObjectsApi
+
+        return CustomObjectsApi(self.api_client)
+
+    def _core(self) -> Any:
+        from kubernetes.client import CoreV1Api
+
+        return CoreV1Api(self.api_client)
+
+    def _batch(self) -> Any:
+        from kubernetes.client import BatchV1Api
+
+        return BatchV1Api(self.api_client)
+
+    def _call(self, what: str, fn: Any, name: str | None = None, namespace: str | None = None) -> Any:
+        """Run one API call; map the Kubernetes client's errors to typed kubetune errors."""
+        from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
+
+        try:
+            return fn()
+        except ApiException as exc:
+            ns = namespace or self.namespace
+            if exc.status == 404 and name:
+                body = _api_message(exc)
+                if "the server could not find the requested resource" in body.lower():
+                    raise ClusterUnavailable(f"{what}: the FinetuneRun CRD is not installed in this cluster",
+                                             "install it: kubectl apply -f crds/ (or the Helm chart)") from None
+                raise RunNotFound(name, ns) from None
+            if exc.status == 404:
+                raise ClusterUnavailable(f"{what}: the FinetuneRun CRD is not installed in this cluster",
+                                         "install it: kubectl apply -f crds/ (or the Helm chart)") from None
+            if exc.status == 409 and name:
+                raise RunAlreadyExists(name, ns) from None
+            if exc.status == 422:
+                raise ConfigInvalid(f"{what}: the API server rejected the run: {_api_message(exc)}",
+                                    "`kubectl explain finetunerun.spec` lists the fields") from None
+            if exc.status in (401, 403):
+                raise ClusterUnavailable(f"{what}: not allowed ({exc.status}): {_api_message(exc)}",
+                                         "check your kubeconfig user's RBAC for finetuneruns.kubetune.io") from None
+            raise KubetuneError(f"{what}: API error {exc.status}: {_api_message(exc)}") from None
+        except (HTTPError, OSError) as exc:
+            raise ClusterUnavailable(f"{what}: cannot reach the Kubernetes API ({type(exc).__name__})",
+                                     "is the cluster up? check KUBECONFIG / --context") from None
+
+    # ---- runs
+    def get_run(self, name: str, namespace: str | None = None) -> Run:
+        ns = namespace or self.namespace
+        obj = self._call(f"get finetunerun {name}", lambda: self._custom().get_namespaced_custom_object(
+            GROUP, VERSION, ns, PLURAL, name), name, ns)
+        return Run(self, obj)
+
+    def list_runs(self, namespace: str | None = None, all_namespaces: bool = False,
+                  label_selector: str | None = None) -> list[Run]:
+        kwargs = {"label_selector": label_selector} if label_selector else {}
+        if all_namespaces:
+            result = self._call("list finetuneruns", lambda: self._custom().list_cluster_custom_object(
+                GROUP, VERSION, PLURAL, **kwargs))
+        else:
+            ns = namespace or self.namespace
+            result = self._call("list finetuneruns", lambda: self._custom().list_namespaced_custom_object(
+                GROUP, VERSION, ns, PLURAL, **kwargs))
+        runs = [Run(self, item) for item in result.get("items", [])]
+        return sorted(runs, key=lambda r: (r.namespace, r.created or "", r.name))
+
+    def create(self, spec: FinetuneRunSpec | dict[str, Any], name: str | None = None,
+               namespace: str | None = None, labels: dict[str, str] | None = None,
+               annotations: dict[str, str] | None = None, upload: bool = True,
+               base_dir: str | os.PathLike[str] = ".") -> Run:
+        """Create a FinetuneRun from a spec; local data paths are uploaded first (``upload=True``)."""
+        if not isinstance(spec, FinetuneRunSpec):
+            spec = validate_spec(spec)
+        ns = namespace or self.namespace
+        name = name or generate_name(spec.model.name)
+        if upload:
+            spec = self.upload_inputs(spec, name, ns, Path(base_dir))
+        metadata: dict[str, Any] = {"name": name, "namespace": ns}
+        if labels:
+            metadata["labels"] = labels
+        if annotations:
+            metadata["annotations"] = annotations
+        body = {"apiVersion": API_VERSION, "kind": KIND, "metadata": metadata, "spec": spec.dump()}
+        obj = self._call(f"create finetunerun {name}", lambda: self._custom().create_namespaced_custom_object(
+            GROUP, VERSION, ns, PLURAL, body), name, ns)
+        return Run(self, obj)
+
+    def submit(self, path: str | os.PathLike[str], name: str | None = None, namespace: str | None = None,
+               gpus: int | None = None) -> Run:
+        """Create the FinetuneRun of a run file (the same file ``kubetune run --local`` takes)."""
+        run = runfile.load(path)
+        spec = run.spec
+        if gpus is not None:
+            spec = spec.model_copy(update={"resources": spec.resources.model_copy(update={"gpus": gpus})})
+        return self.create(spec, name=name or run.name, namespace=namespace or run.namespace, labels=run.labels,
+                           annotations=run.annotations, base_dir=run.base_dir)
+
+    # ---- S3
+    def store_for(self, spec: FinetuneRunSpec) -> Any:
+        """The bucket store the run's data and artifact go to, as seen from this machine."""
+        from .storage import s3_store
+
+        endpoint = self.s3_endpoint or spec.output.endpoint
+        if not endpoint:
+            raise ConfigInvalid("no S3 endpoint known on this machine",
+                                "set KUBETUNE_S3_ENDPOINT (or spec.output.endpoint), or use s3:// data URIs")
+        bucket = spec.output.bucket or self.s3_bucket or DEFAULT_BUCKET
+        return s3_store(endpoint, bucket, spec.output.region)
+
+    def upload_inputs(self, spec: FinetuneRunSpec, name: str, namespace: str, base_dir: Path) -> FinetuneRunSpec:
+        """Upload local data (and starting weights) and point the spec at the uploaded copies."""
+        from .storage import StoreError, StoreUnavailable, join_key, run_key
+
+        local_fields = [f for f in runfile.DATA_FIELDS
+                        if getattr(spec.data, f) and runfile.is_local(getattr(spec.data, f))]
+        weights_local = bool(spec.model.weights and runfile.is_local(spec.model.weights))
+        if not local_fields and not weights_local:
+            return spec
+        store = self.store_for(spec)
+        prefix = join_key(run_key(spec.output.prefix, namespace, name), INPUTS)
+        data = spec.data.model_copy()
+        model = spec.model.model_copy()
+        uploaded: dict[Path, str] = {}
+        try:
+            for field in local_fields:
+                path = runfile.local_path(getattr(spec.data, field), base_dir)
+                if path not in uploaded:
+                    uploaded[path] = upload_dataset(store, join_key(prefix, field), path, spec.data.image_column,
+                                                    spec.data.format)
+                setattr(data, field, uploaded[path])
+            if weights_local:
+                assert model.weights is not None
+                path = runfile.local_path(model.weights, base_dir)
+                if path.is_dir():
+                    store.put_dir(join_key(prefix, "weights"), path)
+                    model.weights = store.uri(join_key(prefix, "weights"))
+                else:
+                    store.put_file(join_key(prefix, "weights", path.name), path)
+                    model.weights = store.uri(join_key(prefix, "weights", path.name))
+        except FileNotFoundError as exc:
+            raise ConfigInvalid(f"local data: {exc}", "relative paths are relative to the run file") from None
+        except StoreUnavailable as exc:
+            raise StorageUnavailable(f"uploading the data: {exc}", "is the S3 endpoint reachable?") from None
+        except StoreError as exc:
+            raise StorageUnavailable(f"uploading the data: {exc}",
+                                     "check the bucket exists and the credentials (AWS_ACCESS_KEY_ID...)") from None
+        return spec.model_copy(update={"data": data, "model": model})
+
+
+def _api_message(exc: Any) -> str:
+    try:
+        return str(json.loads(exc.body).get("message", exc.reason))[:1000]
+    except (TypeError, ValueError, AttributeError):
+        return str(exc.reason)
+
+
+# ------------------------------------------------------------------------------------------------ data upload
+def upload_dataset(store: Any, prefix: str, path: Path, image_column: str = "image", fmt: str = "auto") -> str:
+    """Upload one data set (a CSV with the local images it names, or a DocList file); returns its s3:// URI.
+
+    Images named by relative paths keep their place beside the CSV (so the uploaded CSV is unchanged);
+    absolute paths are uploaded under ``files/`` and the uploaded CSV is rewritten to point there.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    from .storage import join_key
+
+    is_csv = fmt == "csv" or (fmt == "auto" and path.suffix.lower() in (".csv", ".tsv"))
+    key = join_key(prefix, path.name)
+    if not is_csv:
+        store.put_file(key, path)
+        return str(store.uri(key))
+    text = path.read_text(encoding="utf-8-sig")
+    first = text.split("\n", 1)[0]
+    dialect = csv.excel_tab if "\t" in first and "," not in first else csv.excel
+    reader = csv.DictReader(io.StringIO(text), dialect=dialect)
+    fields = list(reader.fieldnames or [])
+    rows = list(reader)
+    rewritten = False
+    done: set[str] = set()
+    for row in rows:
+        value = (row.get(image_column) or "").strip()
+        if not value or value.startswith(runfile.REMOTE_PREFIXES):
+            continue
+        local = Path(value.removeprefix("file://")).expanduser()
+        absolute = local.is_absolute() or value.startswith("file://")
+        source = local if absolute else (path.parent / local)
+        if not source.is_file():
+            raise FileNotFoundError(f"{path}: image {value} not found ({source})")
+        if absolute or ".." in local.parts:
+            digest = hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:16]
+            rel = f"files/{digest}{source.suffix}"
+            row[image_column] = rel
+            rewritten = True
+        else:
+            rel = local.as_posix()
+        if rel not in done:
+            store.put_file(join_key(prefix, rel), source)
+            done.add(rel)
+    if rewritten:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=fields, dialect=dialect)
+        writer.writeheader()
+        writer.writerows(rows)
+        store.put_bytes(key, buffer.getvalue().encode())
+    else:
+        store.put_file(key, path)
+    return str(store.uri(key))
+
+
+def _materialise(data: Any, work: Path, name: str) -> Any:
+    """A DocList becomes a protobuf file the trainer reads; paths and URIs pass through."""
+    if data is None or isinstance(data, str | os.PathLike):
+        return None if data is None else str(data)
+    if type(data).__module__.startswith("docarray") and hasattr(data, "to_bytes"):
+        path = work / f"{name}.bin"
+        path.write_bytes(data.to_bytes(protocol="protobuf", compress=None))
+        return str(path)
+    raise ConfigInvalid(f"{name}_data: expected a path, an s3:// or http(s) URI or a docarray DocList, "
+                        f"got {type(data).__name__}")
+
+
+# ------------------------------------------------------------------------------------------------ spec helpers
+def validate_spec(body: dict[str, Any]) -> FinetuneRunSpec:
+    return runfile.parse_document(body, "spec").spec
+
+
+def generate_name(model: str) -> str:
+    base = "".join(c if c.isalnum() else "-" for c in model.lower()).strip("-")[:30].strip("-") or "run"
+    return f"{base}-{datetime.now(timezone.utc).strftime('%m%d%H%M')}-{secrets.token_hex(2)}"
+
+
+def build_spec(model: str = "ViT-B-32", train_data: Any = None, eval_data: Any = None, *,
+               pretrained: str | None = None, model_config: dict[str, Any] | None = None,
+               weights: str | None = None, query_data: Any = None, index_data: Any = None, val_split: float = 0.0,
+               epochs: int = 5, batch_size: int = 64, learning_rate: float = 1e-5, optimizer: str = "adamw",
+               weight_decay: float | None = None, scheduler: str | None = None, warmup_steps: int | None = None,
+               precision: str | None = None, loss: str = "CLIPLoss", freeze: Sequence[str] = (),
+               callbacks: Sequence[Callback] = (), to_onnx: bool = False, gpus: int = 1, cpu: str | None = None,
+               memory: str | None = None, image: str | None = None, output: dict[str, Any] | None = None,
+               max_steps: int | None = None, num_workers: int | None = None, seed: int | None = None,
+               csv_options: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The camelCase spec dict for :func:`fit`'s arguments (pure; validated by the caller)."""
+    if train_data is None:
+        raise ConfigInvalid("train_data is required", "a CSV path, an s3:// URI or a DocList")
+    if "::" in model:
+        model, pretrained = model.split("::", 1)
+    elif model in MODEL_ALIASES and pretrained is None and model_config is None:
+        model, pretrained = MODEL_ALIASES[model]
+    spec_model: dict[str, Any] = {"name": model}
+    if pretrained:
+        spec_model["pretrained"] = pretrained
+    if model_config:
+        spec_model["config"] = model_config
+    if weights:
+        spec_model["weights"] = weights
+    data: dict[str, Any] = {"train": train_data}
+    for key, value in (("eval", eval_data), ("query", query_data), ("index", index_data)):
+        if value is not None:
+            data[key] = value
+    if val_split:
+        data["valSplit"] = val_split
+    for key, value in (csv_options or {}).items():
+        data[{"text_column": "textColumn", "image_column": "imageColumn", "skip_bad_rows": "skipBadRows"}.get(
+            key, key)] = value
+    training: dict[str, Any] = {"epochs": epochs, "batchSize": batch_size, "learningRate": learning_rate,
+                                "optimizer": optimizer, "loss": loss}
+    for key, value in (("weightDecay", weight_decay), ("scheduler", scheduler), ("warmupSteps", warmup_steps),
+                       ("precision", precision), ("maxSteps", max_steps), ("numWorkers", num_workers),
+                       ("seed", seed)):
+        if value is not None:
+            training[key] = value
+    for tower in freeze:
+        if tower not in ("image", "text"):
+            raise ConfigInvalid(f"freeze: expected 'image' and/or 'text', got {tower!r}")
+        training["lockImage" if tower == "image" else "lockText"] = True
+    spec: dict[str, Any] = {"model": spec_model, "data": data, "training": training,
+                            "export": {"onnx": to_onnx}, "resources": {"gpus": gpus}}
+    for key, value in (("cpu", cpu), ("memory", memory), ("image", image)):
+        if value is not None:
+            spec["resources"][key] = value
+    if output:
+        spec["output"] = dict(output)
+    for callback in callbacks:
+        if not hasattr(callback, "apply"):
+            raise ConfigInvalid(f"callbacks: {callback!r} is not a kubetune callback",
+                                "use EvaluationCallback, WiSEFTCallback, EarlyStopping or BestModelCheckpoint")
+        callback.apply(spec)
+    for section, values in (overrides or {}).items():
+        if isinstance(values, dict) and isinstance(spec.get(section), dict):
+            spec[section].update(values)
+        else:
+            spec[section] = values
+    return spec
+
+
+# ------------------------------------------------------------------------------------------------ Run
+class Run:
+    """A FinetuneRun seen from the SDK; ``status()`` and friends read it afresh from the API server."""
+
+    def __init__(self, client: Client, obj: dict[str, Any]) -> None:
+        self.client = client
+        self._obj = obj
+
+    def __repr__(self) -> str:
+        return f"Run({self.namespace}/{self.name}, phase={self.phase})"
+
+    @property
+    def name(self) -> str:
+        return str(self._obj["metadata"]["name"])
+
+    @property
+    def namespace(self) -> str:
+        return str(self._obj["metadata"].get("namespace") or self.client.namespace)
+
+    @property
+    def created(self) -> str | None:
+        return self._obj["metadata"].get("creationTimestamp")
+
+    @property
+    def spec(self) -> FinetuneRunSpec:
+        return FinetuneRunSpec.model_validate(self._obj.get("spec") or {})
+
+    @property
+    def phase(self) -> str | None:
+        return (self._obj.get("status") or {}).get("phase")
+
+    def refresh(self) -> Run:
+        self._obj = self.client.get_run(self.name, self.namespace)._obj
+        return self
+
+    def status(self) -> FinetuneRunStatus:
+        """The current status (phase, conditions, progress, metrics, log tail, artifact)."""
+        self.refresh()
+        return FinetuneRunStatus.model_validate(self._obj.get("status") or {})
+
+    def metrics(self) -> dict[str, dict[str, float]]:
+        """``{"before": {...}, "after": {...}}`` retrieval metrics (empty until evaluated)."""
+        st = self.status()
+        return {"before": dict(st.metrics.before) if st.metrics else {},
+                "after": dict(st.metrics.after) if st.metrics else {}}
+
+    # ---- logs
+    def _pods(self) -> list[Any]:
+        core = self.client._core()
+        selector = f"{RUN_LABEL}={_label_value(self.name)}"
+        pods = self.client._call("list pods", lambda: core.list_namespaced_pod(
+            self.namespace, label_selector=selector)).items
+        return sorted(pods, key=lambda p: (p.metadata.creation_timestamp or datetime.min.replace(tzinfo=timezone.utc),
+                                           p.metadata.name))
+
+    def _pod_log(self, pod: str, follow: bool = False) -> Any:
+        from kubernetes.client.exceptions import ApiException
+
+        core = self.client._core()
+        try:
+            if follow:
+                return core.read_namespaced_pod_log(pod, self.namespace, follow=True, _preload_content=False)
+            return core.read_namespaced_pod_log(pod, self.namespace)
+        except ApiException as exc:
+            if exc.status in (400, 404):  # not started yet, or gone
+                return None
+            raise
+
+    def logs(self, include_events: bool = False) -> str:
+        """The trainer's log: from its newest pod, or the status's log tail once the pods are gone."""
+        pods = self._pods()
+        text = None
+        for pod in reversed(pods):
+            text = self._pod_log(pod.metadata.name)
+            if text is not None:
+                break
+        if text is None:
+            text = "\n".join(self.status().log_tail)
+        lines = text.splitlines()
+        if not include_events:
+            lines = [line for line in lines if not line.startswith(MARKER)]
+        return "\n".join(lines)
+
+    def stream_logs(self, poll: float = 2.0, timeout: float | None = None,
+                    include_events: bool = False) -> Iterator[str]:
+        """Yield log lines as they come, across retries (one pod per attempt), until the run ends."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        streamed: set[str] = set()
+        while deadline is None or time.monotonic() < deadline:
+            status = self.status()
+            pods = [p for p in self._pods() if p.metadata.name not in streamed]
+            if pods:
+                pod = pods[0]
+                response = self._pod_log(pod.metadata.name, follow=True)
+                if response is not None:
+                    streamed.add(pod.metadata.name)
+                    try:
+                        for line in _iter_lines(response):
+                            if include_events or not line.startswith(MARKER):
+                                yield line
+                    finally:
+                        response.release_conn()
+                    continue
+            if status.phase in TERMINAL_PHASES:
+                if not streamed:  # the pods went before we could read them: the status keeps a tail
+                    for line in status.log_tail:
+                        if include_events or not line.startswith(MARKER):
+                            yield line
+                return
+            time.sleep(poll)
+
+    # ---- lifecycle
+    def wait(self, timeout: float | None = None, poll: float = 2.0, raise_on_failure: bool = True
+             ) -> FinetuneRunStatus:
+        """Block until the run ends; raises :class:`RunFailed` when it failed or was cancelled."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            st = self.status()
+            if st.phase in TERMINAL_PHASES:
+                if raise_on_failure and st.phase != Phase.SUCCEEDED.value:
+                    raise self._failure(st)
+                return st
+            if deadline is not None and time.monotonic() >= deadline:
+                raise RunNotFinished(self.name, st.phase)
+            time.sleep(poll)
+
+    def _failure(self, st: FinetuneRunStatus) -> RunFailed:
+        reason = next((c.reason for c in st.conditions if c.type in ("Failed", "Cancelled") and c.status == "True"),
+                      None)
+        return RunFailed(self.name, st.phase, reason, st.message)
+
+    def cancel(self, delete: bool = False) -> str:
+        """Stop the run: delete its Job(s) (the operator marks it Cancelled; checkpoints stay), or with
+        ``delete=True`` delete the FinetuneRun itself (its children go with it). Returns what was done."""
+        custom, batch = self.client._custom(), self.client._batch()
+        if delete:
+            self.client._call(f"delete finetunerun {self.name}", lambda: custom.delete_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, PLURAL, self.name), self.name, self.namespace)
+            return "deleted"
+        st = self.status()
+        if st.phase in TERMINAL_PHASES:
+            return f"already {st.phase}"
+        selector = f"{RUN_LABEL}={_label_value(self.name)}"
+        jobs = self.client._call("list jobs", lambda: batch.list_namespaced_job(
+            self.namespace, label_selector=selector)).items
+        for job in jobs:
+            job_name = str(job.metadata.name)
+            self.client._call(f"delete job {job_name}", partial(
+                batch.delete_namespaced_job, job_name, self.namespace, propagation_policy="Background"))
+        if jobs:
+            return f"cancelling (deleted Job {', '.join(j.metadata.name for j in jobs)})"
+        # no Job yet: suspend, so that none is created
+        self.client._call(f"suspend finetunerun {self.name}", lambda: custom.patch_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, self.name, {"spec": {"runPolicy": {"suspend": True}}}),
+            self.name, self.namespace)
+        return "suspended (it had no Job yet)"
+
+    # ---- artifact
+    def save_artifact(self, directory: str | os.PathLike[str] = "clip-model") -> Path:
+        """Download the artifact into ``directory``, verifying each file's sha256 against the manifest (and
+        the manifest's against the status). Returns the directory."""
+        st = self.status()
+        if st.phase != Phase.SUCCEEDED.value:
+            if st.phase in TERMINAL_PHASES:
+                raise self._failure(st)
+            raise RunNotFinished(self.name, st.phase)
+        if st.artifact is None or not st.artifact.uri:
+            raise ArtifactMissing(f"run {self.name} succeeded but its status names no artifact",
+                                  "check the operator's log; `kubectl describe ftr " + self.name + "`")
+        uri = st.artifact.uri
+        if uri.startswith("s3://"):
+            from .storage import parse_s3_uri, s3_store
+
+            spec = self.spec
+            bucket, key = parse_s3_uri(uri)
+            endpoint = self.client.s3_endpoint or spec.output.endpoint
+            if not endpoint:
+                raise ConfigInvalid("no S3 endpoint known on this machine to download the artifact from",
+                                    "set KUBETUNE_S3_ENDPOINT (or Client(s3_endpoint=...))")
+            store: Any = s3_store(endpoint, bucket, spec.output.region).child(key)
+        else:
+            from .storage import LocalStore
+
+            store = LocalStore(uri.removeprefix("file://"))
+        return download_artifact(store, Path(directory), st.artifact.sha256, uri)
+
+    def summary(self) -> dict[str, Any]:
+        st = FinetuneRunStatus.model_validate(self._obj.get("status") or {})
+        spec = self._obj.get("spec") or {}
+        model = spec.get("model") or {}
+        created = self.created
+        age = "–"
+        if created:
+            seconds = (datetime.now(timezone.utc) - datetime.fromisoformat(created.replace("Z", "+00:00"))
+                       ).total_seconds()
+            age = _age(seconds)
+        return {
+            "name": self.name, "namespace": self.namespace, "phase": st.phase,
+            "model": model.get("name", "?") + (f"::{model['pretrained']}" if model.get("pretrained") else ""),
+            "progress": st.progress.summary if st.progress else None,
+            "loss": st.metrics.train_loss if st.metrics else None,
+            "before": dict(st.metrics.before) if st.metrics else {},
+            "after": dict(st.metrics.after) if st.metrics else {},
+            "artifact": st.artifact.uri if st.artifact else None, "created": created, "age": age,
+            "message": st.message,
+        }
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _iter_lines(response: Any) -> Iterator[str]:
+    buffer = b""
+    for chunk in response.stream(4096, decode_content=False):
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:
+            yield line.decode("utf-8", "replace").rstrip("\r")
+    if buffer:
+        yield buffer.decode("utf-8", "replace")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download_artifact(store: Any, directory: Path, expected_sha256: str | None, uri: str) -> Path:
+    """Fetch manifest.json then every file it lists, verifying sha256 and size; atomic into ``directory``."""
+    from .storage import ObjectNotFound, StoreError, StoreUnavailable
+
+    directory = directory.expanduser().resolve()
+    if directory.exists() and any(directory.iterdir()):
+        if (directory / "manifest.json").is_file():
+            shutil.rmtree(directory)  # an earlier download: replace it
+        else:
+            raise ConfigInvalid(f"{directory} exists and is not empty", "choose an empty or new directory")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".kubetune-artifact-", dir=directory.parent))
+    try:
+        try:
+            manifest_bytes = store.get_bytes("manifest.json")
+        except ObjectNotFound:
+            raise ArtifactMissing(f"{uri}/manifest.json does not exist",
+                                  "the artifact is incomplete or was deleted; re-run the fine-tune") from None
+        if expected_sha256 and hashlib.sha256(manifest_bytes).hexdigest() != expected_sha256:
+            raise ArtifactCorrupt(f"{uri}/manifest.json: sha256 differs from the run's status",
+                                  "the artifact was changed after the run; re-run the fine-tune")
+        manifest = json.loads(manifest_bytes)
+        (staging / "manifest.json").write_bytes(manifest_bytes)
+        for rel, entry in sorted(manifest.get("files", {}).items()):
+            target = staging / rel
+            try:
+                store.get_file(rel, target)
+            except ObjectNotFound:
+                raise ArtifactMissing(f"{uri}/{rel} is listed in the manifest but missing",
+                                      "the artifact is incomplete; re-run the fine-tune") from None
+            if _sha256(target) != entry.get("sha256") or target.stat().st_size != entry.get("size"):
+                raise ArtifactCorrupt(f"{uri}/{rel}: sha256 or size differs from the manifest",
+                                      "download again; if it persists the stored artifact is damaged")
+        if directory.exists():
+            directory.rmdir()
+        staging.rename(directory)
+    except StoreUnavailable as exc:
+        raise StorageUnavailable(f"downloading {uri}: {exc}", "is the S3 endpoint reachable?") from None
+    except StoreError as exc:
+        raise StorageUnavailable(f"downloading {uri}: {exc}", "check the credentials (AWS_ACCESS_KEY_ID...)") from None
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+# ------------------------------------------------------------------------------------------------ module API
+_default: Client | None = None
+
+
+def configure(**kwargs: Any) -> Client:
+    """Set the default client of the module-level functions (``namespace``, ``kubeconfig``, ``context``,
+    ``s3_endpoint``, ``s3_bucket``)."""
+    global _default
+    _default = Client(**kwargs)
+    return _default
+
+
+def _client(client: Client | None = None, namespace: str | None = None) -> Client:
+    global _default
+    if client is not None:
+        return client
+    if _default is None:
+        _default = Client()
+    return _default
+
+
+def fit(model: str = "ViT-B-32", train_data: Any = None, eval_data: Any = None, *, run_name: str | None = None,
+        namespace: str | None = None, query_data: Any = None, index_data: Any = None,
+        callbacks: Sequence[Callback] = (), wait: bool = False, client: Client | None = None,
+        **options: Any) -> Run:
+    """Start a fine-tuning run on the cluster; returns its :class:`Run` (``wait=True``: after it ended).
+
+    ``model``: an open_clip name (``ViT-B-32``), ``name::pretrained`` (``ViT-B-32::laion2b_s34b_b79k``) or
+    one of Finetuner's CLIP names (``clip-base-en``, ``clip-large-en``, ``clip-base-multi``).
+    ``train_data``/``eval_data``/``query_data``/``index_data``: a CSV path (text, image columns), an ``s3://``
+    or http(s) URI, or a docarray ``DocList``; local ones are uploaded to S3 first.
+    Other options (see :func:`build_spec`): ``pretrained``, ``model_config``, ``weights``, ``val_split``,
+    ``epochs``, ``batch_size``, ``learning_rate``, ``optimizer``, ``weight_decay``, ``scheduler``,
+    ``warmup_steps``, ``precision``, ``loss`` ('CLIPLoss' | 'SigLIPLoss'), ``freeze`` (['image'|'text']),
+    ``to_onnx``, ``gpus``, ``cpu``, ``memory``, ``image``, ``output`` (spec.output dict), ``max_steps``,
+    ``num_workers``, ``seed``, ``csv_options``, ``overrides`` (spec sections merged last).
+    """
+    for cb in callbacks:  # EvaluationCallback(query_data=..., index_data=...) as in Finetuner
+        query_data = query_data if query_data is not None else getattr(cb, "query_data", None)
+        index_data = index_data if index_data is not None else getattr(cb, "index_data", None)
+    c = _client(client)
+    with tempfile.TemporaryDirectory(prefix="kubetune-fit-") as work:
+        sets = {k: _materialise(v, Path(work), k) for k, v in (("train", train_data), ("eval", eval_data),
+                                                                ("query", query_data), ("index", index_data))}
+        body = build_spec(model, sets["train"], sets["eval"], query_data=sets["query"], index_data=sets["index"],
+                          callbacks=callbacks, **options)
+        spec = validate_spec(body)
+        run = c.create(spec, name=run_name, namespace=namespace)
+    if wait:
+        run.wait()
+    return run
+
+
+def submit(path: str | os.PathLike[str], name: str | None = None, namespace: str | None = None,
+           client: Client | None = None) -> Run:
+    """Create the FinetuneRun of a run file; local data is uploaded first."""
+    return _client(client).submit(path, name=name, namespace=namespace)
+
+
+def get_run(name: str, namespace: str | None = None, client: Client | None = None) -> Run:
+    """Reconnect to a run by name (raises :class:`RunNotFound`)."""
+    return _client(client).get_run(name, namespace)
+
+
+def list_runs(namespace: str | None = None, all_namespaces: bool = False, client: Client | None = None) -> list[Run]:
+    return _client(client).list_runs(namespace, all_namespaces)
