@@ -274,7 +274,7 @@ def list_cmd(namespace: NamespaceOpt = None, all_namespaces: Annotated[bool, typ
         table = Table(box=None, header_style="bold")
         for column in (["NAMESPACE"] if all_namespaces else []) + ["NAME", "PHASE", "MODEL", "PROGRESS", "LOSS",
                                                                     "R@1 AFTER", "AGE"]:
-            table.add_column(column)
+            table.add_column(column, overflow="fold")
         for r in runs:
             s = r.summary()
             row = [s["name"], s["phase"] or "–", s["model"], s["progress"] or "–",
