@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
@@ -65,9 +66,9 @@ def errors() -> Iterator[None]:
     try:
         yield
     except KubetuneError as exc:
-        err.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+        err.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False, soft_wrap=True)
         if exc.hint:
-            err.print(f"[yellow]hint:[/] {exc.hint}", highlight=False)
+            err.print(f"[yellow]hint:[/] {escape(exc.hint)}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]")
@@ -216,9 +217,9 @@ def run(file: Annotated[Path, typer.Argument(help="A FinetuneRun YAML file.", ex
             return
         console.print(metrics_table(metrics))
         console.print(f"[bold green]done[/] in {_duration(time.monotonic() - started)} · artifact: "
-                      f"[bold]{result.artifact}[/]")
+                      f"[bold]{result.artifact}[/]", soft_wrap=True)
         console.print(f"next: [cyan]kubetune encode {result.artifact} --text 'a red circle'[/] · "
-                      f"[cyan]kubetune report {result.output_dir}[/]", highlight=False)
+                      f"[cyan]kubetune report {result.output_dir}[/]", highlight=False, soft_wrap=True)
 
 
 def _client(namespace: str | None, kubeconfig: str | None, context: str | None) -> Any:

@@ -155,6 +155,8 @@ class Client:
 
         try:
             return fn()
+        except KubetuneError:
+            raise
         except ApiException as exc:
             ns = namespace or self.namespace
             if exc.status == 404 and name:
