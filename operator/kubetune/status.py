@@ -358,6 +358,7 @@ class PodState:
     waiting_reason: str | None = None  # ImagePullBackOff, CreateContainerConfigError, ...
     started: bool = False  # the trainer container has started (its log can be followed)
     created: float | None = None
+    scheduled: bool = False  # bound to a node: its log can be followed as soon as the container starts
 
     @property
     def terminated(self) -> bool:
@@ -369,7 +370,8 @@ def pod_state(pod: Mapping[str, Any], container: str = "trainer") -> PodState:
     status = pod.get("status") or {}
     state = PodState(name=meta.get("name", ""), phase=status.get("phase") or "Pending",
                      reason=status.get("reason"), message=status.get("message"),
-                     created=parse_rfc3339(meta.get("creationTimestamp")))
+                     created=parse_rfc3339(meta.get("creationTimestamp")),
+                     scheduled=bool((pod.get("spec") or {}).get("nodeName")))
     for cs in status.get("containerStatuses") or ():
         if cs.get("name") != container:
             continue

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import quote
 
@@ -171,8 +171,10 @@ class Kube:
     async def version(self) -> dict[str, Any]:
         return await self.request("GET", "/version")
 
-    async def stream_lines(self, path: str, params: Mapping[str, Any]) -> AsyncIterator[str]:
-        """Yield lines (without newline) of a streaming GET, e.g. a followed pod log. Over-long lines are cut."""
+    async def stream_lines(self, path: str, params: Mapping[str, Any],
+                           on_open: Callable[[], Awaitable[None]] | None = None) -> AsyncIterator[str]:
+        """Yield lines (without newline) of a streaming GET, e.g. a followed pod log. Over-long lines are cut.
+        ``on_open`` is awaited once the server accepted the request (before the first line)."""
         headers = dict(self.headers)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=None)
         async with self.session.get(self.server + path, params=params, headers=headers,
@@ -181,6 +183,8 @@ class Kube:
                 if resp.status == 401 and self.relogin is not None:
                     self.relogin()
                 raise _error(resp.status, await resp.text())
+            if on_open is not None:
+                await on_open()
             buffer = b""
             async for chunk in resp.content.iter_any():
                 buffer += chunk

@@ -111,6 +111,7 @@ class Supervisor:
         self.last_ts: float | None = None
         self.seen_at_last_ts = 0
         self.waiting_reported: str | None = None
+        self.stream_opened = False
 
     # ------------------------------------------------------------------------------------ helpers
     @property
@@ -217,6 +218,11 @@ class Supervisor:
         created = get_condition(self.status.get("conditions"), CREATED)
         resuming = self.status.get("phase") == Phase.SUSPENDED.value or (
             (get_condition(self.status.get("conditions"), SUSPENDED) or {}).get("status") == "True")
+        # Restarting=True is persisted between a retryable failure and the next attempt's Job creation: a
+        # restart in that window goes on with the retry instead of re-judging (and re-counting) the failure.
+        restarting = (get_condition(self.status.get("conditions"), RESTARTING) or {}).get("status") == "True"
+        if restarting and attempt > 0:
+            self.retry_pending = True
         need_new = attempt == 0 or not job_name or self.retry_pending or resuming
         if not need_new and job_name == manifests.job_name(self.name, attempt):
             if created is not None and created.get("status") == "True":
@@ -258,7 +264,9 @@ class Supervisor:
                        "Resuming from the latest checkpoint." if reason == "resume" else "Creating the trainer Job.")
             self.set_phase(Phase.PENDING.value, {"initial": "Accepted", "retry": "Restarting",
                                                  "resume": "Resumed"}[reason], message, event=None)
-        await self.flush(urgent=True)
+        # No status write before the Job: its name is deterministic and the decision to create attempt N
+        # is made from persisted state only, so a restart in between re-decides the same N and adopts the Job
+        # (409). The intent goes out with the JobCreated patch below (one round trip less to a running Job).
         self.retry_pending = False
         return await self.create_attempt(spec, attempt, reason=reason)
 
@@ -267,21 +275,26 @@ class Supervisor:
         run = self.run_object()
         capabilities = await ctx.server_capabilities()
         cm = manifests.config_map(run, spec, ctx.settings)
-        await self._create_owned(config_maps_path(self.namespace), cm)
         left = self._deadline_left(spec, time.time())
         job = manifests.job(run, spec, ctx.settings, attempt=attempt, resume_from=self.status.get("checkpoint"),
                             active_deadline_seconds=int(left) if left is not None else None,
                             capabilities=capabilities)
-        created = await self._create_owned(jobs_path(self.namespace), job)
+        # Concurrently: the pod waits for its ConfigMap volume if the Job happens to be first.
+        with ctx.metrics.timed("create_attempt"):
+            _, created = await asyncio.gather(self._create_owned(config_maps_path(self.namespace), cm),
+                                              self._create_owned(jobs_path(self.namespace), job))
         job_name = job["metadata"]["name"]
         if self.should_stop():  # suspended or deleted while creating: do not leave a Job running
             if created and not self.gone:
                 await ctx.kube.delete(jobs_path(self.namespace, job_name))
             return None
         now = time.time()
-        update: dict[str, Any] = {
-            "conditions": set_condition(self.status.get("conditions") or [], CREATED, "True", "JobCreated",
-                                        f"Job {job_name} created (attempt {attempt}).", now)}
+        conditions = set_condition(self.status.get("conditions") or [], CREATED, "True", "JobCreated",
+                                   f"Job {job_name} created (attempt {attempt}).", now)
+        if (get_condition(conditions, RESTARTING) or {}).get("status") == "True":
+            conditions = set_condition(conditions, RESTARTING, "False", "JobCreated",
+                                       f"Attempt {attempt} started as Job {job_name}.", now)
+        update: dict[str, Any] = {"conditions": conditions}
         if not self.status.get("startTime"):
             update["startTime"] = now_rfc3339(now)
         self.folder.update(update)
@@ -316,15 +329,19 @@ class Supervisor:
             self.changed.clear()
             pod = self.ctx.children.pod(self.key, attempt)
             job = self.ctx.children.job(self.namespace, job_name)
-            if pod is not None and pod.started:
+            followable = pod is not None and (pod.started or (pod.scheduled and not pod.terminated
+                                                              and pod.waiting_reason not in WAITING_PROBLEMS))
+            if pod is not None and followable:
+                # Follow as soon as the pod is on a node: the stream opens the moment the container starts
+                # (the pod watch reports "running" only after the kubelet's next status sync).
                 if self.status.get("podName") != pod.name:
                     self.folder.update({"podName": pod.name})
-                if self.phase != Phase.RUNNING.value and self.status.get("phase") != Phase.RUNNING.value:
-                    self.set_phase(Phase.RUNNING.value, "PodRunning", f"Trainer pod {pod.name} is running.")
-                    await self.flush(urgent=True)
-                await self.follow_log(pod.name)
+                opened = await self.follow_log(pod.name)
                 if self.should_stop():
                     return None
+                if not opened and not pod.started:
+                    await self.wait_change(0.5)  # the container is not running yet
+                    continue
                 fresh = await self.ctx.kube.get(pods_path(self.namespace, pod.name))
                 state = pod_state(fresh) if fresh is not None else None
                 if state is not None and state.terminated:
@@ -374,13 +391,13 @@ class Supervisor:
                                retries=int(self.status.get("retries") or 0),
                                backoff_limit=spec.run_policy.backoff_limit)
 
-    async def follow_log(self, pod_name: str) -> None:
-        """Follow the trainer's log until the stream ends or the run must stop."""
+    async def follow_log(self, pod_name: str) -> bool:
+        """Follow the trainer's log until the stream ends or the run must stop. False when the stream could
+        not be opened (the container has not started yet)."""
         params: dict[str, Any] = {"container": manifests.CONTAINER_NAME, "follow": "true", "timestamps": "true"}
         if self.last_ts is not None:
             params["sinceTime"] = now_rfc3339(int(self.last_ts))
-        else:
-            self.folder.tail.clear()  # the whole log replays: rebuild the tail from it, without duplicates
+        self.stream_opened = False
         metrics = self.ctx.metrics
         metrics.log_streams.inc()
         reader = asyncio.ensure_future(self._read(pod_name, params))
@@ -400,11 +417,26 @@ class Supervisor:
             with contextlib.suppress(asyncio.CancelledError, KubeError, OSError, asyncio.TimeoutError):
                 await reader
             if reader.done() and not reader.cancelled() and reader.exception() is not None:
-                self.logger.warning(f"Log stream of {pod_name} ended: {reader.exception()!r}")
+                error = reader.exception()
+                if not (isinstance(error, KubeError) and error.status == 400 and not self.stream_opened):
+                    self.logger.warning(f"Log stream of {pod_name} ended: {error!r}")
         await self.maybe_flush()
+        return self.stream_opened
+
+    async def _on_stream_open(self, pod_name: str) -> None:
+        self.stream_opened = True
+        if self.last_ts is None:
+            self.folder.tail.clear()  # the whole log replays: rebuild the tail from it, without duplicates
+        if self.phase != Phase.RUNNING.value and self.status.get("phase") != Phase.RUNNING.value:
+            self.set_phase(Phase.RUNNING.value, "PodRunning", f"Trainer pod {pod_name} is running.")
+            await self.flush(urgent=True)
 
     async def _read(self, pod_name: str, params: dict[str, Any]) -> None:
-        async for raw in self.ctx.kube.stream_lines(pods_path(self.namespace, pod_name, "log"), params):
+        async def opened() -> None:
+            await self._on_stream_open(pod_name)
+
+        async for raw in self.ctx.kube.stream_lines(pods_path(self.namespace, pod_name, "log"), params,
+                                                    on_open=opened):
             stamp, text = split_log_line(raw)
             t = parse_rfc3339(stamp) if stamp else None
             if t is not None and self.last_ts is not None:

@@ -1,0 +1,228 @@
+"""Operator scale bench: N concurrent FinetuneRuns with the stand-in trainer on the harness cluster.
+
+    python -m bench.operator_scale --runs 100 --steps 30 --pace 1.0 [--json out.json]
+
+Measures, with the operator running as a subprocess (``python -m kubetune.operator --namespace NS``):
+
+- apply → Job created: from the create call returning to the Job appearing in a watch (p50/p99);
+- trainer event → status: the operator's ``kubetune_status_lag_seconds`` histogram (kubelet timestamp of the
+  log line → status patch accepted; p50/p99 read from bucket bounds, so they are upper bounds);
+- the operator's peak RSS (VmHWM) and CPU time;
+- duplicate Jobs (two Jobs for one run's attempt, or more Jobs than the run's recorded attempts): must be 0;
+- how many pods ran / stayed Pending (the node runs what it can; ``KUBETUNE_MAX_PODS`` raises the kubelet's
+  limit when the harness starts the cluster).
+
+Uses the cluster from ``KUBECONFIG`` or the harness (``python -m tests.cluster up``). Deletes its namespace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetuneruns"
+IMAGE = "kubetune/standin:test"
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, int(round(q / 100 * (len(ordered) - 1)))))
+    return ordered[index]
+
+
+def histogram_quantile(text: str, name: str, q: float) -> tuple[float | None, int]:
+    """Upper bucket bound holding the q-quantile of a Prometheus histogram, and the count."""
+    buckets: list[tuple[float, float]] = []
+    for line in text.splitlines():
+        if line.startswith(f"{name}_bucket{{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets.append((float("inf") if le == "+Inf" else float(le), float(line.rsplit(" ", 1)[1])))
+    if not buckets:
+        return None, 0
+    buckets.sort()
+    total = buckets[-1][1]
+    for bound, count in buckets:
+        if total and count >= q / 100 * total:
+            return bound, int(total)
+    return None, int(total)
+
+
+def rss_mb(pid: int) -> tuple[float, float]:
+    """(current RSS, peak RSS) in MiB."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+def cpu_seconds(pid: int) -> float:
+    parts = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", type=int, default=100)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--pace", type=float, default=1.0, help="seconds between trainer steps")
+    p.add_argument("--timeout", type=float, default=900)
+    p.add_argument("--status-qps", type=float, default=50.0)
+    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.add_argument("--keep", action="store_true", help="keep the namespace")
+    args = p.parse_args(argv)
+
+    from kubernetes import client, config, watch
+
+    from tests.cluster.cluster import ClusterInfo, up
+
+    kubeconfig = os.environ.get("KUBECONFIG")
+    info = ClusterInfo.load() if not kubeconfig else None
+    if not kubeconfig:
+        info = info or up()
+        kubeconfig = info.kubeconfig
+    if info is not None and info.can_run_pods:
+        info.build_image(IMAGE, ROOT / "tests" / "images" / "standin", build_args={"BASE_IMAGE": info.base_image})
+    api_client = config.new_client_from_config(config_file=kubeconfig)
+    core, batch = client.CoreV1Api(api_client), client.BatchV1Api(api_client)
+    custom = client.CustomObjectsApi(api_client)
+    env = {**os.environ, "KUBECONFIG": kubeconfig}
+    subprocess.run(["kubectl", "apply", "-f", str(ROOT / "crds" / "finetunerun.yaml")], env=env, check=True,
+                   capture_output=True)
+    ns = f"bench-{uuid.uuid4().hex[:6]}"
+    core.create_namespace({"metadata": {"name": ns}})
+    metrics_port, health_port = 18980, 18981
+    log_path = Path(f"/tmp/kubetune-bench-{ns}.log")
+    op_env = {**env, "KUBETUNE_TRAINER_IMAGE": IMAGE, "KUBETUNE_IMAGE_PULL_POLICY": "Never",
+              "KUBETUNE_S3_SECRET": "", "KUBETUNE_STATUS_QPS": str(args.status_qps)}
+    with open(log_path, "wb") as log:
+        operator = subprocess.Popen([sys.executable, "-m", "kubetune.operator", "--namespace", ns, "--standalone",
+                                     "--metrics-port", str(metrics_port), "--health-port", str(health_port)],
+                                    stdout=log, stderr=subprocess.STDOUT, env=op_env, cwd=str(ROOT))
+    results: dict[str, Any] = {"runs": args.runs, "steps": args.steps, "pace_s": args.pace, "namespace": ns}
+    job_seen: dict[str, float] = {}
+    job_names: dict[str, list[str]] = {}
+    stop = threading.Event()
+
+    def watch_jobs() -> None:
+        w = watch.Watch()
+        while not stop.is_set():
+            try:
+                for ev in w.stream(batch.list_namespaced_job, ns, label_selector="kubetune.io/run",
+                                   timeout_seconds=5):
+                    job = ev["object"]
+                    run = job.metadata.labels["kubetune.io/run"]
+                    names = job_names.setdefault(run, [])
+                    if job.metadata.name not in names:
+                        names.append(job.metadata.name)
+                    job_seen.setdefault(run, time.monotonic())
+                    if stop.is_set():
+                        break
+            except Exception:  # noqa: BLE001 - a bench keeps watching
+                time.sleep(0.5)
+
+    peak_rss = 0.0
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{health_port}/healthz", timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline or operator.poll() is not None:
+                    raise SystemExit(f"operator did not start; see {log_path}") from None
+                time.sleep(0.2)
+        watcher = threading.Thread(target=watch_jobs, daemon=True)
+        watcher.start()
+        time.sleep(1)
+        created: dict[str, float] = {}
+        t_start = time.monotonic()
+        for i in range(args.runs):
+            name = f"run-{i:04d}"
+            body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "FinetuneRun", "metadata": {"name": name},
+                    "spec": {"data": {"train": "s3://bench/train.csv"}, "training": {"epochs": 3},
+                             "model": {"config": {"standin": {"steps": args.steps, "pace": args.pace,
+                                                              "noise_lines": 1}}},
+                             "resources": {"gpus": 0, "cpu": "1m", "memory": "16Mi"}}}
+            custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body)
+            created[name] = time.monotonic()
+        results["create_all_s"] = round(time.monotonic() - t_start, 2)
+        samples: list[dict[str, Any]] = []
+        finished = 0
+        while time.monotonic() - t_start < args.timeout:
+            time.sleep(2)
+            rss, peak_rss = rss_mb(operator.pid)
+            items = custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"]
+            phases: dict[str, int] = {}
+            for item in items:
+                phase = (item.get("status") or {}).get("phase") or "None"
+                phases[phase] = phases.get(phase, 0) + 1
+            pods = core.list_namespaced_pod(ns).items
+            pod_phases: dict[str, int] = {}
+            for pod in pods:
+                pod_phases[pod.status.phase] = pod_phases.get(pod.status.phase, 0) + 1
+            samples.append({"t": round(time.monotonic() - t_start, 1), "rss_mb": round(rss, 1), "runs": phases,
+                            "pods": pod_phases})
+            print(json.dumps(samples[-1]), flush=True)
+            finished = phases.get("Succeeded", 0) + phases.get("Failed", 0)
+            if finished >= args.runs:
+                break
+        results["wall_s"] = round(time.monotonic() - t_start, 1)
+        results["finished"] = finished
+        results["max_running_pods"] = max((s["pods"].get("Running", 0) for s in samples), default=0)
+        results["max_pending_pods"] = max((s["pods"].get("Pending", 0) for s in samples), default=0)
+        stop.set()
+        latencies = [job_seen[n] - created[n] for n in created if n in job_seen]
+        results["apply_to_job_p50_s"] = round(percentile(latencies, 50) or -1, 3)
+        results["apply_to_job_p99_s"] = round(percentile(latencies, 99) or -1, 3)
+        results["apply_to_job_max_s"] = round(max(latencies, default=-1), 3)
+        results["apply_to_job_mean_s"] = round(statistics.fmean(latencies), 3) if latencies else None
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+            exposition = r.read().decode()
+        for q in (50, 99):
+            bound, count = histogram_quantile(exposition, "kubetune_status_lag_seconds", q)
+            results[f"status_lag_p{q}_le_s"] = bound
+            results["status_lag_events"] = count
+        results["operator_peak_rss_mb"] = round(peak_rss, 1)
+        results["operator_cpu_s"] = round(cpu_seconds(operator.pid), 1)
+        items = custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"]
+        attempts = {i["metadata"]["name"]: int((i.get("status") or {}).get("attempts") or 0) for i in items}
+        duplicates = 0
+        for run, names in job_names.items():
+            if len(names) != len(set(names)) or len(names) > max(1, attempts.get(run, 0)):
+                duplicates += 1
+        results["duplicate_jobs"] = duplicates
+        results["jobs"] = sum(len(v) for v in job_names.values())
+    finally:
+        stop.set()
+        operator.send_signal(signal.SIGTERM)
+        try:
+            operator.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            operator.kill()
+        if not args.keep:
+            core.delete_namespace(ns, propagation_policy="Background")
+    print(json.dumps(results, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
