@@ -382,7 +382,7 @@ def pod_state(pod: Mapping[str, Any], container: str = "trainer") -> PodState:
             return dataclasses.replace(state, exit_code=term.get("exitCode"),
                                        reason=term.get("reason") or state.reason,
                                        message=term.get("message") or state.message, started=True)
-        if st.get("running"):
+        if "running" in st:
             return dataclasses.replace(state, started=True)
         waiting = st.get("waiting") or {}
         return dataclasses.replace(state, waiting_reason=waiting.get("reason"),
