@@ -42,7 +42,7 @@ def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
     ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, int(round(q / 100 * (len(ordered) - 1)))))
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
     return ordered[index]
 
 
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     subprocess.run(["kubectl", "apply", "-f", str(ROOT / "crds" / "finetunerun.yaml")], env=env, check=True,
                    capture_output=True)
     ns = f"bench-{uuid.uuid4().hex[:6]}"
-    core.create_namespace({"metadata": {"name": ns}})
+    core.create_namespace({"metadata": {"name": ns}})  # type: ignore[arg-type]
     metrics_port, health_port = 18980, 18981
     log_path = Path(f"/tmp/kubetune-bench-{ns}.log")
     op_env = {**env, "KUBETUNE_TRAINER_IMAGE": IMAGE, "KUBETUNE_IMAGE_PULL_POLICY": "Never",
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                     job_seen.setdefault(run, time.monotonic())
                     if stop.is_set():
                         break
-            except Exception:  # noqa: BLE001 - a bench keeps watching
+            except Exception:  # a bench keeps watching
                 time.sleep(0.5)
 
     peak_rss = 0.0
@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         while time.monotonic() - t_start < args.timeout:
             time.sleep(2)
             rss, peak_rss = rss_mb(operator.pid)
-            items = custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"]
+            items: list[dict[str, Any]] = custom.list_namespaced_custom_object(
+                GROUP, VERSION, ns, PLURAL)["items"]  # type: ignore[index]
             phases: dict[str, int] = {}
             for item in items:
                 phase = (item.get("status") or {}).get("phase") or "None"
@@ -176,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
             pods = core.list_namespaced_pod(ns).items
             pod_phases: dict[str, int] = {}
             for pod in pods:
-                pod_phases[pod.status.phase] = pod_phases.get(pod.status.phase, 0) + 1
+                phase_of_pod = str(pod.status.phase if pod.status else "Unknown")
+                pod_phases[phase_of_pod] = pod_phases.get(phase_of_pod, 0) + 1
             samples.append({"t": round(time.monotonic() - t_start, 1), "rss_mb": round(rss, 1), "runs": phases,
                             "pods": pod_phases})
             print(json.dumps(samples[-1]), flush=True)
@@ -201,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             results["status_lag_events"] = count
         results["operator_peak_rss_mb"] = round(peak_rss, 1)
         results["operator_cpu_s"] = round(cpu_seconds(operator.pid), 1)
-        items = custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"]
+        items = custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"]  # type: ignore[index]
         attempts = {i["metadata"]["name"]: int((i.get("status") or {}).get("attempts") or 0) for i in items}
         duplicates = 0
         for run, names in job_names.items():
