@@ -119,12 +119,11 @@ def get_model(artifact: str | os.PathLike[str], select_model: str = TEXT, is_onn
 # ---------------------------------------------------------------------------------------------- encode
 def _doc_items(data: Any, kind: str) -> list[Any] | None:
     """Texts or images out of a docarray DocList/Document (``text`` / ``tensor`` / ``blob`` / ``uri``)."""
-    docs = None
-    module = type(data).__module__
-    if module.startswith("docarray"):
-        docs = list(data) if hasattr(data, "__iter__") and not hasattr(data, "text") else [data]
-    if docs is None:
+    if not type(data).__module__.startswith("docarray"):
         return None
+    from docarray import BaseDoc
+
+    docs = [data] if isinstance(data, BaseDoc) else list(data)
     items = []
     for doc in docs:
         if kind == TEXT:

@@ -241,7 +241,7 @@ def svg_chart(series: dict[str, list[tuple[float, float]]], title: str, x_label:
     def sy(y: float) -> float:
         return top + (1 - (y - y0) / (y1 - y0)) * (height - top - bottom)
 
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" width="{width}" '
+    parts = [f'<svg viewBox="0 0 {width} {height}" width="{width}" '
              f'height="{height}" role="img" aria-label="{html.escape(title)}">',
              f'<text x="{left}" y="16" class="ct">{html.escape(title)}</text>',
              f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" class="ax"/>',
