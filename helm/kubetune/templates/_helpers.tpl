@@ -79,16 +79,20 @@ app.kubernetes.io/part-of: kubetune
 {{- define "kubetune.operatorRules" -}}
 - apiGroups: ["kubetune.io"]
   resources: ["finetuneruns"]
-  verbs: ["get", "list", "watch", "patch", "update"]
+  verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["kubetune.io"]
   resources: ["finetuneruns/status"]
-  verbs: ["get", "patch", "update"]
+  verbs: ["get", "patch"]
+{{- /* children carry blockOwnerDeletion owner references to their run */}}
+- apiGroups: ["kubetune.io"]
+  resources: ["finetuneruns/finalizers"]
+  verbs: ["update"]
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "delete"]
 - apiGroups: [""]
   resources: ["configmaps"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  verbs: ["get", "list", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch"]
@@ -97,10 +101,7 @@ app.kubernetes.io/part-of: kubetune
   verbs: ["get"]
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
-- apiGroups: ["events.k8s.io"]
-  resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 {{- end -}}
 
 {{- define "kubetune.peeringRules" -}}
