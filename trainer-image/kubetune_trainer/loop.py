@@ -57,10 +57,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 def make_optimizer(kind: str, groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
     """AdamW/Adam with open_clip's ViT defaults (betas 0.9/0.98, eps 1e-6), or SGD with momentum 0.9."""
+    # the fused kernels (one kernel for all parameters, CPU and CUDA) need floating parameters on one device type
+    params = [p for g in groups for p in g["params"]]
+    fused = bool(params) and all(p.is_floating_point() for p in params) and len({p.device.type for p in params}) == 1
     if kind == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6, fused=fused or None)
     if kind == "adam":
-        return torch.optim.Adam(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
+        return torch.optim.Adam(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6, fused=fused or None)
     if kind == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=0.9)
     raise ValueError(f"unknown optimizer {kind!r}")
