@@ -347,8 +347,8 @@ def test_uninstall_leaves_only_crds(release: Release) -> None:
                                  ("Role", rbac.list_namespaced_role),
                                  ("RoleBinding", rbac.list_namespaced_role_binding)):
                 found += [f"{kind} {ns}/{n}" for n in names(lister(ns, label_selector=selector).items)]
-            found += [f"KopfPeering {ns}/{o['metadata']['name']}" for o in custom.list_namespaced_custom_object(
-                "kopf.dev", "v1", ns, "kopfpeerings")["items"]]
+            peerings: Any = custom.list_namespaced_custom_object("kopf.dev", "v1", ns, "kopfpeerings")
+            found += [f"KopfPeering {ns}/{o['metadata']['name']}" for o in peerings["items"]]
             found += [f"helm release {n}" for n in names(core.list_namespaced_secret(
                 ns, label_selector=f"owner=helm,name={rel.name}").items)]
         prefix = f"{rel.namespace}-{rel.fullname}"
