@@ -74,10 +74,13 @@ def wheelhouse(requirements: Sequence[str]) -> Path:
     if done.exists():
         return target
     target.mkdir(parents=True, exist_ok=True)
-    out = run([sys.executable, "-m", "pip", "download", "--only-binary=:all:", "--dest", str(target),
-               "--python-version", "3.11", "--platform", "manylinux2014_x86_64", "--platform",
-               "manylinux_2_28_x86_64", "--platform", "linux_x86_64", "--implementation", "cp",
-               *requirements], check=False, timeout=1800)
+    # Same interpreter version as the base image (CPython 3.11 on x86_64): a plain download picks the right
+    # wheels (explicit --platform lists miss tags such as manylinux_2_27 that torch's CUDA wheels use).
+    if sys.version_info[:2] != (3, 11):
+        raise HarnessError("the image wheelhouse is downloaded for the base image's CPython 3.11: run the harness "
+                           f"with a Python 3.11 interpreter (this is {sys.version.split()[0]})")
+    out = run([sys.executable, "-m", "pip", "download", "--dest", str(target), *requirements], check=False,
+              timeout=1800)
     if out.returncode != 0:
         raise HarnessError(f"pip download for the image wheelhouse failed:\n{out.stdout[-3000:]}")
     done.write_text("\n".join(requirements))
@@ -171,7 +174,8 @@ def _image_label(tag: str, label: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def ensure_project_image(tag: str, dockerfile: str, sources: Sequence[str], extras: Sequence[str]) -> str:
+def ensure_project_image(tag: str, dockerfile: str, sources: Sequence[str], extras: Sequence[str],
+                         build_args: Mapping[str, str] | None = None) -> str:
     """Build a project image from the repo root unless an image with the same source digest exists.
 
     The digest covers `sources` (paths in the repo), pyproject.toml and the Dockerfile, and is stored as the
@@ -181,5 +185,5 @@ def ensure_project_image(tag: str, dockerfile: str, sources: Sequence[str], extr
     if _image_label(tag, "io.kubetune.source-digest") == digest:
         return tag
     build_image(tag, REPO_ROOT, REPO_ROOT / dockerfile, wheels_for=extra_requirements(*extras),
-                labels={"io.kubetune.source-digest": digest})
+                build_args=build_args, labels={"io.kubetune.source-digest": digest})
     return tag
