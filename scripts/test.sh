@@ -8,7 +8,7 @@ scripts/install.sh operator,sdk,trainer,onnx,dev
 .venv/bin/ruff check .
 .venv/bin/mypy -p kubetune -p kubetune_trainer -p tests.cluster
 was_up=0
-if .venv/bin/python -m tests.cluster status | grep -q '"kind": "harness"'; then was_up=1; fi
+if .venv/bin/python -m tests.cluster is-up; then was_up=1; fi
 .venv/bin/python -m tests.cluster up
 if [ "$was_up" = 0 ] && [ "${KUBETUNE_KEEP_CLUSTER:-0}" != 1 ]; then
   trap '.venv/bin/python -m tests.cluster down' EXIT

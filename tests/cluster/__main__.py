@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("status", help="print what runs, as JSON")
     sub.add_parser("build", help="only build (or find cached) Kubernetes binaries")
     sub.add_parser("env", help="print export lines for KUBECONFIG and the S3 endpoint")
+    sub.add_parser("is-up", help="exit 0 when this machine's harness cluster is running, 1 otherwise")
     args = parser.parse_args(argv)
     try:
         if args.command == "up":
@@ -46,6 +47,12 @@ def main(argv: list[str] | None = None) -> int:
 
             path, seconds = ensure_binaries()
             print(f"{path} (built in {seconds:.0f}s)" if seconds else f"{path} (cached)")
+        elif args.command == "is-up":
+            from . import procs
+            from .cluster import ClusterInfo
+
+            info = ClusterInfo.load()
+            return 0 if info and info.kind == "harness" and procs.is_running("kube-apiserver") else 1
         elif args.command == "env":
             from .cluster import ClusterInfo
 
