@@ -34,7 +34,6 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +54,8 @@ from .errors import (
 from .events import MARKER
 from .spec import API_VERSION, GROUP, KIND, PLURAL, TERMINAL_PHASES, VERSION, FinetuneRunSpec, FinetuneRunStatus, Phase
 
-RUN_LABEL = "kubetune.io/run"  # = kubetune.manifests.RUN_LABEL (not imported: keep the SDK light)
+RUN_LABEL = "kubetune.io/run"  # = kubetune.manifests.RUN_LABEL
+CANCEL_ANNOTATION = "kubetune.io/cancel-requested"
 DEFAULT_BUCKET = "kubetune"
 INPUTS = "inputs"
 
@@ -518,29 +518,58 @@ class Run:
                     include_events: bool = False) -> Iterator[str]:
         """Yield log lines as they come, across retries (one pod per attempt), until the run ends."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        streamed: set[str] = set()
+        finished: set[str] = set()  # pods whose log has been read to the end
+        yielded: dict[str, int] = {}  # pod → lines already yielded (a re-opened stream starts over)
         while deadline is None or time.monotonic() < deadline:
             status = self.status()
-            pods = [p for p in self._pods() if p.metadata.name not in streamed]
-            if pods:
-                pod = pods[0]
-                response = self._pod_log(pod.metadata.name, follow=True)
+            pending = [p for p in self._pods() if p.metadata.name not in finished]
+            if pending:
+                name = pending[0].metadata.name
+                response = self._pod_log(name, follow=True)
                 if response is not None:
-                    streamed.add(pod.metadata.name)
+                    count = 0
                     try:
                         for line in _iter_lines(response):
-                            if include_events or not line.startswith(MARKER):
-                                yield line
+                            count += 1
+                            if count > yielded.get(name, 0):
+                                yielded[name] = count
+                                if include_events or not line.startswith(MARKER):
+                                    yield line
                     finally:
                         response.release_conn()
+                    if self._pod_done(name):
+                        finished.add(name)
+                    else:  # the stream ended early (container just starting, API server hiccup): re-open
+                        time.sleep(min(poll, 0.5))
                     continue
-            if status.phase in TERMINAL_PHASES:
-                if not streamed:  # the pods went before we could read them: the status keeps a tail
+                if self._pod_done(name):
+                    finished.add(name)
+            ended = status.phase in TERMINAL_PHASES or (
+                status.phase == Phase.SUSPENDED.value and self.cancel_requested)
+            if ended and not pending:
+                if not yielded:  # the pods went before we could read them: the status keeps a tail
                     for line in status.log_tail:
                         if include_events or not line.startswith(MARKER):
                             yield line
                 return
+            if ended and pending and all(self._pod_done(p.metadata.name) for p in pending):
+                finished.update(p.metadata.name for p in pending if self._pod_log(p.metadata.name) is None)
             time.sleep(poll)
+
+    def _pod_done(self, name: str) -> bool:
+        """Whether the pod's container has terminated (or the pod is gone): its log is complete."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            pod = self.client._core().read_namespaced_pod(name, self.namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return True
+            raise
+        if pod.status.phase in ("Succeeded", "Failed") or pod.metadata.deletion_timestamp:
+            return True
+        statuses = pod.status.container_statuses or []
+        return bool(statuses) and all(c.state.terminated is not None for c in statuses)
 
     # ---- lifecycle
     def wait(self, timeout: float | None = None, poll: float = 2.0, raise_on_failure: bool = True
@@ -553,6 +582,11 @@ class Run:
                 if raise_on_failure and st.phase != Phase.SUCCEEDED.value:
                     raise self._failure(st)
                 return st
+            if st.phase == Phase.SUSPENDED.value and self.cancel_requested:
+                if raise_on_failure:
+                    raise RunFailed(self.name, Phase.CANCELLED.value, "CancelRequested",
+                                    "cancelled through kubetune (the run is suspended)")
+                return st
             if deadline is not None and time.monotonic() >= deadline:
                 raise RunNotFinished(self.name, st.phase)
             time.sleep(poll)
@@ -563,9 +597,14 @@ class Run:
         return RunFailed(self.name, st.phase, reason, st.message)
 
     def cancel(self, delete: bool = False) -> str:
-        """Stop the run: delete its Job(s) (the operator marks it Cancelled; checkpoints stay), or with
-        ``delete=True`` delete the FinetuneRun itself (its children go with it). Returns what was done."""
-        custom, batch = self.client._custom(), self.client._batch()
+        """Stop the run. Returns what was done.
+
+        The run is suspended (``spec.runPolicy.suspend``: the operator deletes its Job, the checkpoints stay
+        in S3) and annotated ``kubetune.io/cancel-requested``; :meth:`wait` then reports it as cancelled.
+        With ``delete=True`` the FinetuneRun itself is deleted (its Job and ConfigMap go with it; the artifact
+        and checkpoints in S3 stay).
+        """
+        custom = self.client._custom()
         if delete:
             self.client._call(f"delete finetunerun {self.name}", lambda: custom.delete_namespaced_custom_object(
                 GROUP, VERSION, self.namespace, PLURAL, self.name), self.name, self.namespace)
@@ -573,20 +612,15 @@ class Run:
         st = self.status()
         if st.phase in TERMINAL_PHASES:
             return f"already {st.phase}"
-        selector = f"{RUN_LABEL}={_label_value(self.name)}"
-        jobs = self.client._call("list jobs", lambda: batch.list_namespaced_job(
-            self.namespace, label_selector=selector)).items
-        for job in jobs:
-            job_name = str(job.metadata.name)
-            self.client._call(f"delete job {job_name}", partial(
-                batch.delete_namespaced_job, job_name, self.namespace, propagation_policy="Background"))
-        if jobs:
-            return f"cancelling (deleted Job {', '.join(j.metadata.name for j in jobs)})"
-        # no Job yet: suspend, so that none is created
-        self.client._call(f"suspend finetunerun {self.name}", lambda: custom.patch_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, PLURAL, self.name, {"spec": {"runPolicy": {"suspend": True}}}),
-            self.name, self.namespace)
-        return "suspended (it had no Job yet)"
+        patch = {"metadata": {"annotations": {CANCEL_ANNOTATION: datetime.now(timezone.utc).strftime(
+            "%Y-%m-%dT%H:%M:%SZ")}}, "spec": {"runPolicy": {"suspend": True}}}
+        self._obj = self.client._call(f"cancel finetunerun {self.name}", lambda: custom.patch_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, self.name, patch), self.name, self.namespace)
+        return "cancelled (suspended: its Job is deleted, checkpoints are kept)"
+
+    @property
+    def cancel_requested(self) -> bool:
+        return CANCEL_ANNOTATION in (self._obj["metadata"].get("annotations") or {})
 
     # ---- artifact
     def save_artifact(self, directory: str | os.PathLike[str] = "clip-model") -> Path:
@@ -596,6 +630,8 @@ class Run:
         if st.phase != Phase.SUCCEEDED.value:
             if st.phase in TERMINAL_PHASES:
                 raise self._failure(st)
+            if self.cancel_requested:
+                raise RunFailed(self.name, Phase.CANCELLED.value, "CancelRequested", "it was cancelled")
             raise RunNotFinished(self.name, st.phase)
         if st.artifact is None or not st.artifact.uri:
             raise ArtifactMissing(f"run {self.name} succeeded but its status names no artifact",
