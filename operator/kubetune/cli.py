@@ -314,7 +314,7 @@ def status(name: str, namespace: NamespaceOpt = None, kubeconfig: KubeconfigOpt 
             table.add_row("loss", f"train {_fmt(st.metrics.train_loss)} · val {_fmt(st.metrics.val_loss)}")
         if st.message:
             table.add_row("message", st.message)
-        for cond in st.conditions:
+        for cond in (c for c in st.conditions if c.status == "True"):
             table.add_row(f"condition {cond.type}", f"{cond.status} {cond.reason or ''} {cond.message or ''}".strip())
         if st.artifact:
             table.add_row("artifact", f"{st.artifact.uri} ({(st.artifact.size or 0) / 1e6:.1f} MB, "

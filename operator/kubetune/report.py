@@ -67,7 +67,11 @@ def _load_eval(spec: Any, work: Path) -> tuple[Any, Any]:
     """(query PairSet, index PairSet) as the trainer evaluated them."""
     from kubetune_trainer.data import Fetcher, load_datasets, load_set
 
-    fetcher = Fetcher(work / "cache", spec.output)
+    output = spec.output
+    endpoint = os.environ.get("KUBETUNE_S3_ENDPOINT")  # S3 as this machine sees it (the spec has the pods' view)
+    if endpoint:
+        output = output.model_copy(update={"endpoint": endpoint})
+    fetcher = Fetcher(work / "cache", output)
     data = spec.data
     if data.query or data.eval:
         query = load_set("query", data.query or data.eval, data, fetcher)

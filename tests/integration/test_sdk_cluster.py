@@ -193,3 +193,14 @@ def test_logs_after_the_pods_are_gone_come_from_the_status(standin_image: str, o
     time.sleep(0.5)
     assert run.logs().splitlines()[-1] == "stand-in trainer: done"
     assert list(run.stream_logs(poll=0.5, timeout=30))[-1] == "stand-in trainer: done"
+
+
+def test_cli_run_without_local_submits_and_follows(standin_image: str, operator: Any, cluster: Any,
+                                                   namespace: str, s3_env: dict[str, str]) -> None:
+    env = {**s3_env, "KUBECONFIG": cluster.kubeconfig, "COLUMNS": "150"}
+    out = CliRunner().invoke(app, ["run", str(EXAMPLES / "quickstart.yaml"), "--name", "followed", "-n", namespace],
+                             env=env)
+    assert out.exit_code == 0, out.output[-2000:]
+    assert "created finetunerun/followed" in out.output
+    assert "stand-in trainer: done" in out.output and "recall_at_k" in out.output
+    assert f"artifact: s3://kubetune/kubetune/{namespace}/followed/" in out.output
