@@ -56,7 +56,10 @@ def test_readme_first_command(tmp_path: Path) -> None:
     assert match, text[-2000:]
     local_seconds = int(match.group(1)) * 60 + int(match.group(2))
     print(f"quickstart: {elapsed:.0f}s in all, {local_seconds}s for `kubetune run --local`")
-    assert local_seconds < LOCAL_RUN_BUDGET_S * (2 if os.cpu_count() == 1 else 1)
+    # the budget is for an otherwise idle 2-core machine: a shared, busy one stretches the wall clock
+    cores = os.cpu_count() or 1
+    slowdown = max(1.0, os.getloadavg()[0] / cores, 2.0 / cores)
+    assert local_seconds < LOCAL_RUN_BUDGET_S * slowdown, f"{local_seconds}s (load {os.getloadavg()})"
     artifact = Path(match.group(3))
     assert artifact == repo / "kubetune-runs" / "quickstart" / "artifact"
 
