@@ -123,7 +123,9 @@ class DataSpec(_Model):
 class TrainingSpec(_Model):
     epochs: Annotated[int, Field(ge=1, le=1000, description="Number of passes over the training data.")] = 5
     batch_size: Annotated[int, Field(ge=2, le=65536, description=(
-        "Pairs per optimizer step per GPU (contrastive losses need at least 2)."))] = 64
+        "Pairs per micro-batch per process (GPU). gradAccumulation follows open_clip's --accum-freq: each "
+        "optimizer step sees batchSize × gradAccumulation pairs per process (× processes under DDP) and the "
+        "contrastive loss is computed over all of them. Contrastive losses need at least 2."))] = 64
     learning_rate: Annotated[float, Field(gt=0.0, le=1.0, description="Peak learning rate.")] = 1e-5
     optimizer: Annotated[Optimizer, Field(description="Optimizer.")] = Optimizer.ADAMW
     weight_decay: Annotated[float, Field(ge=0.0, le=10.0, description=(
@@ -134,7 +136,8 @@ class TrainingSpec(_Model):
         "Numeric precision: auto (amp_bf16 on GPUs that support it, fp32 on CPU), fp32, amp, amp_bf16, "
         "bf16."))] = Precision.AUTO
     grad_accumulation: Annotated[int, Field(ge=1, le=1024, description=(
-        "Micro-batches accumulated per optimizer step."))] = 1
+        "Micro-batches of batchSize per optimizer step (open_clip's --accum-freq: their features are cached "
+        "so the loss sees batchSize × gradAccumulation pairs)."))] = 1
     seed: Annotated[int, Field(ge=0, le=2**31 - 1, description="Random seed.")] = 42
     lock_image: Annotated[bool, Field(description="Freeze the image tower.")] = False
     lock_text: Annotated[bool, Field(description="Freeze the text tower.")] = False

@@ -45,10 +45,25 @@ def classify(exc: BaseException) -> tuple[str, int]:
     return "TrainerError", EXIT_FAILED
 
 
+def without_nproc(argv: list[str]) -> list[str]:
+    """``argv`` less ``--nproc N`` / ``--nproc=N``: the workers must not see it (torchrun's own parser reads
+    ``--nproc`` as an ambiguous prefix of ``--nproc-per-node`` and exits)."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
 def launch_torchrun(nproc: int, argv: list[str]) -> int:
     """Re-run this program under torchrun with ``nproc`` processes on this node."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "kubetune_trainer", *argv]
+           "-m", "kubetune_trainer", *without_nproc(argv)]
     child = subprocess.Popen(cmd)
 
     def forward(signum: int, _frame: FrameType | None) -> None:

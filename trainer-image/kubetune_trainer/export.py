@@ -7,14 +7,16 @@
       clip-text/model.safetensors    text-tower weights only (no visual.* key)
       clip-text/config.json          {"model_name", "embed_dim", "text_cfg", "quick_gelu", "custom_text"}
       clip-text/preprocessing.json   tokenizer: kind, context length, HF tokenizer name
-      clip-text/textual.onnx         (export.onnx) text → normalised embedding; clip-as-service's file name
+      clip-text/textual.onnx         (export.onnx) input_ids [batch, context_length] → normalised embeddings
       clip-vision/model.safetensors  image-tower weights only
       clip-vision/config.json        {"model_name", "embed_dim", "vision_cfg", "quick_gelu"}
       clip-vision/preprocessing.json image size, mean, std, interpolation, resize mode
-      clip-vision/visual.onnx        (export.onnx) image → normalised embedding
+      clip-vision/visual.onnx        (export.onnx) pixel_values [batch, 3, H, W] → normalised embeddings
 
 The artifact event's ``sha256`` is the sha256 of ``manifest.json``, which in turn pins every other file.
-Putting ``clip-text/textual.onnx`` and ``clip-vision/visual.onnx`` side by side gives clip-as-service's layout.
+``textual.onnx`` / ``visual.onnx`` are the file names clip-as-service's ONNX runtime loads from one model
+directory: putting the two side by side gives its layout. ``metadata.json["onnx"]`` records each file's input
+and output names, opset and the verified max |torch − onnxruntime|.
 """
 
 from __future__ import annotations
@@ -115,13 +117,18 @@ def tokenizer_info(config: Mapping[str, Any], context_length: int) -> dict[str, 
 
 def write_artifact(root: Path, model: nn.Module, model_name: str, config: Mapping[str, Any],
                    preprocess_cfg: Mapping[str, Any], metrics: Mapping[str, Any], metadata: Mapping[str, Any],
-                   onnx: bool = False) -> tuple[str, int, int]:
-    """Write the artifact directory; returns (manifest sha256, total size, file count)."""
+                   onnx: bool = False, context_length: int | None = None) -> tuple[str, int, int]:
+    """Write the artifact directory; returns (manifest sha256, total size, file count).
+
+    ``context_length`` is the tokenizer's (what training used); by default the model's. They differ for Hugging
+    Face text towers, where open_clip's ``model.context_length`` is the encoder's ``max_position_embeddings``.
+    """
     from safetensors.torch import save_file
 
     text, vision, rest = split_state_dict(model.state_dict())
     custom_text = hasattr(model, "text")
-    context_length = int(getattr(model, "context_length", config.get("text_cfg", {}).get("context_length", 77)))
+    if context_length is None:
+        context_length = int(getattr(model, "context_length", config.get("text_cfg", {}).get("context_length", 77)))
     save_file(text, str(_mkdir(root / TEXT_DIR) / WEIGHTS), metadata={"format": FORMAT, "tower": "text"})
     save_file(vision, str(_mkdir(root / VISION_DIR) / WEIGHTS), metadata={"format": FORMAT, "tower": "vision"})
     common = {"model_name": model_name, "embed_dim": config["embed_dim"], "quick_gelu": config.get("quick_gelu", False)}
@@ -131,10 +138,10 @@ def write_artifact(root: Path, model: nn.Module, model_name: str, config: Mappin
     _json(root / VISION_DIR / "preprocessing.json", dict(preprocess_cfg))
     _json(root / "metrics.json", dict(metrics))
     scalars = {k: v.float().flatten().tolist() for k, v in rest.items()}
+    onnx_report = export_onnx(root, model, preprocess_cfg, context_length) if onnx else None
     _json(root / "metadata.json", {**metadata, "format": FORMAT, "model_name": model_name,
-                                   "model_config": dict(config), "model_scalars": scalars})
-    if onnx:
-        export_onnx(root, model, preprocess_cfg, context_length)
+                                   "model_config": dict(config), "model_scalars": scalars,
+                                   **({"onnx": onnx_report} if onnx_report else {})})
     return write_manifest(root)
 
 
@@ -155,7 +162,10 @@ def load_tower(tower_dir: str | Path, device: str | torch.device = "cpu") -> nn.
     tower_dir = Path(tower_dir)
     config = json.loads((tower_dir / "config.json").read_text())
     if "text_cfg" in config:
-        module = _build_text_tower(config["embed_dim"], config["text_cfg"], config.get("quick_gelu", False))
+        text_cfg = dict(config["text_cfg"])
+        if text_cfg.get("hf_model_name"):  # the weights come from this directory: no hub download of the base
+            text_cfg["hf_model_pretrained"] = False
+        module = _build_text_tower(config["embed_dim"], text_cfg, config.get("quick_gelu", False))
     elif "vision_cfg" in config:
         module = _build_vision_tower(config["embed_dim"], config["vision_cfg"], config.get("quick_gelu", False))
     else:
@@ -202,7 +212,14 @@ def load_artifact_state_dict(root: str | Path) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------------------------ ONNX
+ONNX_OPSET = 18
+ONNX_INPUTS = {TEXT_DIR: "input_ids", VISION_DIR: "pixel_values"}
+ONNX_OUTPUT = "embeddings"
+
+
 class _Normalized(nn.Module):
+    """A tower followed by L2 normalisation: what ``encode_text`` / ``encode_image(normalize=True)`` return."""
+
     def __init__(self, tower: nn.Module) -> None:
         super().__init__()
         self.tower = tower
@@ -211,27 +228,73 @@ class _Normalized(nn.Module):
         return F.normalize(self.tower(x), dim=-1)
 
 
-def export_onnx(root: Path, model: nn.Module, preprocess_cfg: Mapping[str, Any], context_length: int,
-                opset: int = 18) -> dict[str, float]:
-    """Export each tower from the artifact's own files and verify it with onnxruntime (|Δ| ≤ 1e-4)."""
+class _Encode(nn.Module):
+    """``model.encode_text`` or ``model.encode_image`` with ``normalize=True`` (the reference for verification)."""
+
+    def __init__(self, model: nn.Module, text: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.text = text
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        encode = self.model.encode_text if self.text else self.model.encode_image
+        return encode(x, normalize=True)  # type: ignore[operator]
+
+
+def onnx_examples(model: nn.Module, preprocess_cfg: Mapping[str, Any], context_length: int,
+                  batch: int = 2) -> dict[str, torch.Tensor]:
+    """Example inputs per tower: random token ids (static length ``context_length``) and random pixels."""
     size = preprocess_cfg.get("size", 224)
     height, width = (size, size) if isinstance(size, int) else tuple(size)
     generator = torch.Generator().manual_seed(0)
-    vocab = int(getattr(model, "vocab_size", 1000))
-    examples = {
-        TEXT_DIR: (ONNX_TEXT, torch.randint(1, max(2, vocab - 1), (2, context_length), generator=generator)),
-        VISION_DIR: (ONNX_VISION, torch.randn(2, 3, height, width, generator=generator)),
-    }
-    worst = {}
-    for tower_name, (file_name, example) in examples.items():
-        tower = _Normalized(load_tower(root / tower_name)).eval()
-        path = root / tower_name / file_name
-        with torch.no_grad():
-            torch.onnx.export(tower, (example,), str(path), input_names=["input"], output_names=["output"],
-                              dynamic_axes={"input": {0: "batch_size"}, "output": {0: "batch_size"}},
-                              opset_version=opset, dynamo=False)
-        worst[tower_name] = verify_onnx(tower, path, example[:1].repeat(3, *([1] * (example.dim() - 1))))
-    return worst
+    text_module = getattr(model, "text", model)
+    vocab = int(getattr(text_module, "vocab_size", 0) or getattr(model, "vocab_size", 0) or 1000)
+    pad = int(getattr(getattr(text_module, "config", None), "pad_token_id", None) or 0)
+    tokens = torch.randint(1, max(2, vocab - 1), (batch, context_length), generator=generator)
+    tokens[tokens == pad] = pad + 1 if pad + 1 < vocab else max(pad - 1, 0)
+    tokens[:, -(context_length // 3):] = pad  # padded tails, as real tokenised captions have
+    return {TEXT_DIR: tokens, VISION_DIR: torch.randn(batch, 3, height, width, generator=generator)}
+
+
+def export_onnx(root: Path, model: nn.Module, preprocess_cfg: Mapping[str, Any], context_length: int,
+                opset: int = ONNX_OPSET) -> dict[str, dict[str, Any]]:
+    """Export each tower, built from the artifact's own files, to ONNX and verify it with onnxruntime.
+
+    ``clip-text/textual.onnx`` maps ``input_ids`` (int64, [batch, context_length]: the length is static) and
+    ``clip-vision/visual.onnx`` maps ``pixel_values`` (float32, [batch, 3, H, W]) to L2-normalised
+    ``embeddings``; the batch axis is dynamic. Each file is checked against the trained model's own
+    ``encode_text`` / ``encode_image(normalize=True)`` on a batch size other than the export's, so both the
+    tower split and the export are verified (|Δ| ≤ 1e-4, else :class:`ExportError`).
+    """
+    was_training = model.training
+    model.eval()
+    reference_dtype = next(model.parameters()).dtype
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    # nn.MultiheadAttention's eval fast path (aten::_native_multi_head_attention) has no ONNX symbolic
+    torch.backends.mha.set_fastpath_enabled(False)
+    report: dict[str, dict[str, Any]] = {}
+    try:
+        examples = onnx_examples(model, preprocess_cfg, context_length)
+        checks = onnx_examples(model, preprocess_cfg, context_length, batch=3)
+        for tower_name, file_name in ((TEXT_DIR, ONNX_TEXT), (VISION_DIR, ONNX_VISION)):
+            tower = _Normalized(load_tower(root / tower_name)).float().eval()
+            path = root / tower_name / file_name
+            name = ONNX_INPUTS[tower_name]
+            with torch.no_grad():
+                torch.onnx.export(tower, (examples[tower_name],), str(path), input_names=[name],
+                                  output_names=[ONNX_OUTPUT],
+                                  dynamic_axes={name: {0: "batch_size"}, ONNX_OUTPUT: {0: "batch_size"}},
+                                  opset_version=opset, dynamo=False)
+            reference: nn.Module = _Encode(model, text=tower_name == TEXT_DIR).eval()
+            if reference_dtype != torch.float32:  # bf16 weights: compare with the fp32 tower instead
+                reference = tower
+            worst = verify_onnx(reference, path, checks[tower_name])
+            report[tower_name] = {"file": f"{tower_name}/{file_name}", "input": name, "output": ONNX_OUTPUT,
+                                  "opset": opset, "max_abs_diff": worst, "tolerance": ONNX_TOLERANCE}
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        model.train(was_training)
+    return report
 
 
 def verify_onnx(module: nn.Module, path: Path, example: torch.Tensor) -> float:
@@ -239,10 +302,13 @@ def verify_onnx(module: nn.Module, path: Path, example: torch.Tensor) -> float:
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    device = next(module.parameters()).device
     with torch.no_grad():
-        expected = module(example).numpy()
+        expected = module(example.to(device)).float().cpu().numpy()
     got = session.run(None, {session.get_inputs()[0].name: example.numpy()})[0]
+    if got.shape != expected.shape:
+        raise ExportError(f"{path.name}: onnxruntime output shape {got.shape} != torch {expected.shape}")
     worst = float(abs(expected - got).max())
-    if worst > ONNX_TOLERANCE:
+    if not worst <= ONNX_TOLERANCE:
         raise ExportError(f"{path.name}: onnxruntime differs from torch by {worst:.2e} > {ONNX_TOLERANCE}")
     return worst

@@ -43,7 +43,10 @@ class ModelBundle:
 
     @property
     def context_length(self) -> int:
-        return int(getattr(self.model, "context_length", 77))
+        """The tokenizer's context length (for HF text towers ``model.context_length`` is the encoder's
+        ``max_position_embeddings``, not what the tokenizer pads to)."""
+        length = getattr(self.tokenizer, "context_length", None)
+        return int(length if length is not None else getattr(self.model, "context_length", 77))
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

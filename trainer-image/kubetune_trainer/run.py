@@ -335,7 +335,8 @@ class Trainer:
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         sha, size, files = export.write_artifact(root, model, bundle.name, bundle.config, bundle.preprocess_cfg,
-                                                 metrics, metadata, onnx=self.spec.export.onnx)
+                                                 metrics, metadata, onnx=self.spec.export.onnx,
+                                                 context_length=bundle.context_length)
         for stale in self.store.list(ARTIFACT):
             self.store.delete(stale)
         # everything but the manifest first: a present manifest.json means a complete artifact
