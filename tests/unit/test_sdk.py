@@ -245,3 +245,24 @@ def test_download_refuses_a_non_empty_foreign_directory(tmp_path: Path) -> None:
     with pytest.raises(errors.ConfigInvalid, match="not empty"):
         download_artifact(LocalStore(source), tmp_path / "busy", sha, "s3://b/a")
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+
+
+def test_fit_turns_a_doclist_into_a_protobuf_file_the_trainer_reads(tmp_path: Path) -> None:
+    from docarray import BaseDoc, DocList
+    from kubetune.client import _materialise
+
+    class PairDoc(BaseDoc):
+        text: str
+        image: str
+
+    docs = DocList[PairDoc]([PairDoc(text="a red circle", image="s3://b/1.png")])
+    path = _materialise(docs, tmp_path, "train")
+    assert path == str(tmp_path / "train.bin")
+    from kubetune_trainer.data import read_doclist
+
+    (doc,) = read_doclist(Path(path).read_bytes(), "train")
+    assert doc["text"] == "a red circle" and doc["image"] == "s3://b/1.png"
+    assert _materialise("s3://b/t.csv", tmp_path, "eval") == "s3://b/t.csv"
+    assert _materialise(None, tmp_path, "eval") is None
+    with pytest.raises(errors.ConfigInvalid, match="DocList"):
+        _materialise(42, tmp_path, "query")
