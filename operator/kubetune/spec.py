@@ -13,7 +13,7 @@ import re
 from enum import Enum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "kubetune.io"
@@ -28,11 +28,22 @@ URI_PATTERN = r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|https?://.+|file:
 QUANTITY_PATTERN = r"^([+]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 BUCKET_PATTERN = r"^[a-z0-9][a-z0-9.\-]*[a-z0-9]$"
+_NUMBER_TYPES: tuple[Any, ...] = (int, float, int | None, float | None)
 
 
 class _Model(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid",
                               use_enum_values=True, validate_default=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads true as 1; the API server (OpenAPI type integer/number) rejects it, so do we.
+        if isinstance(value, bool) and info.field_name is not None:
+            annotation = cls.model_fields[info.field_name].annotation
+            if annotation in _NUMBER_TYPES:
+                raise ValueError("Input should be a number, not a boolean")
+        return value
 
     def dump(self) -> dict[str, Any]:
         """camelCase JSON-ready dict without unset optional fields (what goes into a manifest)."""

@@ -188,6 +188,8 @@ class StatusFolder:
                  line_max_chars: int = LOG_LINE_MAX_CHARS) -> None:
         status = copy.deepcopy(dict(status or {}))
         self.status: dict[str, Any] = status
+        self.sent: dict[str, Any] = copy.deepcopy(status)  # what the server holds (for merge-patch removals)
+        self._before_patch: dict[str, Any] = {}
         self.tail: deque[str] = deque((str(x)[:line_max_chars] for x in status.get("logTail") or ()),
                                       maxlen=tail_lines)
         self.line_max_chars = line_max_chars
@@ -322,11 +324,33 @@ class StatusFolder:
         """The status fields changed since the last call (top-level merge patch), and the write times of the
         lines it covers. Clears the pending state."""
         self.status["logTail"] = list(self.tail)
-        patch = {key: copy.deepcopy(self.status.get(key)) for key in sorted(self.dirty)}
+        patch = {key: merge_diff(self.sent.get(key), self.status.get(key)) for key in sorted(self.dirty)}
+        self._before_patch = {key: self.sent.get(key) for key in self.dirty}
+        for key in self.dirty:
+            self.sent[key] = copy.deepcopy(self.status.get(key))
         times = self.pending_times
         self.dirty = set()
         self.pending_times = []
         return patch, times
+
+    def requeue(self, patch: Mapping[str, Any], times: list[float]) -> None:
+        """The last patch did not reach the server: send its fields again (with their current values)."""
+        for key in patch:
+            self.sent[key] = self._before_patch.get(key, self.sent.get(key))
+            self.dirty.add(key)
+        self.pending_times.extend(times)
+
+
+def merge_diff(old: Any, new: Any) -> Any:
+    """The JSON merge patch (RFC 7386) value that turns ``old`` into ``new``: nested objects merge on the server,
+    so keys that disappeared must be sent as null (e.g. a later evaluation with other metric names must replace
+    the earlier one, not add to it beyond the schema's maxProperties)."""
+    if not isinstance(new, dict) or not isinstance(old, dict):
+        return copy.deepcopy(new)
+    out: dict[str, Any] = {key: None for key in old if key not in new}
+    for key, value in new.items():
+        out[key] = merge_diff(old.get(key), value)
+    return out
 
 
 class Throttle:

@@ -205,7 +205,13 @@ def read_csv_rows(text: str, set_name: str, text_column: str, image_column: str)
     for column in (text_column, image_column):
         if column not in columns:
             raise DataError(set_name, None, f"no column {column!r} (columns: {', '.join(columns) or 'none'})")
-    return [(i, row.get(text_column) or "", row.get(image_column) or "") for i, row in enumerate(reader, 1)]
+    rows: list[tuple[int, str, str]] = []
+    try:
+        for i, row in enumerate(reader, 1):
+            rows.append((i, row.get(text_column) or "", row.get(image_column) or ""))
+    except csv.Error as exc:  # e.g. a field over csv.field_size_limit() (a huge caption)
+        raise DataError(set_name, len(rows) + 1, f"malformed CSV ({exc})") from None
+    return rows
 
 
 def _first(doc: dict[str, Any], names: Sequence[str]) -> Any:
@@ -323,7 +329,7 @@ def load_set(set_name: str, uri: str, data_spec: DataSpec, fetcher: Fetcher, wor
             decoded, size = check_image(ref)
         except FileNotFoundError:
             return f"image {row.uri} not found"
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
             what = row.uri or "bytes"
             return f"image {what} is unreadable ({type(exc).__name__}: {str(exc)[:120]})"
         if budget[0] >= size:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -127,5 +128,9 @@ def load_weights(model: nn.Module, path: Path) -> None:
         raise ModelError(f"{path}: weights must be one of {', '.join(WEIGHT_SUFFIXES)} or an artifact directory")
     try:
         open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
+    except pickle.UnpicklingError as exc:  # weights_only refused a pickled object: never run code from a bucket
+        first = str(exc).split("WeightsUnpickler error:")[-1].strip().splitlines()[0][:200]
+        raise ModelError(f"{path}: cannot load weights: refused, the file holds pickled objects besides tensors "
+                         f"(loaded with weights_only=True): {first}") from None
     except (RuntimeError, KeyError, ValueError) as exc:
         raise ModelError(f"{path}: cannot load weights: {str(exc)[:300]}") from None

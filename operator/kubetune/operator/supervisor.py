@@ -75,7 +75,7 @@ def validate(spec: Mapping[str, Any]) -> tuple[FinetuneRunSpec | None, list[tupl
     except ValidationError as e:
         errors: list[tuple[str, str]] = []
         for err in e.errors():
-            loc = ".".join(str(p) for p in err.get("loc", ()))
+            loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err.get("loc", ())).lstrip(".")
             msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
             if not loc:  # the model-level (cross-field) validator: "path: reason; path: reason"
                 for part in msg.split("; "):
@@ -112,6 +112,7 @@ class Supervisor:
         self.seen_at_last_ts = 0
         self.waiting_reported: str | None = None
         self.stream_opened = False
+        self.pod_attempt: int | None = None  # the attempt whose pod status.podName names (this process's view)
 
     # ------------------------------------------------------------------------------------ helpers
     @property
@@ -151,8 +152,7 @@ class Supervisor:
                 if e.status == 422:  # a bug: drop the patch rather than retrying it forever
                     self.logger.error(f"Status patch rejected: {e.message}")
                     return
-                self.folder.update(patch)  # keep it pending; the next flush retries
-                self.folder.pending_times.extend(written)
+                self.folder.requeue(patch, written)  # keep it pending; the next flush retries
                 raise
             now = time.time()
             self.throttle.flushed(now)
@@ -334,7 +334,14 @@ class Supervisor:
             if pod is not None and followable:
                 # Follow as soon as the pod is on a node: the stream opens the moment the container starts
                 # (the pod watch reports "running" only after the kubelet's next status sync).
-                if self.status.get("podName") != pod.name:
+                previous = self.status.get("podName")
+                if previous != pod.name:
+                    if previous and self.pod_attempt == attempt:  # the Job controller replaced a deleted pod
+                        message = (f"Trainer pod {previous} of attempt {attempt} is gone; the Job started {pod.name}, "
+                                   "which resumes from the latest checkpoint.")
+                        kopf.event(self.body, type="Warning", reason="TrainerPodReplaced", message=message)
+                        self.folder.update({"message": message})
+                    self.pod_attempt = attempt
                     self.folder.update({"podName": pod.name})
                 opened = await self.follow_log(pod.name)
                 if self.should_stop():

@@ -10,6 +10,8 @@ behaviour from ``spec.model.config.standin`` (all optional):
                          with fail_attempts 0 the exit code applies to every attempt
     fail_at_step: null   fail at this step instead of at the end
     noise_lines: 1       human log lines per step
+    garbage_lines: 0     malformed lines per step (partial events, bad JSON, 100 kB lines, binary, a flood)
+    alloc_mb: 0          allocate (and touch) this many MiB at the first step (an OOM kill under a small limit)
 
 A resumed attempt ($KUBETUNE_RESUME_FROM ending in ``step-N``) continues from step N. SIGTERM ends the run
 with exit 143 after a retryable ``failed`` event, as the real trainer does.
@@ -39,6 +41,29 @@ def say(text: str) -> None:
     sys.stdout.flush()
 
 
+def garbage(step: int, n: int) -> None:
+    """Malformed output the operator must survive: none of it may reach the status unbounded."""
+    samples = [
+        MARKER + '{"type": "progress", "step": ',  # a partial event
+        MARKER + "not json at all",
+        MARKER + '{"type": "progress", "step": "many", "loss": "NaN"}',
+        MARKER + json.dumps({"type": "evaluation", "stage": "after", "metrics": {f"m{i}": i for i in range(500)}}),
+        "x" * 100_000,  # a very long human line
+        MARKER + "{" * 5000,
+        b"\x00\x01\xff\xfe binary, not UTF-8",
+    ]
+    for i in range(n):
+        sample = samples[(step + i) % len(samples)]
+        if isinstance(sample, bytes):
+            sys.stdout.flush()
+            sys.stdout.buffer.write(sample + b"\n")
+            sys.stdout.buffer.flush()
+        else:
+            say(sample)
+    for _ in range(n * 20):  # a flood of valid events for the throttle to coalesce
+        emit("progress", step=step, total_steps=None)
+
+
 def on_term(signum: int, frame: object) -> None:
     emit("failed", reason="Terminated", message="SIGTERM received", retryable=True, exit_code=143)
     sys.exit(143)
@@ -63,6 +88,8 @@ def main() -> int:
         exit_code = 0
     fail_at = behaviour.get("fail_at_step")
     noise = int(behaviour.get("noise_lines", 1))
+    garbage_lines = int(behaviour.get("garbage_lines", 0))
+    alloc_mb = int(behaviour.get("alloc_mb", 0))
     output = spec.get("output") or {}
     bucket, prefix = output.get("bucket", "kubetune"), output.get("prefix", "kubetune")
     base = f"s3://{bucket}/{prefix}/{meta['namespace']}/{meta['name']}"
@@ -79,6 +106,13 @@ def main() -> int:
     t0 = time.time()
     for step in range(start + 1, steps + 1):
         time.sleep(pace)
+        if alloc_mb and step == start + 1:
+            hog = bytearray(alloc_mb << 20)
+            for offset in range(0, len(hog), 4096):
+                hog[offset] = 1
+            say(f"stand-in trainer: holding {alloc_mb} MiB")
+        if garbage_lines:
+            garbage(step, garbage_lines)
         epoch = min(epochs, (step - 1) // steps_per_epoch + 1)
         loss = 2.0 / math.sqrt(step)
         for i in range(noise):
