@@ -13,6 +13,9 @@ Design:
   ConfigMap at key ``run.yaml``, mounted read-only at ``/etc/kubetune/run.yaml``. It is written as JSON,
   which is valid YAML: ``yaml.safe_load`` and ``json.load`` both read it.
 - S3 credentials reach the trainer through ``secretKeyRef`` only: the operator never reads Secret values.
+- Runs that request GPUs get the operator's GPU placement defaults (``OperatorSettings.gpu_node_selector`` and
+  ``gpu_tolerations``, from the chart's ``runDefaults.gpu``): node selectors are merged (the run's own value wins
+  for a key both set), default tolerations are appended after the run's own (duplicates skipped).
 - Hardened pod: non-root, read-only root filesystem (emptyDir for /tmp and /dev/shm), no privilege escalation,
   all capabilities dropped, seccomp RuntimeDefault, no service-account token.
 """
@@ -24,7 +27,7 @@ import json
 from typing import Any
 
 from kubetune.operator.settings import Capabilities, OperatorSettings
-from kubetune.spec import API_VERSION, KIND, FinetuneRunSpec, SecretRef
+from kubetune.spec import API_VERSION, KIND, FinetuneRunSpec, ResourcesSpec, SecretRef, Toleration
 
 RUN_LABEL = "kubetune.io/run"
 ATTEMPT_LABEL = "kubetune.io/attempt"
@@ -90,8 +93,24 @@ def run_annotations(run: dict[str, Any]) -> dict[str, str]:
     return {RUN_NAME_ANNOTATION: meta["name"], RUN_UID_ANNOTATION: meta["uid"]}
 
 
+def gpu_placement(resources: ResourcesSpec, settings: OperatorSettings) -> dict[str, Any]:
+    """Node selector and tolerations of a run's pod: the run's own, plus the operator's GPU defaults when the run
+    requests GPUs. Node selectors merge (the run's value wins for a key both set); default tolerations are
+    appended after the run's own, skipping ones the run already has."""
+    node_selector = dict(resources.node_selector)
+    tolerations = list(resources.tolerations)
+    if resources.gpus > 0:
+        node_selector = {**settings.gpu_node_selector, **node_selector}
+        for raw in settings.gpu_tolerations:
+            toleration = Toleration.model_validate(dict(raw))
+            if toleration not in tolerations:
+                tolerations.append(toleration)
+    return {"node_selector": node_selector, "tolerations": tolerations}
+
+
 def resolve_spec(spec: FinetuneRunSpec, settings: OperatorSettings) -> FinetuneRunSpec:
-    """The spec with the operator's defaults filled in (image, pull policy, S3 endpoint/bucket/secret)."""
+    """The spec with the operator's defaults filled in (image, pull policy, S3 endpoint/bucket/secret, GPU
+    node selector and tolerations)."""
     output = spec.output.model_copy(update={
         "endpoint": spec.output.endpoint or settings.s3_endpoint,
         "bucket": spec.output.bucket or settings.s3_bucket,
@@ -101,6 +120,7 @@ def resolve_spec(spec: FinetuneRunSpec, settings: OperatorSettings) -> FinetuneR
     resources = spec.resources.model_copy(update={
         "image": spec.resources.image or settings.trainer_image,
         "image_pull_policy": spec.resources.image_pull_policy or settings.image_pull_policy,
+        **gpu_placement(spec.resources, settings),
     })
     return spec.model_copy(update={"output": output, "resources": resources})
 

@@ -4,13 +4,18 @@ One module-scoped release (operator image built from operator.Dockerfile, stand-
 own runs namespace; the tests run in file order against it:
 
 1. install (Helm library, waits for the operator to be Ready) and ``helm test`` (the hook pod checks /healthz);
-2. a FinetuneRun runs to Succeeded and another to Failed, run by the in-cluster operator; Prometheus scrapes the
-   operator through its pod IP meanwhile; ``promtool check metrics`` is clean on its exposition;
+   without ``operator.hostAliases``: the harness has no cluster DNS, and the operator's in-cluster login
+   addresses the API server by ``KUBERNETES_SERVICE_HOST``/``_PORT``;
+2. a FinetuneRun runs to Succeeded and another to Failed, run by the in-cluster operator, and a third asks for a GPU
+   (none here), so it stays Pending with the chart's ``runDefaults.gpu`` node selector and toleration on its Job;
+   Prometheus scrapes the operator through its pod IP meanwhile; ``promtool check metrics`` is clean on its
+   exposition;
 3. ``promtool check rules`` passes on the rendered PrometheusRule, and Prometheus evaluates every alert expression;
 4. every PromQL expression of every dashboard panel (and every variable query) parses and returns at least one
-   series from that Prometheus. GPU panels are evaluated against ``tests/fixtures/dcgm.prom``, a FIXTURE DCGM
-   exporter + kube-state-metrics exposition (no GPU here) naming the real run's pod, served by a local HTTP server
-   and scraped by the same Prometheus;
+   series from that Prometheus (the operator's own panels included: run info, ETA, validation loss, evaluation,
+   handler errors, process CPU/memory). GPU panels are evaluated against ``tests/fixtures/dcgm.prom``, a FIXTURE
+   DCGM exporter + kube-state-metrics exposition (no GPU here) naming the real run's pod, served by a local HTTP
+   server and scraped by the same Prometheus;
 5. uninstall leaves nothing but the CRDs.
 """
 
@@ -35,7 +40,7 @@ import yaml
 
 from tests.cluster.prometheus import Prometheus
 from tests.integration.test_operator_support import Runs, run_manifest, standin, standin_image, wait_for
-from tests.unit.test_helm_chart import REQUESTED_FROM_OPERATOR, dashboards, metric_names
+from tests.unit.test_helm_chart import REQUESTED_FROM_OPERATOR, dashboards
 
 __all__ = ["standin_image"]
 
@@ -48,6 +53,9 @@ CHART = ROOT / "helm" / "kubetune"
 OPERATOR_IMAGE = "kubetune/operator:dev"
 DCGM_FIXTURE = ROOT / "tests" / "fixtures" / "dcgm.prom"
 PROMTOOL = "promtool"
+GPU_NODE_SELECTOR = {"kubetune.io/e2e-gpu-pool": "none"}  # no node has it: the GPU run stays Pending
+GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+RUN_NAMES = ("ok", "bad", "gpu-waiting")
 
 
 @dataclass
@@ -113,15 +121,15 @@ def release(e2e_cluster: Any, kube_api: Any, operator_image: str, standin_image:
     s3_client.make_bucket(bucket)
     repo, tag = operator_image.split(":")
     trainer_repo_tag = standin_image
-    # No cluster DNS in the harness: kopf's in-cluster login needs kubernetes.default.svc as a host alias.
-    api_ip = core.read_namespaced_service("kubernetes", "default").spec.cluster_ip
+    # No cluster DNS in the harness, and no operator.hostAliases either: the operator's in-cluster login finds the
+    # API server through KUBERNETES_SERVICE_HOST/_PORT.
     values = {
         "operator": {"image": {"repository": repo, "tag": tag, "pullPolicy": "Never"},
-                     "hostAliases": [{"ip": api_ip, "hostnames": ["kubernetes.default.svc"]}],
                      "watchNamespaces": [runs_ns], "resources": {"requests": {"cpu": "10m", "memory": "64Mi"}}},
         "runDefaults": {"trainer": {"image": trainer_repo_tag, "pullPolicy": "Never"},
                         "s3": {"endpoint": s3_server.pod_endpoint, "bucket": bucket, "createSecret": True,
                                "accessKey": s3_server.access_key, "secretKey": s3_server.secret_key},
+                        "gpu": {"nodeSelector": GPU_NODE_SELECTOR, "tolerations": GPU_TOLERATIONS},
                         "statusInterval": 0.5},
     }
     config = helm.Config(kubeconfig_path=e2e_cluster.kubeconfig, namespace=ns)
@@ -157,6 +165,7 @@ def test_install_and_helm_test(release: Release, prometheus: Prometheus) -> None
     assert '"deployed"' in json.dumps(installed) or '"deployed"' in json.dumps(rel.config.status(rel.name)), installed
     (pod,) = _operator_pods(rel)
     assert pod.status.phase == "Running" and all(c.ready for c in pod.status.container_statuses)
+    assert not pod.spec.host_aliases, "the operator must log in without a kubernetes.default.svc host alias"
     rel.pod_ip = pod.status.pod_ip
     container = pod.spec.containers[0]
     assert container.security_context.read_only_root_filesystem is True
@@ -179,6 +188,7 @@ def test_runs_reach_their_phases_scraped_by_prometheus(release: Release, prometh
     t0 = time.monotonic()
     runs.create(run_manifest("ok", model=standin(steps=16, pace=0.5), training={"epochs": 2}))
     runs.create(run_manifest("bad", model=standin(steps=4, pace=0.3, exit_code=1), runPolicy={"backoffLimit": 0}))
+    runs.create(run_manifest("gpu-waiting", model=standin(), resources={"gpus": 1, "cpu": "50m", "memory": "64Mi"}))
     # While it runs, Prometheus sees its progress from the in-cluster operator.
     series = prometheus.wait_for_series(
         f'kubetune_run_progress_ratio{{job="{rel.job}", namespace="{rel.runs_namespace}", name="ok"}} > 0', 90)
@@ -196,6 +206,13 @@ def test_runs_reach_their_phases_scraped_by_prometheus(release: Release, prometh
     assert done
     assert prometheus.wait_for_series(f'kubetune_runs{{job="{rel.job}", phase="Succeeded"}} == 1', 30)
     assert prometheus.wait_for_series(f'kubetune_runs{{job="{rel.job}", phase="Failed"}} == 1', 30)
+    # The GPU run's Job carries the chart's GPU placement defaults (applied by the operator); it stays Pending.
+    job = wait_for(lambda: _job_or_none(runs, "gpu-waiting-a1"), 60, "the GPU run's Job")
+    pod_spec = job.spec.template.spec
+    assert pod_spec.node_selector == GPU_NODE_SELECTOR
+    assert [{"key": t.key, "operator": t.operator, "effect": t.effect} for t in pod_spec.tolerations or []] == \
+        GPU_TOLERATIONS
+    assert runs.status("gpu-waiting").get("phase") == "Pending"
     # promtool's lint is clean on the operator's own exposition.
     with urllib.request.urlopen(rel.metrics_url, timeout=10) as resp:
         exposition = resp.read()
@@ -203,6 +220,19 @@ def test_runs_reach_their_phases_scraped_by_prometheus(release: Release, prometh
     assert check.returncode == 0 and not check.stdout.strip() and not check.stderr.strip(), (
         check.stdout.decode() + check.stderr.decode())
     rel.scraped = {m.decode() for m in re.findall(rb"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?=[{ ])", exposition, re.M)}
+    missing = set(REQUESTED_FROM_OPERATOR) - rel.scraped
+    assert not missing, f"the in-cluster operator does not export {sorted(missing)}"
+
+
+def _job_or_none(runs: Runs, name: str) -> Any:
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        return runs.batch.read_namespaced_job(name, runs.namespace)
+    except ApiException as err:
+        if err.status == 404:
+            return None
+        raise
 
 
 # ------------------------------------------------------------------------------------------ 3. rules
@@ -268,7 +298,7 @@ def dcgm_fixture_target(release: Release, prometheus: Prometheus) -> Iterator[st
 
 
 def _substitute(expr: str, rel: Release) -> str:
-    subs = {"$job": rel.job, "$namespace": rel.runs_namespace, "$run": "ok|bad", "$__rate_interval": "1m",
+    subs = {"$job": rel.job, "$namespace": rel.runs_namespace, "$run": "|".join(RUN_NAMES), "$__rate_interval": "1m",
             "${datasource}": ""}
     for key in sorted(subs, key=len, reverse=True):
         expr = expr.replace(key, subs[key])
@@ -281,9 +311,7 @@ def test_every_dashboard_query_returns_series(release: Release, prometheus: Prom
     rel = release
     if not rel.pod_ip:
         pytest.skip("install failed")
-    scraped = rel.scraped or set()
-    empty: list[str] = []
-    pending: dict[str, set[str]] = {}
+    empty: list[tuple[str, str]] = []
     checked = 0
     for dash_name, dash in dashboards().items():
         queries: list[tuple[str, str]] = []
@@ -299,18 +327,19 @@ def test_every_dashboard_query_returns_series(release: Release, prometheus: Prom
             promql = _substitute(expr, rel)
             result = prometheus.query(promql)  # raises with Prometheus's message when it does not parse
             checked += 1
-            if result:
-                continue
-            missing = {m for m in metric_names(expr) if m in REQUESTED_FROM_OPERATOR and m not in scraped}
-            if missing:
-                pending[f"{dash_name} / {title}"] = missing
-            else:
-                empty.append(f"{dash_name} / {title}: {promql}")
+            if not result:
+                empty.append((f"{dash_name} / {title}", promql))
     assert checked >= 40
-    assert not empty, "panels without series:\n" + "\n".join(empty)
-    if pending:
-        pytest.xfail("panels waiting for operator metrics asked for in docs/helm.md: "
-                     + "; ".join(f"{k} ({', '.join(sorted(v))})" for k, v in sorted(pending.items())))
+    # On this loaded 2-core machine a scrape of the operator sometimes times out (2 s interval and timeout); a
+    # failed scrape marks all of the target's series stale, so instant queries return nothing until the next
+    # good scrape. Judge a panel empty only if it stays empty over several scrapes.
+    retried = len(empty)
+    deadline = time.monotonic() + 60
+    while empty and time.monotonic() < deadline:
+        time.sleep(2)
+        empty = [(title, promql) for title, promql in empty if not prometheus.query(promql)]
+    assert not empty, "panels without series:\n" + "\n".join(f"{t}: {q}" for t, q in empty)
+    print(f"\n{checked} dashboard queries return series ({retried} only after a retry)")
 
 
 # ------------------------------------------------------------------------------------------ 5. uninstall
@@ -321,10 +350,10 @@ def test_uninstall_leaves_only_crds(release: Release) -> None:
     api = rel.kube_api
     runs = _runs(rel)
     # Runs first, while the operator can still remove its finalizer from them.
-    for run in ("ok", "bad"):
+    for run in RUN_NAMES:
         if runs.get(run):
             runs.delete(run)
-    wait_for(lambda: not runs.get("ok") and not runs.get("bad"), 60, "the runs to be deleted")
+    wait_for(lambda: not any(runs.get(run) for run in RUN_NAMES), 60, "the runs to be deleted")
     t0 = time.monotonic()
     rel.config.uninstall(rel.name, wait="watcher", timeout=120)
     rel.timings["uninstall_s"] = time.monotonic() - t0

@@ -20,9 +20,10 @@ CHART = ROOT / "helm" / "kubetune"
 RELEASE, NS = "kt", "kubetune-system"
 
 # Metrics the dashboards use that come from other exporters.
-EXTERNAL_METRICS = {"up", "process_cpu_seconds_total", "process_resident_memory_bytes", "kube_pod_labels"}
+EXTERNAL_METRICS = {"up", "kube_pod_labels"}
 DCGM = re.compile(r"^DCGM_FI_")
-# Metrics the dashboards use that the operator does not export yet (asked of the operator; see docs/helm.md).
+# Metrics the chart engineer asked of the operator for the dashboards; it exports them all now, and
+# test_requested_operator_metrics_exported (and the e2e dashboard test) enforce them.
 REQUESTED_FROM_OPERATOR = {
     "kubetune_run_info": "per-run info {namespace,name,phase,model} = 1 (tables of active and failed runs)",
     "kubetune_run_eta_seconds": "status.progress.etaSeconds per run",
@@ -64,7 +65,7 @@ def env_of(container: dict[str, Any]) -> dict[str, Any]:
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
 
 
-NON_DEFAULT = {
+NON_DEFAULT: dict[str, Any] = {
     "operator": {"watchNamespaces": ["team-a", "team-b"], "replicas": 2, "logFormat": "json", "verbose": True,
                  "image": {"repository": "registry.example/kubetune-operator", "tag": "1.2.3",
                            "pullPolicy": "Always"}},
@@ -134,10 +135,29 @@ def test_default_env_is_what_the_operator_reads() -> None:
     assert settings.trainer_image == "registry.example/trainer:9"
     assert settings.s3_endpoint == "http://s3.example:9000" and settings.s3_bucket == "ml-artifacts"
     assert settings.s3_secret == "s3creds"
+    assert dict(settings.gpu_node_selector) == {"nvidia.com/gpu.present": "true"}
+    assert [dict(t) for t in settings.gpu_tolerations] == [{"key": "nvidia.com/gpu", "operator": "Exists",
+                                                            "effect": "NoSchedule"}]
     known = {ENV_PREFIX + f.upper() for f in OperatorSettings.__dataclass_fields__}
     unknown = {k for k in env if k.startswith(ENV_PREFIX)} - known
-    # GPU defaults are passed for the operator to apply; it does not read them yet (see docs/helm.md).
-    assert unknown <= {"KUBETUNE_GPU_NODE_SELECTOR", "KUBETUNE_GPU_TOLERATIONS"}, unknown
+    assert not unknown, f"the chart sets variables the operator does not read: {unknown}"
+
+
+def test_gpu_defaults_reach_gpu_jobs() -> None:
+    """The chart's runDefaults.gpu, read by the operator, end up on the Jobs of runs that request GPUs."""
+    from kubetune import manifests
+    from kubetune.operator.settings import OperatorSettings
+    from kubetune.spec import FinetuneRunSpec
+
+    env = {k: v for k, v in env_of(one(render(NON_DEFAULT), "Deployment", "kt-kubetune")["spec"]["template"]["spec"]
+                                   ["containers"][0]).items() if isinstance(v, str)}
+    settings = OperatorSettings.from_env(env)
+    run = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FinetuneRun",
+           "metadata": {"name": "r", "namespace": "team-a", "uid": "u"}}
+    spec = FinetuneRunSpec.model_validate({"data": {"train": "s3://d/t.csv"}, "resources": {"gpus": 1}})
+    pod = manifests.job(run, spec, settings, attempt=1)["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == NON_DEFAULT["runDefaults"]["gpu"]["nodeSelector"]
+    assert pod["tolerations"] == NON_DEFAULT["runDefaults"]["gpu"]["tolerations"]
 
 
 def test_default_rbac_cluster_wide_and_least_privilege() -> None:
@@ -387,19 +407,16 @@ def _operator_exported() -> set[str]:
 
 
 def test_dashboard_metrics_are_known() -> None:
-    """Every metric a panel queries is exported by the operator, by a named exporter (DCGM, kube-state-metrics,
-    Prometheus itself), or on the documented list asked of the operator."""
+    """Every metric a panel queries is exported by the operator or by a named exporter (DCGM, kube-state-metrics,
+    Prometheus itself)."""
     exported = _operator_exported()
     for name, dash in dashboards().items():
         for title, expr in panel_exprs(dash):
             for metric in metric_names(expr):
-                ok = (metric in exported or metric in EXTERNAL_METRICS or DCGM.match(metric)
-                      or metric in REQUESTED_FROM_OPERATOR)
+                ok = metric in exported or metric in EXTERNAL_METRICS or DCGM.match(metric)
                 assert ok, f"{name} / {title}: unknown metric {metric} in {expr}"
 
 
-@pytest.mark.xfail(reason="metrics asked of the operator (REQUESTED_FROM_OPERATOR, docs/helm.md) are not all "
-                          "exported yet", strict=False)
 def test_requested_operator_metrics_exported() -> None:
     missing = sorted(set(REQUESTED_FROM_OPERATOR) - _operator_exported())
     assert not missing, "operator does not export: " + ", ".join(missing)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -169,3 +170,60 @@ def test_settings_from_env() -> None:
     assert (s.trainer_image, s.status_interval, s.s3_secret, s.run_as_user) == ("a/b:c", 2.5, None, 2000)
     with pytest.raises(ValueError):
         OperatorSettings.from_env({"KUBETUNE_IMAGE_PULL_POLICY": "Sometimes"})
+
+
+GPU_ENV = {"KUBETUNE_GPU_NODE_SELECTOR": '{"nvidia.com/gpu.present": "true", "pool": "gpu"}',
+           "KUBETUNE_GPU_TOLERATIONS": '[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}, '
+                                       '{"key": "spot", "operator": "Equal", "value": "yes", '
+                                       '"effect": "NoExecute", "tolerationSeconds": 30}]'}
+
+
+def test_settings_gpu_defaults_from_env() -> None:
+    s = OperatorSettings.from_env(GPU_ENV)
+    assert dict(s.gpu_node_selector) == {"nvidia.com/gpu.present": "true", "pool": "gpu"}
+    assert [dict(t) for t in s.gpu_tolerations] == json.loads(GPU_ENV["KUBETUNE_GPU_TOLERATIONS"])
+    empty = OperatorSettings.from_env({"KUBETUNE_GPU_NODE_SELECTOR": "", "KUBETUNE_GPU_TOLERATIONS": "null"})
+    assert dict(empty.gpu_node_selector) == {} and empty.gpu_tolerations == ()
+    assert OperatorSettings() == OperatorSettings.from_env({})
+    with pytest.raises(TypeError):  # read-only
+        s.gpu_node_selector["x"] = "y"  # type: ignore[index]
+    for bad, match in [({"KUBETUNE_GPU_NODE_SELECTOR": "{nope"}, "not JSON"),
+                       ({"KUBETUNE_GPU_NODE_SELECTOR": '["a"]'}, "JSON object"),
+                       ({"KUBETUNE_GPU_NODE_SELECTOR": '{"a": 1}'}, "labels are strings"),
+                       ({"KUBETUNE_GPU_TOLERATIONS": '{"key": "a"}'}, "array of objects"),
+                       ({"KUBETUNE_GPU_TOLERATIONS": '[{"key": "a", "effect": "Sometimes"}]'},
+                        r"KUBETUNE_GPU_TOLERATIONS\[0\]")]:
+        with pytest.raises(ValueError, match=match):
+            OperatorSettings.from_env(bad)
+
+
+def test_gpu_defaults_apply_to_gpu_jobs_only_and_spec_wins() -> None:
+    settings = OperatorSettings.from_env({**GPU_ENV, "KUBETUNE_TRAINER_IMAGE": "kubetune/trainer:test"})
+    defaults = json.loads(GPU_ENV["KUBETUNE_GPU_TOLERATIONS"])
+    # A GPU run without placement of its own gets the defaults.
+    plain = _run(spec={"data": {"train": "s3://d/t.csv"}, "resources": {"gpus": 1}})
+    pod = manifests.job(plain, _spec(plain), settings, attempt=1)["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true", "pool": "gpu"}
+    assert pod["tolerations"] == defaults
+    # The run's own values win for the same key; its tolerations come first, defaults are appended, a duplicate
+    # of a default is not repeated.
+    own = _run(spec={"data": {"train": "s3://d/t.csv"},
+                     "resources": {"gpus": 2, "nodeSelector": {"pool": "a100", "zone": "z1"},
+                                   "tolerations": [{"key": "team", "operator": "Exists"},
+                                                   {"key": "nvidia.com/gpu", "operator": "Exists",
+                                                    "effect": "NoSchedule"}]}})
+    pod = manifests.job(own, _spec(own), settings, attempt=1)["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true", "pool": "a100", "zone": "z1"}
+    assert pod["tolerations"] == [{"key": "team", "operator": "Exists"}, defaults[0], defaults[1]]
+    # The resolved run config (run.yaml) shows the same placement.
+    doc = yaml.safe_load(manifests.config_map(own, _spec(own), settings)["data"]["run.yaml"])
+    assert doc["spec"]["resources"]["nodeSelector"]["nvidia.com/gpu.present"] == "true"
+    assert len(doc["spec"]["resources"]["tolerations"]) == 3
+    # CPU-only runs keep their own placement, without the GPU defaults.
+    cpu = _run(spec={"data": {"train": "s3://d/t.csv"},
+                     "resources": {"gpus": 0, "nodeSelector": {"zone": "z1"}}})
+    pod = manifests.job(cpu, _spec(cpu), settings, attempt=1)["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"zone": "z1"} and "tolerations" not in pod
+    # No defaults configured: GPU runs are unchanged.
+    pod = manifests.job(plain, _spec(plain), SETTINGS, attempt=1)["spec"]["template"]["spec"]
+    assert "nodeSelector" not in pod and "tolerations" not in pod

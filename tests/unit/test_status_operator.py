@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import kopf
 import pytest
@@ -109,3 +110,129 @@ def test_split_log_line() -> None:
     assert split_log_line("2026-11-23T16:06:00.123456789Z hello world") == ("2026-11-23T16:06:00.123456789Z",
                                                                            "hello world")
     assert split_log_line("no timestamp here") == (None, "no timestamp here")
+
+
+RICH_STATUS = {"phase": "Running",
+               "progress": {"percent": 50.0, "samplesPerSecond": 12.5, "etaSeconds": 42.0},
+               "metrics": {"trainLoss": 1.25, "valLoss": 1.5, "before": {"recall_at_k": 0.25, "mrr": 0.1},
+                           "after": {"recall_at_k": 0.75, "mrr": 0.5}}}
+
+
+def _samples(m: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(m.exposition().decode()) for s in family.samples}
+
+
+def test_per_run_series_info_eta_val_loss_evaluation_and_forget() -> None:
+    m = Metrics()
+    m.table.update("ns", "a", RICH_STATUS, model="ViT-B-16")
+    m.table.update("ns", "b", {"phase": "Failed"})
+    s = _samples(m)
+    run_a = (("name", "a"), ("namespace", "ns"))
+    assert s[("kubetune_run_info", (("model", "ViT-B-16"), ("name", "a"), ("namespace", "ns"),
+                                    ("phase", "Running")))] == 1.0
+    # no model known: the spec's default model name
+    assert s[("kubetune_run_info", (("model", "ViT-B-32"), ("name", "b"), ("namespace", "ns"),
+                                    ("phase", "Failed")))] == 1.0
+    assert s[("kubetune_run_eta_seconds", run_a)] == 42.0
+    assert s[("kubetune_run_val_loss", run_a)] == 1.5
+    assert s[("kubetune_run_progress_ratio", run_a)] == 0.5
+    for stage, values in (("before", {"recall_at_k": 0.25, "mrr": 0.1}), ("after", {"recall_at_k": 0.75, "mrr": 0.5})):
+        for metric, value in values.items():
+            assert s[("kubetune_run_evaluation", (("metric", metric), ("name", "a"), ("namespace", "ns"),
+                                                  ("stage", stage)))] == value
+    assert not any(k[0] == "kubetune_run_eta_seconds" and ("name", "b") in k[1] for k in s)
+    # A status-only update (the supervisor's) keeps the model; a phase change replaces the info series.
+    m.table.update("ns", "a", {**RICH_STATUS, "phase": "Succeeded"})
+    infos = [k for k in _samples(m) if k[0] == "kubetune_run_info" and ("name", "a") in k[1]]
+    assert infos == [("kubetune_run_info", (("model", "ViT-B-16"), ("name", "a"), ("namespace", "ns"),
+                                            ("phase", "Succeeded")))]
+    # Deleting a run removes every series naming it (bounded cardinality).
+    m.table.forget("ns", "a")
+    m.table.forget("ns", "b")
+    assert not [k for k in _samples(m) if ("namespace", "ns") in k[1]]
+
+
+def test_errors_and_transitions_start_at_zero() -> None:
+    from kubetune.operator.metrics import HANDLERS, PHASES, possible_transitions
+
+    m = Metrics()
+    s = _samples(m)
+    for handler in HANDLERS:
+        assert s[("kubetune_reconcile_errors_total", (("handler", handler),))] == 0.0
+    for phase in PHASES:  # every phase can be reached, and its first transition is seen by increase()
+        assert any(k[0] == "kubetune_run_transitions_total" and ("to_phase", phase) in k[1] and v == 0.0
+                   for k, v in s.items())
+    assert s[("kubetune_run_transitions_total", (("from_phase", "Running"), ("to_phase", "Failed")))] == 0.0
+    assert ("None", "Failed") in possible_transitions() and ("Succeeded", "Running") not in possible_transitions()
+    assert all(a != b for a, b in possible_transitions())
+    with pytest.raises(RuntimeError), m.timed("update"):
+        raise RuntimeError("boom")
+    with pytest.raises(ValueError), m.counting_errors("supervisor"):
+        raise ValueError("boom")
+
+    async def cancelled() -> None:
+        with m.counting_errors("supervisor"):
+            raise asyncio.CancelledError
+
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(cancelled())
+    m.transition("Running", "Failed")
+    s = _samples(m)
+    assert s[("kubetune_reconcile_errors_total", (("handler", "update"),))] == 1.0
+    assert s[("kubetune_reconcile_errors_total", (("handler", "supervisor"),))] == 1.0  # cancellation is no error
+    assert s[("kubetune_reconcile_duration_seconds_count", (("handler", "update"),))] == 1.0
+    assert s[("kubetune_run_transitions_total", (("from_phase", "Running"), ("to_phase", "Failed")))] == 1.0
+
+
+def test_process_metrics_on_the_operator_registry() -> None:
+    names = {k[0] for k in _samples(Metrics())}
+    assert {"process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds"} <= names
+
+
+def test_promtool_check_metrics_is_clean() -> None:
+    """Debian's promtool lints the operator's exposition (every family present, per-run ones included)."""
+    import shutil
+    import subprocess
+
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (Debian: apt-get install prometheus)")
+    m = Metrics()
+    m.table.update("ns", "a", RICH_STATUS, model="ViT-B-32")
+    m.transition(None, "Pending")
+    with m.timed("accept"):
+        pass
+    m.observe_lag([time.time() - 0.5], time.time())
+    m.jobs_created.labels(reason="initial").inc()
+    m.trainer_events.labels(type="progress").inc()
+    m.status_patches.inc()
+    m.info.labels(version="0.1.0", kubernetes="v1.20.2").set(1)
+    check = subprocess.run([promtool, "check", "metrics"], input=m.exposition(), capture_output=True, timeout=60)
+    assert check.returncode == 0 and not check.stdout.strip() and not check.stderr.strip(), (
+        check.stdout.decode() + check.stderr.decode())
+
+
+def test_in_cluster_login_uses_service_env_not_dns(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kubetune.operator import handlers
+
+    assert handlers.in_cluster_server({"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"}) \
+        == "https://10.96.0.1:443"
+    assert handlers.in_cluster_server({"KUBERNETES_SERVICE_HOST": "10.96.0.1"}) == "https://10.96.0.1:443"
+    assert handlers.in_cluster_server({"KUBERNETES_SERVICE_HOST": "fd00::1", "KUBERNETES_SERVICE_PORT": "6443"}) \
+        == "https://[fd00::1]:6443"
+    assert handlers.in_cluster_server({}) is None
+    kopf_info = kopf.ConnectionInfo(server="https://kubernetes.default.svc", token="t", ca_path="/ca.crt",
+                                    default_namespace="ops")
+    monkeypatch.setattr(kopf, "login_with_service_account", lambda **_: kopf_info)
+    monkeypatch.setattr(kopf, "login_with_kubeconfig", lambda **_: "kubeconfig")
+    token = tmp_path / "token"
+    token.write_text("t")
+    env = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"}
+    info = handlers._login(env=env, token_path=str(token))
+    assert info.server == "https://10.96.0.1:443"
+    assert (info.token, info.ca_path, info.default_namespace) == ("t", "/ca.crt", "ops")
+    assert handlers._login(env={}, token_path=str(token)) is kopf_info  # no variables: kopf's own URL
+    assert handlers._login(env=env, token_path=str(tmp_path / "missing")) == "kubeconfig"  # not in a pod

@@ -5,7 +5,9 @@ effects; the TTL timer interval comes from the settings object).
 
 - ``on.startup``: kopf settings (own finalizer/annotation prefixes, event reporting, watch timeouts,
   server-side label selectors);
-- ``on.login``: kopf's login (service account or kubeconfig); the same credentials build the async client;
+- ``on.login``: kopf's login (service account or kubeconfig); in a pod, the API server is addressed by
+  ``KUBERNETES_SERVICE_HOST``/``KUBERNETES_SERVICE_PORT`` (set in every pod) rather than kopf's
+  ``https://kubernetes.default.svc``, which needs cluster DNS; the same credentials build the async client;
 - ``on.create`` / ``on.resume``: cross-field validation → ``Failed``/``InvalidSpec`` condition and a Warning
   Event with the field paths, and no Job; ``Suspended`` when created suspended;
 - ``daemon``: the :class:`Supervisor` of an active run (neither finished nor suspended);
@@ -16,14 +18,18 @@ effects; the TTL timer interval comes from the settings object).
 - ``timer``: TTL after finish: delete Jobs and ConfigMap, keep the run and its artifact;
 - ``on.event`` for runs/Jobs/pods: the metrics table; the Job/pod index the supervisors wait on;
 - ``on.probe``: liveness details.
+
+Every handler's errors are counted in ``kubetune_reconcile_errors_total{handler}`` (see :mod:`.metrics`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import kopf
@@ -35,6 +41,7 @@ from kubetune.operator.supervisor import Supervisor, format_errors, validate
 from kubetune.spec import GROUP, PLURAL, VERSION, Phase
 from kubetune.status import CLEANED_UP, SUSPENDED, is_terminal, set_condition, transition, ttl_due
 
+SERVICE_ACCOUNT_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 PREFIX = "kubetune.io"
 FINALIZER = f"{PREFIX}/finalizer"
 RUNS = (GROUP, VERSION, PLURAL)
@@ -125,7 +132,8 @@ def build_registry(ctx: Context) -> kopf.OperatorRegistry:
 
     @kopf.daemon(*RUNS, id="supervisor", when=_active, cancellation_timeout=10.0, registry=registry)
     async def supervise(body: kopf.Body, stopped: Any, logger: Any, **_: Any) -> None:
-        await Supervisor(ctx, body, stopped, logger).run()
+        with metrics.counting_errors("supervisor"):
+            await Supervisor(ctx, body, stopped, logger).run()
 
     @kopf.on.field(*RUNS, field="spec.runPolicy.suspend", registry=registry)
     async def suspend_changed(body: kopf.Body, old: Any, new: Any, status: Any, patch: kopf.Patch,
@@ -201,20 +209,24 @@ def build_registry(ctx: Context) -> kopf.OperatorRegistry:
             kopf.info(body, reason="TTLExpired", message=message)
 
     @kopf.on.event(*RUNS, registry=registry)
-    def run_event(event: Any, namespace: Any, name: Any, status: Any, **_: Any) -> None:
-        if event.get("type") == "DELETED":
-            metrics.table.forget(namespace, name)
-        else:
-            metrics.table.update(namespace, name, status)
+    def run_event(event: Any, namespace: Any, name: Any, spec: Any, status: Any, **_: Any) -> None:
+        with metrics.counting_errors("run_event"):
+            if event.get("type") == "DELETED":
+                metrics.table.forget(namespace, name)
+            else:
+                model = ((spec or {}).get("model") or {}).get("name")
+                metrics.table.update(namespace, name, status, model=str(model) if model else None)
 
     # ---------------------------------------------------------------------------------------- children
     @kopf.on.event("batch", "v1", "jobs", labels={manifests.RUN_LABEL: kopf.PRESENT}, registry=registry)
     def job_event(event: Any, body: kopf.Body, **_: Any) -> None:
-        ctx.children.on_job(event.get("type"), body)
+        with metrics.counting_errors("job_event"):
+            ctx.children.on_job(event.get("type"), body)
 
     @kopf.on.event("", "v1", "pods", labels={manifests.RUN_LABEL: kopf.PRESENT}, registry=registry)
     def pod_event(event: Any, body: kopf.Body, **_: Any) -> None:
-        ctx.children.on_pod(event.get("type"), body)
+        with metrics.counting_errors("pod_event"):
+            ctx.children.on_pod(event.get("type"), body)
 
     return registry
 
@@ -228,12 +240,29 @@ def _only_suspend(diff_item: Any) -> bool:
     return all(old.get(k) == new.get(k) for k in keys if k != "suspend")
 
 
-def _login(**kwargs: Any) -> Any:
-    """kopf's own login functions, in the order kopf uses: in-cluster service account, then kubeconfig."""
-    if os.path.exists("/var/run/secrets/kubernetes.io/serviceaccount/token"):
+def in_cluster_server(env: Mapping[str, str]) -> str | None:
+    """The API server's URL from the ``KUBERNETES_SERVICE_HOST``/``_PORT`` variables the kubelet sets in every
+    pod (as client-go's in-cluster config does); None outside a pod. IPv6 hosts get brackets."""
+    host = (env.get("KUBERNETES_SERVICE_HOST") or "").strip()
+    if not host:
+        return None
+    port = (env.get("KUBERNETES_SERVICE_PORT") or "").strip() or "443"
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"https://{host}:{port}"
+
+
+def _login(*, env: Mapping[str, str] | None = None, token_path: str = SERVICE_ACCOUNT_TOKEN, **kwargs: Any) -> Any:
+    """kopf's own login functions, in the order kopf uses: in-cluster service account, then kubeconfig.
+
+    kopf's service-account login addresses ``https://kubernetes.default.svc``, which needs cluster DNS; in a
+    pod the server comes from ``KUBERNETES_SERVICE_HOST``/``KUBERNETES_SERVICE_PORT`` instead (the API server's
+    certificate carries the ``kubernetes`` Service IP, which is what these variables hold)."""
+    if os.path.exists(token_path):
         info = kopf.login_with_service_account(**kwargs)
         if info is not None:
-            return info
+            server = in_cluster_server(os.environ if env is None else env)
+            return dataclasses.replace(info, server=server) if server else info
     return kopf.login_with_kubeconfig(**kwargs)
 
 

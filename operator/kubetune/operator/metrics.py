@@ -3,16 +3,24 @@
 Names follow Prometheus conventions (``_total`` counters, base units, ``_ratio`` for 0..1).
 
 - ``kubetune_runs{phase}``: runs per phase (every phase is always exported, zero included);
-- ``kubetune_run_transitions_total{from_phase,to_phase}``: phase changes made by this operator;
+- ``kubetune_run_transitions_total{from_phase,to_phase}``: phase changes made by this operator; every change
+  the operator can make starts at 0, so that ``increase()`` sees the first one (e.g. the first failure);
 - ``kubetune_reconcile_duration_seconds{handler}``: handler durations;
-- ``kubetune_run_progress_ratio`` / ``kubetune_run_train_loss`` / ``kubetune_run_samples_per_second``
-  ``{namespace,name}``: per-run gauges, mirrored from each run's status;
+- ``kubetune_reconcile_errors_total{handler}``: handlers that raised, every handler starting at 0;
+- ``kubetune_run_info{namespace,name,phase,model}``: 1 per run (its phase and model as labels);
+- ``kubetune_run_progress_ratio`` / ``kubetune_run_eta_seconds`` / ``kubetune_run_train_loss`` /
+  ``kubetune_run_val_loss`` / ``kubetune_run_samples_per_second`` ``{namespace,name}``: per-run gauges, mirrored
+  from each run's status;
+- ``kubetune_run_evaluation{namespace,name,stage,metric}``: evaluation before/after fine-tuning (stage), one
+  series per metric the trainer reports (at most ``kubetune.spec.MAX_METRICS`` per stage);
+- ``process_*``: CPU, memory, file descriptors of the operator process (prometheus_client's ProcessCollector);
 - ``kubetune_status_lag_seconds``: from a trainer log line being written to its status patch being accepted;
 - ``kubetune_jobs_created_total{reason}``, ``kubetune_status_patches_total``,
   ``kubetune_trainer_events_total{type}``, ``kubetune_log_streams``.
 
 The per-run and per-phase series come from a collector over :class:`RunTable`, an in-memory table fed by the
-FinetuneRun watch: a deleted run's series disappear with it, and nothing grows without bound.
+FinetuneRun watch: a deleted run's series disappear with it, and nothing grows without bound (the other label
+sets are fixed: phases, handlers, event types, Job creation reasons).
 """
 
 from __future__ import annotations
@@ -23,13 +31,36 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+    start_http_server,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from kubetune.spec import Phase
+from kubetune.spec import MAX_METRICS, TERMINAL_PHASES, ModelSpec, Phase
 
 PHASES = [p.value for p in Phase]
+#: ``from_phase`` of a run seen for the first time (no phase yet).
+NO_PHASE = "None"
+#: Every handler whose errors are counted (``kubetune_reconcile_errors_total{handler}`` starts at 0 for each).
+HANDLERS = ("accept", "supervisor", "create_attempt", "suspend", "update", "delete", "ttl", "run_event",
+            "job_event", "pod_event")
+#: Evaluation stages exported by ``kubetune_run_evaluation``.
+STAGES = ("before", "after")
+DEFAULT_MODEL = str(ModelSpec.model_fields["name"].default)
+
+
+def possible_transitions() -> list[tuple[str, str]]:
+    """(from_phase, to_phase) pairs the operator can make: from no phase or a non-terminal phase to any other
+    phase (a finished run never changes phase again)."""
+    sources = [NO_PHASE] + [p for p in PHASES if p not in TERMINAL_PHASES]
+    return [(a, b) for a in sources for b in PHASES if a != b]
 
 
 class RunTable:
@@ -39,16 +70,25 @@ class RunTable:
         self._lock = threading.Lock()
         self._rows: dict[tuple[str, str], dict[str, Any]] = {}
 
-    def update(self, namespace: str, name: str, status: Mapping[str, Any] | None) -> None:
+    def update(self, namespace: str, name: str, status: Mapping[str, Any] | None, *,
+               model: str | None = None) -> None:
+        """Record a run's status; ``model`` (spec.model.name) is kept from earlier updates when not given."""
         status = status or {}
         progress = status.get("progress") or {}
         metrics = status.get("metrics") or {}
+        evaluation = {stage: _numbers(metrics.get(stage)) for stage in STAGES}
         row = {"phase": status.get("phase") or Phase.PENDING.value,
                "percent": progress.get("percent"),
+               "eta_seconds": progress.get("etaSeconds"),
                "samples_per_second": progress.get("samplesPerSecond"),
-               "train_loss": metrics.get("trainLoss")}
+               "train_loss": metrics.get("trainLoss"),
+               "val_loss": metrics.get("valLoss"),
+               "evaluation": evaluation}
         with self._lock:
-            self._rows[(namespace, name)] = row
+            key = (namespace, name)
+            previous = self._rows.get(key)
+            row["model"] = model or (previous["model"] if previous else None) or DEFAULT_MODEL
+            self._rows[key] = row
 
     def forget(self, namespace: str, name: str) -> None:
         with self._lock:
@@ -60,6 +100,17 @@ class RunTable:
 
     def __len__(self) -> int:
         return len(self._rows)
+
+
+def _numbers(values: Any) -> dict[str, float]:
+    """The numeric entries of a status metrics dict (e.g. ``status.metrics.after``)."""
+    if not isinstance(values, Mapping):
+        return {}
+    out: dict[str, float] = {}
+    for key, value in values.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and len(out) < MAX_METRICS:
+            out[str(key)[:100]] = float(value)
+    return out
 
 
 class RunCollector(Collector):
@@ -75,22 +126,37 @@ class RunCollector(Collector):
         for phase, count in counts.items():
             runs.add_metric([phase], count)
         yield runs
+        per_run = ["namespace", "name"]
+        info = GaugeMetricFamily("kubetune_run_info", "A FinetuneRun (always 1), with its phase and model.",
+                                 labels=[*per_run, "phase", "model"])
         progress = GaugeMetricFamily("kubetune_run_progress_ratio", "Training progress of a run (0..1).",
-                                     labels=["namespace", "name"])
-        loss = GaugeMetricFamily("kubetune_run_train_loss", "Latest training loss of a run.",
-                                 labels=["namespace", "name"])
+                                     labels=per_run)
+        eta = GaugeMetricFamily("kubetune_run_eta_seconds", "Estimated seconds until a run's training ends.",
+                                labels=per_run)
+        loss = GaugeMetricFamily("kubetune_run_train_loss", "Latest training loss of a run.", labels=per_run)
+        val_loss = GaugeMetricFamily("kubetune_run_val_loss", "Latest validation loss of a run.", labels=per_run)
         sps = GaugeMetricFamily("kubetune_run_samples_per_second", "Training throughput of a run.",
-                                labels=["namespace", "name"])
+                                labels=per_run)
+        evaluation = GaugeMetricFamily("kubetune_run_evaluation",
+                                       "Evaluation metrics of a run before and after fine-tuning (stage).",
+                                       labels=[*per_run, "stage", "metric"])
         for (namespace, name), row in rows:
-            if row["percent"] is not None:
-                progress.add_metric([namespace, name], float(row["percent"]) / 100.0)
-            if row["train_loss"] is not None:
-                loss.add_metric([namespace, name], float(row["train_loss"]))
-            if row["samples_per_second"] is not None:
-                sps.add_metric([namespace, name], float(row["samples_per_second"]))
+            info.add_metric([namespace, name, row["phase"], row["model"]], 1.0)
+            for family, value, scale in ((progress, row["percent"], 0.01), (eta, row["eta_seconds"], 1.0),
+                                         (loss, row["train_loss"], 1.0), (val_loss, row["val_loss"], 1.0),
+                                         (sps, row["samples_per_second"], 1.0)):
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    family.add_metric([namespace, name], float(value) * scale)
+            for stage, values in row["evaluation"].items():
+                for metric, value in sorted(values.items()):
+                    evaluation.add_metric([namespace, name, stage, metric], value)
+        yield info
         yield progress
+        yield eta
         yield loss
+        yield val_loss
         yield sps
+        yield evaluation
 
 
 class Metrics:
@@ -101,11 +167,18 @@ class Metrics:
         self.table = RunTable()
         self.registry.register(RunCollector(self.table))
         r = self.registry
+        ProcessCollector(registry=r)
         self.transitions = Counter("kubetune_run_transitions_total", "Run phase transitions made by the operator.",
                                    ["from_phase", "to_phase"], registry=r)
+        for old, new in possible_transitions():
+            self.transitions.labels(from_phase=old, to_phase=new)
         self.reconcile = Histogram("kubetune_reconcile_duration_seconds", "Duration of operator handlers.",
                                    ["handler"], registry=r,
                                    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.errors = Counter("kubetune_reconcile_errors_total", "Operator handlers that raised an error.",
+                              ["handler"], registry=r)
+        for handler in HANDLERS:
+            self.errors.labels(handler=handler)
         self.status_lag = Histogram("kubetune_status_lag_seconds",
                                     "Delay from a trainer log line being written to the run's status showing it.",
                                     registry=r, buckets=(0.1, 0.25, 0.5, 1, 1.5, 2, 3, 5, 10, 30, 60))
@@ -120,13 +193,24 @@ class Metrics:
 
     def transition(self, old: str | None, new: str) -> None:
         if old != new:
-            self.transitions.labels(from_phase=old or "None", to_phase=new).inc()
+            self.transitions.labels(from_phase=old or NO_PHASE, to_phase=new).inc()
+
+    @contextlib.contextmanager
+    def counting_errors(self, handler: str) -> Iterator[None]:
+        """Count an exception raised in the block (and re-raise it); cancellation is not an error."""
+        try:
+            yield
+        except Exception:
+            self.errors.labels(handler=handler).inc()
+            raise
 
     @contextlib.contextmanager
     def timed(self, handler: str) -> Iterator[None]:
+        """Time the block and count its errors."""
         start = time.perf_counter()
         try:
-            yield
+            with self.counting_errors(handler):
+                yield
         finally:
             self.reconcile.labels(handler=handler).observe(time.perf_counter() - start)
 

@@ -7,11 +7,17 @@ the environment; everything else receives the object.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
+from kubetune.spec import Toleration
+
 ENV_PREFIX = "KUBETUNE_"
+#: Fields read from JSON (``KUBETUNE_GPU_NODE_SELECTOR='{"nvidia.com/gpu.present": "true"}'``).
+JSON_FIELDS = frozenset({"gpu_node_selector", "gpu_tolerations"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +49,17 @@ class OperatorSettings:
     status_qps: float = 50.0
     #: Seconds between TTL checks of finished runs.
     ttl_check_interval: float = 30.0
+    #: Node labels required by pods of runs that request GPUs, merged under the run's own
+    #: ``spec.resources.nodeSelector`` (the run's value wins for a key both set).
+    gpu_node_selector: Mapping[str, str] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
+    #: Tolerations (Kubernetes form, camelCase) added after the run's own ``spec.resources.tolerations`` to pods
+    #: of runs that request GPUs (e.g. for the ``nvidia.com/gpu`` NoSchedule taint).
+    gpu_tolerations: tuple[Mapping[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:  # read-only, like the other (frozen) fields
+        object.__setattr__(self, "gpu_node_selector", MappingProxyType(dict(self.gpu_node_selector)))
+        object.__setattr__(self, "gpu_tolerations",
+                           tuple(MappingProxyType(dict(t)) for t in self.gpu_tolerations))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorSettings:
@@ -51,11 +68,14 @@ class OperatorSettings:
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
         for field in dataclasses.fields(cls):
-            raw = env.get(ENV_PREFIX + field.name.upper())
+            name = ENV_PREFIX + field.name.upper()
+            raw = env.get(name)
             if raw is None:
                 continue
             default = field.default
-            if isinstance(default, bool):
+            if field.name in JSON_FIELDS:
+                values[field.name] = _json_value(name, raw, dict if field.name == "gpu_node_selector" else list)
+            elif isinstance(default, bool):
                 values[field.name] = raw.strip().lower() in {"1", "true", "yes", "on"}
             elif isinstance(default, int):
                 values[field.name] = int(raw)
@@ -74,6 +94,30 @@ class OperatorSettings:
             raise ValueError("KUBETUNE_STATUS_INTERVAL, KUBETUNE_STATUS_QPS, KUBETUNE_TTL_CHECK_INTERVAL must be > 0")
         if not self.trainer_image:
             raise ValueError("KUBETUNE_TRAINER_IMAGE must not be empty")
+        for key, value in self.gpu_node_selector.items():
+            if not isinstance(key, str) or not key or not isinstance(value, str):
+                raise ValueError(f"KUBETUNE_GPU_NODE_SELECTOR: labels are strings, got {key!r}: {value!r}")
+        for i, toleration in enumerate(self.gpu_tolerations):
+            try:
+                Toleration.model_validate(dict(toleration))  # keys, operators, effects
+            except ValueError as e:
+                raise ValueError(f"KUBETUNE_GPU_TOLERATIONS[{i}]: {e}") from None
+
+
+def _json_value(name: str, raw: str, kind: type[dict[str, Any]] | type[list[Any]]) -> Any:
+    """A JSON object (``kind=dict``) or array of objects (``kind=list``) from an environment variable; an empty
+    value or ``null`` means empty."""
+    try:
+        value = json.loads(raw) if raw.strip() else None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{name}: not JSON: {e}") from None
+    if value is None:
+        return {} if kind is dict else []
+    if kind is dict and isinstance(value, dict):
+        return value
+    if kind is list and isinstance(value, list) and all(isinstance(v, dict) for v in value):
+        return value
+    raise ValueError(f"{name}: expected a JSON {'object' if kind is dict else 'array of objects'}")
 
 
 @dataclasses.dataclass(frozen=True)
