@@ -106,3 +106,51 @@ def test_decompression_bomb_is_a_bad_row(folder: Path, monkeypatch: pytest.Monke
     assert info.value.row == 2 and "unreadable" in str(info.value) and "DecompressionBomb" in str(info.value)
     pairs = _load(folder, b"text,image\nfine,a.png\nbomb,big.png\n", skip_bad_rows=True)
     assert len(pairs) == 1 and pairs.skipped == 1
+
+
+# ------------------------------------------------------------------------------------------- killed trainer
+def test_sigkilled_trainer_resumes_from_the_latest_checkpoint(tmp_path: Path,
+                                                              synthetic_data: dict[str, Path]) -> None:
+    # A deleted pod past its grace period, a node lost, an OOM kill: no chance to checkpoint. The replacement
+    # (a new pod of the same Job, or the operator's next attempt) resumes from the store's latest.json; the steps
+    # redone are at most one checkpoint interval.
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from kt_trainer_helpers import of_type, run_trainer, tiny_spec, write_run
+    from kubetune.events import parse_line
+
+    every = 3
+    spec = tiny_spec(str(synthetic_data["train"]), training={"epochs": 3},
+                     runPolicy={"checkpointEverySteps": every, "checkpointEveryEpochs": 0},
+                     callbacks={"evaluation": {"enabled": False}})
+    argv = ["--config", str(write_run(tmp_path / "run.yaml", spec)), "--output-dir", str(tmp_path / "out")]
+    proc = subprocess.Popen([sys.executable, "-m", "kubetune_trainer", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "KUBETUNE_PROGRESS_SECONDS": "0"})
+    assert proc.stdout is not None
+    last_step, checkpoints = 0, []
+    for line in proc.stdout:
+        event = parse_line(line.rstrip("\n"))
+        if event is None:
+            continue
+        if event.type == "checkpoint":
+            checkpoints.append(event.step)
+        if event.type == "progress" and event.step:
+            last_step = event.step
+            if checkpoints and last_step % every == every - 1:  # mid-interval, after a checkpoint
+                proc.send_signal(signal.SIGKILL)
+                break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL and checkpoints
+
+    code, events, raw = run_trainer(argv)
+    assert code == 0, raw[-2000:]
+    resumed = of_type(events, "started")[0].model_extra["resumed_from_step"]
+    redone = last_step - resumed
+    assert resumed == checkpoints[-1] and 0 < redone <= every, (last_step, resumed, checkpoints)
+    assert of_type(events, "progress")[0].step == resumed + 1 and of_type(events, "artifact")
+    print(f"\nSIGKILL at step {last_step}: resumed from step {resumed}, {redone} step(s) redone "
+          f"(checkpoint every {every})")
