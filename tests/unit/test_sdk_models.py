@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 
 
-def make_tiny_run(tmp: Path, epochs: int = 3, onnx: bool = False) -> Path:
-    """A run file like the quickstart's, with fewer steps."""
+def make_tiny_run(tmp: Path, epochs: int = 3, onnx: bool = True) -> Path:
+    """A run file like the quickstart's, with fewer steps and the ONNX export."""
     doc = yaml.safe_load((EXAMPLES / "quickstart.yaml").read_text())
     doc["metadata"]["name"] = "tiny"
     doc["spec"]["data"] = {"train": str(EXAMPLES / "data" / "train.csv"), "eval": str(EXAMPLES / "data" / "eval.csv")}
@@ -51,7 +51,8 @@ def test_local_run_produces_a_verified_artifact(tiny_run: Any) -> None:
     assert kubetune.verify_artifact(tiny_run.artifact) == []
     metrics = tiny_run.metrics()
     assert metrics["before"]["R@5"] < metrics["after"]["R@5"]
-    for name in ("clip-text/model.safetensors", "clip-vision/model.safetensors", "metadata.json"):
+    for name in ("clip-text/model.safetensors", "clip-vision/model.safetensors", "metadata.json",
+                 "clip-text/textual.onnx", "clip-vision/visual.onnx"):
         assert (tiny_run.artifact / name).is_file(), name
 
 
