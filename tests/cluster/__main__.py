@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
             from . import procs
             from .cluster import ClusterInfo
 
-            info = ClusterInfo.load()
-            return 0 if info and info.kind == "harness" and procs.is_running("kube-apiserver") else 1
+            current = ClusterInfo.load()
+            return 0 if current and current.kind == "harness" and procs.is_running("kube-apiserver") else 1
         elif args.command == "env":
             from .cluster import ClusterInfo
 

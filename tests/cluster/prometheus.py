@@ -75,20 +75,21 @@ def _ready(port: int) -> bool:
 
 
 def ensure_prometheus(port: int = PROMETHEUS_PORT) -> Prometheus:
-    root = state_dir() / "prometheus"
-    targets = root / "targets"
-    targets.mkdir(parents=True, exist_ok=True)
-    if not procs.is_running("prometheus"):
-        ensure_packages(("prometheus",))
-        binary = shutil.which("prometheus") or "/usr/bin/prometheus"
-        config = root / "prometheus.yml"
-        config.write_text(yaml.safe_dump(_config(targets)))
-        procs.start("prometheus", [binary, f"--config.file={config}", f"--storage.tsdb.path={root / 'data'}",
-                                   f"--web.listen-address=127.0.0.1:{port}", "--web.enable-lifecycle",
-                                   "--storage.tsdb.retention.time=2h"])
-    wait_for(lambda: _ready(port), 60, "Prometheus to become ready",
-             on_timeout=lambda: procs.log_file("prometheus").read_text()[-1500:])
-    return Prometheus(url=f"http://127.0.0.1:{port}", targets_dir=targets)
+    with procs.machine_lock("prometheus"):  # pytest workers and parallel runs share one server
+        root = state_dir() / "prometheus"
+        targets = root / "targets"
+        targets.mkdir(parents=True, exist_ok=True)
+        if not procs.is_running("prometheus"):
+            ensure_packages(("prometheus",))
+            binary = shutil.which("prometheus") or "/usr/bin/prometheus"
+            config = root / "prometheus.yml"
+            config.write_text(yaml.safe_dump(_config(targets)))
+            procs.start("prometheus", [binary, f"--config.file={config}", f"--storage.tsdb.path={root / 'data'}",
+                                       f"--web.listen-address=127.0.0.1:{port}", "--web.enable-lifecycle",
+                                       "--storage.tsdb.retention.time=2h"])
+        wait_for(lambda: _ready(port), 60, "Prometheus to become ready",
+                 on_timeout=lambda: procs.log_file("prometheus").read_text()[-1500:])
+        return Prometheus(url=f"http://127.0.0.1:{port}", targets_dir=targets)
 
 
 def stop_prometheus() -> None:

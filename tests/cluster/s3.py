@@ -54,16 +54,17 @@ def _answers(port: int) -> bool:
 
 
 def ensure_s3(port: int = S3_PORT) -> S3Server:
-    if not procs.is_running("s3"):
-        if _port_open(port):
-            raise HarnessError(f"port {port} is taken by another program; set KUBETUNE_S3_PORT")
-        procs.start("s3", _moto_argv(port))
-    wait_for(lambda: _answers(port), 30, "the S3 server (moto) to answer",
-             on_timeout=lambda: procs.log_file("s3").read_text()[-1500:])
-    server = S3Server(host_endpoint=f"http://127.0.0.1:{port}", pod_endpoint=f"http://{host_ip()}:{port}",
-                      access_key=ACCESS_KEY, secret_key=SECRET_KEY)
-    (state_dir() / "s3.json").write_text(server.to_json())
-    return server
+    with procs.machine_lock("s3"):  # pytest workers and parallel runs share one server
+        if not procs.is_running("s3"):
+            if _port_open(port):
+                raise HarnessError(f"port {port} is taken by another program; set KUBETUNE_S3_PORT")
+            procs.start("s3", _moto_argv(port))
+        wait_for(lambda: _answers(port), 30, "the S3 server (moto) to answer",
+                 on_timeout=lambda: procs.log_file("s3").read_text()[-1500:])
+        server = S3Server(host_endpoint=f"http://127.0.0.1:{port}", pod_endpoint=f"http://{host_ip()}:{port}",
+                          access_key=ACCESS_KEY, secret_key=SECRET_KEY)
+        (state_dir() / "s3.json").write_text(server.to_json())
+        return server
 
 
 def stop_s3() -> None:
