@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import sys
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
@@ -49,8 +50,13 @@ def _port_open(port: int) -> bool:
 
 
 def _answers(port: int) -> bool:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/data.json", timeout=2) as resp:
-        return bool(resp.status == 200)
+    """Any S3 answer counts: an unauthenticated bucket listing is refused quickly with an S3 error document.
+    (moto's /moto-api/data.json dumps every object, is slow and fails on leftovers of deleted buckets.)"""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as resp:
+            return bool(resp.status < 500)
+    except urllib.error.HTTPError as err:
+        return err.code < 500
 
 
 def ensure_s3(port: int = S3_PORT) -> S3Server:
