@@ -21,7 +21,7 @@ from .paths import state_dir
 from .system import HarnessError, ensure_packages, wait_for
 
 PROMETHEUS_PORT = int(os.environ.get("KUBETUNE_PROMETHEUS_PORT", "19090"))
-SCRAPE_INTERVAL = "2s"
+SCRAPE_INTERVAL = "5s"  # = the scrape timeout: a loaded 2-core machine answers slowly
 
 
 @dataclass(frozen=True)
