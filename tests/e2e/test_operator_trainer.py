@@ -1,7 +1,8 @@
 """The whole product path with real parts: a FinetuneRun applied to the harness cluster, the operator (a real
 subprocess) runs the **real trainer image** as a Job, the trainer pulls data from the real S3 server, trains a
 tiny open_clip CLIP on CPU, evaluates before/after, and publishes the artifact; the status shows progress,
-metrics and the log tail while it runs, and the artifact's manifest sha256 at the end."""
+metrics and the log tail while it runs, and the artifact's manifest sha256 at the end. The S3 credentials
+appear nowhere: status, Events, the operator's and the trainer's logs, the children, the artifact files."""
 
 from __future__ import annotations
 
@@ -104,12 +105,22 @@ def test_real_trainer_runs_to_succeeded_with_live_status_and_artifact(
     assert hashlib.sha256(manifest_bytes).hexdigest() == artifact["sha256"]
     files: dict[str, dict[str, Any]] = json.loads(manifest_bytes)["files"]
     assert any(n.startswith("clip-text/") for n in files) and any(n.startswith("clip-vision/") for n in files)
+    secrets = [s3_server.secret_key.encode(), s3_server.access_key.encode()]
     for path, entry in files.items():
         body = s3_client.get_object(s3_bucket, f"{key}/{path}").read()
         assert (hashlib.sha256(body).hexdigest(), len(body)) == (entry["sha256"], entry["size"]), path
+        assert not [s for s in secrets if s in body], f"a credential inside the artifact file {path}"
 
-    # Secrets never appear in status, events or the operator's log.
+    # Secrets never appear in status, events, the operator's log, the trainer pod's log, the children.
     events = json.dumps([e.message for e in runs.events("tiny-clip")])
-    for text in (json.dumps(final), events, log):
-        assert s3_server.secret_key not in text
-        assert s3_server.access_key not in text
+    pods = runs.core.list_namespaced_pod(namespace, label_selector="kubetune.io/run=tiny-clip").items
+    assert pods
+    pod_names = [str(runs.core.api_client.sanitize_for_serialization(p)["metadata"]["name"]) for p in pods]
+    trainer_log = "".join(runs.core.read_namespaced_pod_log(n, namespace, container="trainer") for n in pod_names)
+    assert "KUBETUNE_EVENT" in trainer_log  # the scan reads the real log
+    children = json.dumps(runs.core.api_client.sanitize_for_serialization(
+        [*runs.config_maps("tiny-clip"), *runs.jobs("tiny-clip")]))
+    for where, text in (("status", json.dumps(final)), ("events", events), ("operator log", log),
+                        ("trainer log", trainer_log), ("ConfigMap/Job", children)):
+        assert s3_server.secret_key not in text, where
+        assert s3_server.access_key not in text, where
