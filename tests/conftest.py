@@ -46,9 +46,16 @@ def s3_client(s3_server: S3Server) -> Any:
 
 @pytest.fixture
 def s3_bucket(s3_client: Any) -> Iterator[str]:
+    """A fresh bucket, emptied and removed after the test (the server is shared by every test on the machine)."""
     name = f"kt-{uuid.uuid4().hex[:12]}"
     s3_client.make_bucket(name)
     yield name
+    from minio.deleteobjects import DeleteObject
+
+    objects = [DeleteObject(o.object_name) for o in s3_client.list_objects(name, recursive=True)]
+    errors = list(s3_client.remove_objects(name, objects)) if objects else []
+    if not errors:
+        s3_client.remove_bucket(name)
 
 
 @pytest.fixture(scope="session")
