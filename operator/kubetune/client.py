@@ -52,10 +52,21 @@ from .errors import (
     StorageUnavailable,
 )
 from .events import MARKER
-from .spec import API_VERSION, GROUP, KIND, PLURAL, TERMINAL_PHASES, VERSION, FinetuneRunSpec, FinetuneRunStatus, Phase
+from .spec import (
+    API_VERSION,
+    CANCEL_ANNOTATION,
+    CANCEL_BY_ANNOTATION,
+    GROUP,
+    KIND,
+    PLURAL,
+    TERMINAL_PHASES,
+    VERSION,
+    FinetuneRunSpec,
+    FinetuneRunStatus,
+    Phase,
+)
 
 RUN_LABEL = "kubetune.io/run"  # = kubetune.manifests.RUN_LABEL
-CANCEL_ANNOTATION = "kubetune.io/cancel-requested"
 DEFAULT_BUCKET = "kubetune"
 INPUTS = "inputs"
 
@@ -65,6 +76,16 @@ MODEL_ALIASES: dict[str, tuple[str, str]] = {
     "clip-large-en": ("ViT-L-14", "openai"),
     "clip-base-multi": ("xlm-roberta-base-ViT-B-32", "laion5b_s13b_b90k"),
 }
+
+
+def _local_user() -> str:
+    """Who asks (for the cancel annotation): the local user name, or "unknown"."""
+    import getpass
+
+    try:
+        return getpass.getuser()[:63] or "unknown"
+    except Exception:  # no user name (e.g. a container without a passwd entry)
+        return "unknown"
 
 
 def _label_value(name: str) -> str:
@@ -544,8 +565,7 @@ class Run:
                     continue
                 if self._pod_done(name):
                     finished.add(name)
-            ended = status.phase in TERMINAL_PHASES or (
-                status.phase == Phase.SUSPENDED.value and self.cancel_requested)
+            ended = status.phase in TERMINAL_PHASES
             if ended and not pending:
                 if not yielded:  # the pods went before we could read them: the status keeps a tail
                     for line in status.log_tail:
@@ -582,11 +602,6 @@ class Run:
                 if raise_on_failure and st.phase != Phase.SUCCEEDED.value:
                     raise self._failure(st)
                 return st
-            if st.phase == Phase.SUSPENDED.value and self.cancel_requested:
-                if raise_on_failure:
-                    raise RunFailed(self.name, Phase.CANCELLED.value, "CancelRequested",
-                                    "cancelled through kubetune (the run is suspended)")
-                return st
             if deadline is not None and time.monotonic() >= deadline:
                 raise RunNotFinished(self.name, st.phase)
             time.sleep(poll)
@@ -599,10 +614,11 @@ class Run:
     def cancel(self, delete: bool = False) -> str:
         """Stop the run. Returns what was done.
 
-        The run is suspended (``spec.runPolicy.suspend``: the operator deletes its Job, the checkpoints stay
-        in S3) and annotated ``kubetune.io/cancel-requested``; :meth:`wait` then reports it as cancelled.
-        With ``delete=True`` the FinetuneRun itself is deleted (its Job and ConfigMap go with it; the artifact
-        and checkpoints in S3 stay).
+        The run is annotated ``kubetune.io/cancel-requested`` (the UTC time) and
+        ``kubetune.io/cancel-requested-by`` (the local user); the operator deletes its Job (the checkpoints stay
+        in S3), never retries or re-launches it, and sets ``phase: Cancelled``, which :meth:`wait` reports
+        (:class:`RunFailed`). With ``delete=True`` the FinetuneRun itself is deleted (its Job and ConfigMap go
+        with it; the artifact and checkpoints in S3 stay).
         """
         custom = self.client._custom()
         if delete:
@@ -612,11 +628,12 @@ class Run:
         st = self.status()
         if st.phase in TERMINAL_PHASES:
             return f"already {st.phase}"
-        patch = {"metadata": {"annotations": {CANCEL_ANNOTATION: datetime.now(timezone.utc).strftime(
-            "%Y-%m-%dT%H:%M:%SZ")}}, "spec": {"runPolicy": {"suspend": True}}}
+        patch = {"metadata": {"annotations": {
+            CANCEL_ANNOTATION: datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            CANCEL_BY_ANNOTATION: _local_user()}}}
         self._obj = self.client._call(f"cancel finetunerun {self.name}", lambda: custom.patch_namespaced_custom_object(
             GROUP, VERSION, self.namespace, PLURAL, self.name, patch), self.name, self.namespace)
-        return "cancelled (suspended: its Job is deleted, checkpoints are kept)"
+        return "cancelled (the operator deletes its Job and ends it Cancelled; checkpoints are kept)"
 
     @property
     def cancel_requested(self) -> bool:

@@ -325,6 +325,11 @@ class Phase(str, Enum):
 
 TERMINAL_PHASES = frozenset({Phase.SUCCEEDED.value, Phase.FAILED.value, Phase.CANCELLED.value})
 
+# Cancellation request (any value; the SDK writes the UTC time): the operator deletes the run's Jobs and ends
+# it ``Cancelled``. The optional ``-by`` annotation names who asked (the SDK writes the local user).
+CANCEL_ANNOTATION = f"{GROUP}/cancel-requested"
+CANCEL_BY_ANNOTATION = f"{GROUP}/cancel-requested-by"
+
 
 class Condition(_Model):
     type: Annotated[str, Field(max_length=64, description="Condition type, e.g. Ready, Running, Failed.")]

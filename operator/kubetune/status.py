@@ -21,6 +21,8 @@ from typing import Any
 
 from kubetune.events import EXIT_BAD_CONFIG, EXIT_BAD_DATA, EXIT_OK, RETRYABLE_EXIT_CODES, Event, parse_line
 from kubetune.spec import (
+    CANCEL_ANNOTATION,
+    CANCEL_BY_ANNOTATION,
     LOG_LINE_MAX_CHARS,
     LOG_TAIL_LINES,
     MAX_METRICS,
@@ -39,6 +41,7 @@ RESTARTING = "Restarting"
 SUSPENDED = "Suspended"
 SUCCEEDED = "Succeeded"
 FAILED = "Failed"
+CANCELLED = "Cancelled"
 CLEANED_UP = "CleanedUp"
 # Condition types that describe the phase: exactly the one matching the phase is True.
 _PHASE_CONDITION = {
@@ -46,6 +49,7 @@ _PHASE_CONDITION = {
     Phase.SUSPENDED.value: SUSPENDED,
     Phase.SUCCEEDED.value: SUCCEEDED,
     Phase.FAILED.value: FAILED,
+    Phase.CANCELLED.value: CANCELLED,
 }
 
 
@@ -487,6 +491,34 @@ def attempt_outcome(*, exit_code: int | None, pod_reason: str | None = None, job
 
 def is_terminal(status: Mapping[str, Any] | None) -> bool:
     return bool(status) and (status or {}).get("phase") in TERMINAL_PHASES
+
+
+def cancel_request(meta: Mapping[str, Any] | None) -> dict[str, str] | None:
+    """``{"at": ..., "by": ...}`` (values possibly empty) when the run carries the cancel annotation. Pure."""
+    annotations = (meta or {}).get("annotations") or {}
+    if CANCEL_ANNOTATION not in annotations:
+        return None
+    return {"at": str(annotations.get(CANCEL_ANNOTATION) or "").strip(),
+            "by": str(annotations.get(CANCEL_BY_ANNOTATION) or "").strip()}
+
+
+def cancel_pending(meta: Mapping[str, Any] | None, status: Mapping[str, Any] | None) -> bool:
+    """Whether the operator must cancel the run now: it carries the cancel annotation and has not ended. Pure.
+
+    A run that ended (Succeeded/Failed/Cancelled) keeps its phase; a cancelled run is terminal, so nothing
+    (resume after an operator restart, unsuspending) starts it again."""
+    return cancel_request(meta) is not None and not is_terminal(status)
+
+
+def cancel_update(status: Mapping[str, Any] | None, meta: Mapping[str, Any] | None, deleted_jobs: int,
+                  now: float) -> dict[str, Any]:
+    """Status patch ending the run ``Cancelled`` (reason ``Cancelled``, completionTime). Pure."""
+    request = cancel_request(meta) or {"at": "", "by": ""}
+    who = f" by {request['by']}" if request["by"] else ""
+    when = f" at {request['at']}" if request["at"] else ""
+    message = (f"Cancelled{who}{when} ({CANCEL_ANNOTATION}): deleted {deleted_jobs} Job(s); checkpoints are "
+               "kept; the run is never re-launched.")
+    return transition(status or {}, Phase.CANCELLED.value, "Cancelled", message, now)
 
 
 def ttl_due(status: Mapping[str, Any] | None, ttl_seconds: int | None, now: float) -> bool:

@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 import pytest
+from kubetune.spec import CANCEL_ANNOTATION, CANCEL_BY_ANNOTATION, GROUP, PLURAL, VERSION
 
 from tests.integration.test_operator_support import (
     Runs,
@@ -106,6 +107,31 @@ def test_suspend_running_run_and_resume(standin_image: str, operator: Any, runs:
     (job2,) = [j for j in runs.jobs("sr") if j.metadata.name == "sr-a2"]
     env = {e.name: e.value for e in job2.spec.template.spec.containers[0].env}
     assert env.get("KUBETUNE_RESUME_FROM") == checkpoint
+
+
+def test_cancel_running_run_is_terminal(standin_image: str, operator: Any, runs: Runs) -> None:
+    runs.create(run_manifest("cx", model=standin(steps=400, pace=0.3)))
+    wait_for(lambda: (runs.status("cx").get("progress") or {}).get("step", 0) >= 2, 60, "some progress")
+    runs.api.patch_namespaced_custom_object(GROUP, VERSION, runs.namespace, PLURAL, "cx", {"metadata": {
+        "annotations": {CANCEL_ANNOTATION: "2026-01-02T03:04:05Z", CANCEL_BY_ANNOTATION: "e2e"}}})
+    final = runs.wait_phase("cx", "Cancelled", 30)
+    cond = condition(final, "Cancelled")
+    assert cond["status"] == "True" and cond["reason"] == "Cancelled"
+    assert "by e2e at 2026-01-02T03:04:05Z" in cond["message"]
+    assert final["completionTime"] and condition(final, "Running")["status"] == "False"
+    wait_for(lambda: not runs.jobs("cx"), 60, "the Job deleted")
+    assert "Cancelled" in [e.reason for e in runs.events("cx")]
+    # The trainer's SIGTERM exit (143, retryable) is no retry; suspend toggles and an operator restart
+    # (on.resume) do not re-launch a cancelled run.
+    runs.patch_spec("cx", {"runPolicy": {"suspend": True}})
+    runs.patch_spec("cx", {"runPolicy": {"suspend": False}})
+    operator.stop()
+    operator.start()
+    time.sleep(5)
+    status = runs.status("cx")
+    assert status["phase"] == "Cancelled" and status["attempts"] == 1 and not status.get("retries"), status
+    assert runs.jobs("cx") == []
+    assert "RetryableFailure" not in [e.reason for e in runs.events("cx")]
 
 
 def test_ttl_after_finished_deletes_children_keeps_run(standin_image: str, operator: Any, runs: Runs) -> None:

@@ -172,14 +172,17 @@ def test_cancel_a_running_run(standin_image: str, operator: Any, client: Client,
     assert run.cancel().startswith("cancelled")
     with pytest.raises(errors.RunFailed) as info:
         run.wait(timeout=60, poll=0.5)
-    assert info.value.phase == "Cancelled"
-    assert run.status().phase == "Suspended" and run.spec.run_policy.suspend
+    assert info.value.phase == "Cancelled" and info.value.reason == "Cancelled"
+    st = run.status()
+    assert st.phase == "Cancelled" and st.attempts == 1 and not st.retries and not run.spec.run_policy.suspend
     wait_for(lambda: not run._pods(), 60, "the trainer pod gone")
+    assert run.status().phase == "Cancelled" and run.status().attempts == 1  # no second attempt
     with pytest.raises(errors.RunFailed):
         run.save_artifact(tmp_path / "x")
     runner = CliRunner()
     out = runner.invoke(app, ["status", "long", "-n", client.namespace, "--kubeconfig", str(client._kubeconfig)])
-    assert out.exit_code == 0 and "Suspended" in out.output
+    assert out.exit_code == 0 and "Cancelled" in out.output
+    assert run.cancel() == "already Cancelled"
     assert run.cancel(delete=True) == "deleted"
     wait_for(lambda: not kubetune.list_runs(client=client), 30, "the run deleted")
 

@@ -143,3 +143,51 @@ def test_rfc3339_parsing() -> None:
     assert st.parse_rfc3339("1970-01-01T00:00:10Z") == 10.0
     assert st.parse_rfc3339("1970-01-01T00:00:10.123456789Z") == pytest.approx(10.123456)
     assert st.parse_rfc3339("garbage") is None and st.parse_rfc3339(None) is None
+
+
+def test_cancel_request_is_terminal_and_never_relaunched() -> None:
+    from kubetune.operator.handlers import _active, _cancel_pending
+    from kubetune.spec import CANCEL_ANNOTATION, CANCEL_BY_ANNOTATION
+
+    plain: dict[str, object] = {"annotations": {"other": "x"}}
+    asked = {"annotations": {CANCEL_ANNOTATION: "2026-01-02T03:04:05Z", CANCEL_BY_ANNOTATION: "alice"}}
+    bare = {"annotations": {CANCEL_ANNOTATION: ""}}  # any value counts
+    running = {"phase": "Running", "attempts": 1, "startTime": "2026-01-02T03:00:00Z",
+               "conditions": st.set_condition([], st.RUNNING, "True", "PodRunning", "running", 0.0)}
+    assert st.cancel_request(plain) is None and st.cancel_request(None) is None
+    assert st.cancel_request(asked) == {"at": "2026-01-02T03:04:05Z", "by": "alice"}
+    assert st.cancel_request(bare) == {"at": "", "by": ""}
+    assert not st.cancel_pending(plain, running)
+    for phase in ("Pending", "Running", "Suspended", None):
+        assert st.cancel_pending(asked, {**running, "phase": phase})
+    for phase in ("Succeeded", "Failed", "Cancelled"):  # ended runs keep their phase
+        assert not st.cancel_pending(asked, {**running, "phase": phase})
+
+    update = st.cancel_update(running, asked, 1, 1_000.0)
+    assert update["phase"] == "Cancelled" and st.is_terminal(update)
+    assert update["completionTime"] == st.now_rfc3339(1_000.0)
+    cond = st.get_condition(update["conditions"], st.CANCELLED)
+    assert cond is not None and cond["status"] == "True" and cond["reason"] == "Cancelled"
+    assert "by alice at 2026-01-02T03:04:05Z" in cond["message"] and "deleted 1 Job(s)" in update["message"]
+    assert (st.get_condition(update["conditions"], st.RUNNING) or {})["status"] == "False"
+    assert st.cancel_update({}, bare, 0, 1.0)["message"].startswith("Cancelled (kubetune.io/cancel-requested)")
+
+    # The supervisor daemon never runs for a cancel-requested run, suspended or not, nor after Cancelled
+    # (kopf evaluates this on create, on resume after an operator restart and on every change, unsuspend too).
+    spec = {"runPolicy": {"suspend": False}}
+    assert _active(spec=spec, status=running, meta=plain)
+    assert not _active(spec=spec, status=running, meta=asked)
+    assert not _active(spec=spec, status={**running, **update}, meta=asked)
+    assert not _active(spec=spec, status={**running, **update}, meta=plain)
+    assert _cancel_pending(meta=asked, status=running) and not _cancel_pending(meta=asked, status=update)
+
+
+def test_progress_storage_keeps_the_cancel_annotation_in_the_essence() -> None:
+    from kubetune.operator.handlers import ProgressStorage
+    from kubetune.spec import CANCEL_ANNOTATION
+
+    storage = ProgressStorage(prefix="kubetune.io")
+    essence = {"spec": {"a": 1}, "metadata": {"annotations": {"kubetune.io/supervisor": "{}", "x": "y",
+                                                              CANCEL_ANNOTATION: ""}}}
+    assert storage.clear(essence=essence)["metadata"]["annotations"] == {"x": "y", CANCEL_ANNOTATION: ""}
+    assert "metadata" not in storage.clear(essence={"spec": {}, "metadata": {"annotations": {"kubetune.io/a": "1"}}})

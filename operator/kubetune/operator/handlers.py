@@ -11,6 +11,9 @@ effects; the TTL timer interval comes from the settings object).
 - ``on.create`` / ``on.resume``: cross-field validation → ``Failed``/``InvalidSpec`` condition and a Warning
   Event with the field paths, and no Job; ``Suspended`` when created suspended;
 - ``daemon``: the :class:`Supervisor` of an active run (neither finished nor suspended);
+- ``cancel`` (``on.field`` of the annotation ``kubetune.io/cancel-requested``, and ``on.resume``, while the
+  run carries it and has not ended): delete the Jobs (checkpoints stay in S3) → ``Cancelled`` (terminal:
+  never re-launched, not on resume nor on unsuspend), a ``Cancelled`` condition and Event;
 - ``on.field(spec.runPolicy.suspend)``: suspend deletes the attempt's Job (checkpoints stay in S3); unsuspend
   lets the daemon resume with a new attempt;
 - ``on.update(spec)``: re-validate, refresh the ConfigMap for the next attempt, observedGeneration;
@@ -38,14 +41,38 @@ from kubetune import manifests
 from kubetune.operator.context import Context
 from kubetune.operator.kube import Kube, config_maps_path, jobs_path
 from kubetune.operator.supervisor import Supervisor, format_errors, validate
-from kubetune.spec import GROUP, PLURAL, VERSION, Phase
-from kubetune.status import CLEANED_UP, SUSPENDED, is_terminal, set_condition, transition, ttl_due
+from kubetune.spec import CANCEL_ANNOTATION, GROUP, PLURAL, VERSION, Phase
+from kubetune.status import (
+    CLEANED_UP,
+    SUSPENDED,
+    cancel_pending,
+    cancel_request,
+    cancel_update,
+    is_terminal,
+    set_condition,
+    transition,
+    ttl_due,
+)
 
 SERVICE_ACCOUNT_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 PREFIX = "kubetune.io"
 FINALIZER = f"{PREFIX}/finalizer"
 RUNS = (GROUP, VERSION, PLURAL)
 RUN_SELECTOR = manifests.RUN_LABEL  # "label exists" selector
+
+
+class ProgressStorage(kopf.AnnotationsProgressStorage):
+    """kopf's annotation progress storage under ``kubetune.io/``, except that the cancel annotation (same
+    prefix) stays in the object's essence: kopf drops every ``kubetune.io/*`` annotation from the diff, so a
+    cancel request would otherwise trigger no handler."""
+
+    def clear(self, *, essence: Any) -> Any:
+        annotations = (essence.get("metadata") or {}).get("annotations") or {}
+        keep = {k: annotations[k] for k in (CANCEL_ANNOTATION,) if k in annotations}
+        cleared = super().clear(essence=essence)
+        if keep:
+            cleared.setdefault("metadata", {}).setdefault("annotations", {}).update(keep)
+        return cleared
 
 
 def configure_kopf(settings: kopf.OperatorSettings, *, peering_name: str = "kubetune",
@@ -55,7 +82,7 @@ def configure_kopf(settings: kopf.OperatorSettings, *, peering_name: str = "kube
     settings.peering.name = peering_name
     settings.peering.mandatory = False
     settings.persistence.finalizer = FINALIZER
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
+    settings.persistence.progress_storage = ProgressStorage(prefix=PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=PREFIX, key="last-handled-configuration")
     settings.posting.reporting_component = "kubetune-operator"
@@ -74,9 +101,13 @@ def _suspended(spec: Any) -> bool:
     return bool(((spec or {}).get("runPolicy") or {}).get("suspend"))
 
 
-def _active(spec: Any, status: Any, **_: Any) -> bool:
-    """The supervisor daemon runs while this holds."""
-    return not is_terminal(status) and not _suspended(spec)
+def _active(spec: Any, status: Any, meta: Any = None, **_: Any) -> bool:
+    """The supervisor daemon runs while this holds (not finished, not suspended, no cancel requested)."""
+    return not is_terminal(status) and not _suspended(spec) and cancel_request(meta) is None
+
+
+def _cancel_pending(meta: Any, status: Any, **_: Any) -> bool:
+    return cancel_pending(meta, status)
 
 
 def _ttl_pending(spec: Any, status: Any, **_: Any) -> bool:
@@ -112,8 +143,8 @@ def build_registry(ctx: Context) -> kopf.OperatorRegistry:
     async def accept(body: kopf.Body, spec: Any, status: Any, meta: Any, patch: kopf.Patch,
                      **_: Any) -> None:
         with metrics.timed("accept"):
-            if is_terminal(status) or (status or {}).get("phase"):
-                return  # already handled (resume after restart): the daemon or nothing takes over
+            if is_terminal(status) or (status or {}).get("phase") or cancel_request(meta) is not None:
+                return  # already handled (resume after restart), or cancelled: `cancel` takes over
             model, errors = validate(spec)
             now = time.time()
             if model is None:
@@ -135,10 +166,28 @@ def build_registry(ctx: Context) -> kopf.OperatorRegistry:
         with metrics.counting_errors("supervisor"):
             await Supervisor(ctx, body, stopped, logger).run()
 
+    # on.field, not on.update: kopf leaves annotations under its own prefix (kubetune.io) out of the diff
+    # base unless a handler names the field. It fires on creation too; on.resume covers a restart (and a run
+    # suspended-and-annotated by an older SDK). kopf calls one function once per cause.
+    @kopf.on.resume(*RUNS, id="cancel", when=_cancel_pending, registry=registry)
+    @kopf.on.field(*RUNS, id="cancel", field=("metadata", "annotations", CANCEL_ANNOTATION), when=_cancel_pending,
+                   registry=registry)
+    async def cancel(body: kopf.Body, meta: Any, status: Any, patch: kopf.Patch, namespace: Any, name: Any,
+                     **_: Any) -> None:
+        # kopf stops the daemon (its `when` no longer holds); the supervisor also sees the annotation and
+        # neither retries nor writes status any more. Deleting the Jobs here cannot lead to a retry.
+        with metrics.timed("cancel"):
+            deleted = await ctx.kube.delete_collection(
+                jobs_path(namespace), f"{manifests.RUN_LABEL}={manifests.run_label(name)}")
+            update = cancel_update(status, meta, deleted, time.time())
+            patch.status.update(update)
+            kopf.info(body, reason="Cancelled", message=update["message"])
+            metrics.transition((status or {}).get("phase"), Phase.CANCELLED.value)
+
     @kopf.on.field(*RUNS, field="spec.runPolicy.suspend", registry=registry)
-    async def suspend_changed(body: kopf.Body, old: Any, new: Any, status: Any, patch: kopf.Patch,
+    async def suspend_changed(body: kopf.Body, old: Any, new: Any, status: Any, meta: Any, patch: kopf.Patch,
                               namespace: Any, name: Any, **_: Any) -> None:
-        if old is None or bool(old) == bool(new) or is_terminal(status):
+        if old is None or bool(old) == bool(new) or is_terminal(status) or cancel_request(meta) is not None:
             return
         with metrics.timed("suspend"):
             now = time.time()

@@ -14,7 +14,9 @@ when that changes, when the run is deleted, or when the operator exits):
 4. when the pod ends, decide with :func:`kubetune.status.attempt_outcome`: succeed, retry from the latest
    checkpoint (a new attempt Job), or fail fast.
 
-A finished run's daemon is never started again, so children of a finished run are never re-created.
+A finished run's daemon is never started again, so children of a finished run are never re-created. A run
+annotated ``kubetune.io/cancel-requested`` stops at once: no new attempt, no retry, no more status writes (the
+``cancel`` handler deletes the Jobs and writes ``Cancelled``).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from kubetune.status import (
     StatusFolder,
     Throttle,
     attempt_outcome,
+    cancel_request,
     get_condition,
     job_state,
     now_rfc3339,
@@ -119,10 +122,14 @@ class Supervisor:
     def status(self) -> dict[str, Any]:
         return self.folder.status
 
+    def cancelled(self) -> bool:
+        """A cancel was requested: the ``cancel`` handler owns the run's Jobs and status from now on."""
+        return cancel_request(self.body.get("metadata")) is not None
+
     def should_stop(self) -> bool:
         live_spec = self.body.get("spec") or {}
         suspended = bool((live_spec.get("runPolicy") or {}).get("suspend"))
-        return self.gone or bool(self.stopped) or suspended
+        return self.gone or bool(self.stopped) or suspended or self.cancelled()
 
     def run_object(self) -> dict[str, Any]:
         return {"apiVersion": self.body.get("apiVersion"), "kind": self.body.get("kind"),
@@ -138,8 +145,8 @@ class Supervisor:
     async def flush(self, *, urgent: bool = False) -> None:
         """Send the coalesced status patch (if any)."""
         async with self.flush_lock:
-            if not self.folder.has_pending or self.gone:
-                return
+            if not self.folder.has_pending or self.gone or self.cancelled():
+                return  # a cancelled run's status is the cancel handler's (no stale phase over Cancelled)
             patch, written = self.folder.take_patch()
             if not urgent:
                 await self.ctx.patch_limiter().acquire()
@@ -194,8 +201,8 @@ class Supervisor:
             if job is None:
                 return
             outcome = await self.follow_attempt(job)
-            if outcome is None:
-                return
+            if outcome is None or self.cancelled():
+                return  # cancelled: the trainer's exit (143 on SIGTERM) is no failure to retry
             await self.finish_attempt(outcome)
             if outcome.action != "retry":
                 return
