@@ -161,6 +161,10 @@ def start_control_plane(bin_dir: Path, etcd: str, root: Path, ip: str) -> Path:
     pki = ensure_pki(root / "pki", ip, node_name())
     admin_kubeconfig = write_kubeconfig(root / "admin.kubeconfig", f"https://{ip}:{APISERVER_PORT}",
                                         pki.ca_crt, pki.token("admin"), "admin")
+    if not procs.is_running("etcd"):
+        # A control plane that is not running (a fresh machine, or one whose session ended without `down`)
+        # starts from an empty etcd: no runs, namespaces or finalizers left over from earlier test runs.
+        shutil.rmtree(root / "etcd", ignore_errors=True)
     (root / "etcd").mkdir(exist_ok=True)
     _start_checked("etcd", [etcd, "--data-dir", str(root / "etcd"),
                             "--listen-client-urls", f"http://127.0.0.1:{ETCD_PORT}",
