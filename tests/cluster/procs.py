@@ -26,22 +26,21 @@ def log_file(name: str) -> Path:
 
 
 def pid_of(name: str) -> int | None:
+    """The daemon's pid when it runs; None for a dead one, a zombie, or a pid that another program reuses
+    (the pid file records the program, so a file left by a killed session never adopts a stranger)."""
     try:
-        pid = int(pid_file(name).read_text().strip())
+        pid_text, _, program = pid_file(name).read_text().strip().partition(" ")
+        pid = int(pid_text)
     except (FileNotFoundError, ValueError):
         return None
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        return pid
-    # A zombie or a recycled pid of another program is not ours.
-    try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-        if stat.rsplit(")", 1)[1].split()[0] == "Z":
-            return None
-    except (FileNotFoundError, IndexError):
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    if stat.rsplit(")", 1)[1].split()[0] == "Z":
+        return None
+    if program and (not cmdline or cmdline[0].decode(errors="replace") != program):
         return None
     return pid
 
@@ -63,7 +62,7 @@ def start(name: str, argv: Sequence[str], *, env: dict[str, str] | None = None, 
         out.flush()
         proc = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=env, cwd=cwd, start_new_session=True, close_fds=True)
-    pid_path.write_text(str(proc.pid))
+    pid_path.write_text(f"{proc.pid} {argv[0]}")
     return proc.pid
 
 
