@@ -121,3 +121,15 @@ def test_prometheus_scrapes_a_target_the_test_registers(prometheus: Prometheus) 
     finally:
         target.unlink()
         server.shutdown()
+
+
+@pytest.mark.unit
+def test_a_pid_file_left_by_a_killed_session_never_adopts_another_program(isolated_state: Path) -> None:
+    import os
+
+    procs.pid_file("etcd").parent.mkdir(parents=True, exist_ok=True)
+    procs.pid_file("etcd").write_text(f"{os.getpid()} /usr/bin/etcd")  # this pid is pytest, not etcd
+    assert procs.pid_of("etcd") is None
+    pid = procs.start("etcd", ["sleep", "60"])  # so `up` starts a real one instead of trusting the file
+    assert procs.pid_of("etcd") == pid
+    procs.stop("etcd")
