@@ -41,8 +41,8 @@ class PodEvents:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             try:  # 400 while the container is being created: retry
-                resp = runs.core.read_namespaced_pod_log(pod, runs.namespace, container="trainer", follow=True,
-                                                         _preload_content=False)
+                resp: Any = runs.core.read_namespaced_pod_log(pod, runs.namespace, container="trainer", follow=True,
+                                                              _preload_content=False)
                 break
             except ApiException as e:
                 if e.status != 400:
