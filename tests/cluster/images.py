@@ -184,6 +184,15 @@ def ensure_project_image(tag: str, dockerfile: str, sources: Sequence[str], extr
     digest = source_digest(dockerfile, "pyproject.toml", *sources)
     if _image_label(tag, "io.kubetune.source-digest") == digest:
         return tag
+    previous = _image_id(tag)
     build_image(tag, REPO_ROOT, REPO_ROOT / dockerfile, wheels_for=extra_requirements(*extras),
                 build_args=build_args, labels={"io.kubetune.source-digest": digest})
+    if previous and previous != _image_id(tag):
+        # The replaced build is now untagged: remove it (a trainer image is 6 GB; rebuilds filled the disk).
+        run(["docker", "image", "rm", previous], check=False)
     return tag
+
+
+def _image_id(tag: str) -> str | None:
+    out = run(["docker", "image", "inspect", "--format", "{{.Id}}", tag], check=False)
+    return out.stdout.strip() if out.returncode == 0 else None
