@@ -127,7 +127,7 @@ def build_image(tag: str, context: Path, dockerfile: Path | None = None, *,
         if wheels:
             args["PIP_FIND_LINKS"] = f"{url}/wheels/"
         args.update(build_args or {})
-        cmd = ["docker", "build", "--network", "host", "-t", tag]
+        cmd = ["docker", "build", "--force-rm", "--network", "host", "-t", tag]
         if dockerfile:
             cmd += ["-f", str(dockerfile)]
         for key, value in args.items():
