@@ -56,17 +56,24 @@ def _credentials_secret(runs: Runs, s3_server: S3Server) -> str:
     return "s3-creds"
 
 
+def start_real_trainer_operator(cluster: Any, runs: Runs, trainer_image: str, s3_server: S3Server, s3_bucket: str,
+                                tmp_path: Path) -> OperatorProcess:
+    """The operator (a subprocess) for the run's namespace, defaulting runs to the real trainer image and the
+    test's bucket, with the S3 credentials in a Secret it passes by reference."""
+    secret = _credentials_secret(runs, s3_server)
+    return OperatorProcess(cluster.kubeconfig, runs.namespace, tmp_path / "operator.log", env={
+        "KUBETUNE_TRAINER_IMAGE": trainer_image, "KUBETUNE_IMAGE_PULL_POLICY": "Never",
+        "KUBETUNE_S3_ENDPOINT": s3_server.pod_endpoint, "KUBETUNE_S3_BUCKET": s3_bucket,
+        "KUBETUNE_S3_SECRET": secret, "KUBETUNE_STATUS_INTERVAL": "0.5",
+    }).start()
+
+
 def test_real_trainer_runs_to_succeeded_with_live_status_and_artifact(
         e2e_cluster: Any, kube_api: Any, namespace: str, crd_installed: str,  # noqa: F811
         trainer_image: str, s3_server: S3Server, s3_bucket: str, s3_client: Any, dataset_in_s3: str,
         tmp_path: Path) -> None:
     runs = Runs(kube_api, namespace)
-    secret = _credentials_secret(runs, s3_server)
-    operator = OperatorProcess(e2e_cluster.kubeconfig, namespace, tmp_path / "operator.log", env={
-        "KUBETUNE_TRAINER_IMAGE": trainer_image, "KUBETUNE_IMAGE_PULL_POLICY": "Never",
-        "KUBETUNE_S3_ENDPOINT": s3_server.pod_endpoint, "KUBETUNE_S3_BUCKET": s3_bucket,
-        "KUBETUNE_S3_SECRET": secret, "KUBETUNE_STATUS_INTERVAL": "0.5",
-    }).start()
+    operator = start_real_trainer_operator(e2e_cluster, runs, trainer_image, s3_server, s3_bucket, tmp_path)
     try:
         manifest = run_manifest(
             "tiny-clip",

@@ -13,9 +13,8 @@ import pytest
 from kubetune.events import parse_line
 
 from tests.cluster.s3 import S3Server
-from tests.e2e.test_operator_trainer import TINY_CONFIG, _credentials_secret, dataset_in_s3
+from tests.e2e.test_operator_trainer import TINY_CONFIG, dataset_in_s3, start_real_trainer_operator
 from tests.integration.test_operator_support import (  # noqa: F401 - fixtures
-    OperatorProcess,
     Runs,
     crd_installed,
     run_manifest,
@@ -70,12 +69,7 @@ def test_real_trainer_pod_deleted_mid_run_resumes_from_its_checkpoint(
         e2e_cluster: Any, kube_api: Any, namespace: str, crd_installed: str,  # noqa: F811
         trainer_image: str, s3_server: S3Server, s3_bucket: str, dataset_in_s3: str, tmp_path: Path) -> None:
     runs = Runs(kube_api, namespace)
-    secret = _credentials_secret(runs, s3_server)
-    operator = OperatorProcess(e2e_cluster.kubeconfig, namespace, tmp_path / "operator.log", env={
-        "KUBETUNE_TRAINER_IMAGE": trainer_image, "KUBETUNE_IMAGE_PULL_POLICY": "Never",
-        "KUBETUNE_S3_ENDPOINT": s3_server.pod_endpoint, "KUBETUNE_S3_BUCKET": s3_bucket,
-        "KUBETUNE_S3_SECRET": secret, "KUBETUNE_STATUS_INTERVAL": "0.5",
-    }).start()
+    operator = start_real_trainer_operator(e2e_cluster, runs, trainer_image, s3_server, s3_bucket, tmp_path)
     try:
         runs.create(run_manifest(
             "kill-me", model={"name": "kt-tiny-kill", "config": TINY_CONFIG},
