@@ -40,7 +40,8 @@ def pid_of(name: str) -> int | None:
         return None
     if stat.rsplit(")", 1)[1].split()[0] == "Z":
         return None
-    if program and (not cmdline or cmdline[0].decode(errors="replace") != program):
+    # A script (moto_server) runs as "<interpreter> <script>": the program is the first or second argument.
+    if program and program not in (arg.decode(errors="replace") for arg in cmdline[:2]):
         return None
     return pid
 

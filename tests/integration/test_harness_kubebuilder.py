@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,10 @@ def test_control_plane_only_from_kubebuilder_assets(cluster: ClusterInfo, tmp_pa
     finally:
         down = harness("down")
     assert down.returncode == 0, down.stdout
+    for port in (16443, 12379, 19001, 19091):  # nothing of that control plane (nor its S3/Prometheus) is left
+        with socket.socket() as sock:
+            sock.settimeout(1)
+            assert sock.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still answers after down"
     status = subprocess.run(["kubectl", "--kubeconfig", cluster.kubeconfig, "get", "--raw", "/readyz"], text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert status.stdout.strip() == "ok"  # the main cluster is untouched

@@ -133,3 +133,15 @@ def test_a_pid_file_left_by_a_killed_session_never_adopts_another_program(isolat
     pid = procs.start("etcd", ["sleep", "60"])  # so `up` starts a real one instead of trusting the file
     assert procs.pid_of("etcd") == pid
     procs.stop("etcd")
+
+
+@pytest.mark.unit
+def test_a_script_daemon_is_recognised_and_stopped(isolated_state: Path, tmp_path: Path) -> None:
+    """Scripts run as `<interpreter> <script>` (moto_server does): still ours, so `down` stops them."""
+    script = tmp_path / "fake-server"
+    script.write_text("#!/bin/sh\nsleep 300\n")
+    script.chmod(0o755)
+    pid = procs.start("fake-server", [str(script)])
+    assert procs.pid_of("fake-server") == pid
+    procs.stop("fake-server")
+    assert _live_members(pid) == []
