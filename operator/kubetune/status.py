@@ -387,6 +387,7 @@ class PodState:
     started: bool = False  # the trainer container has started (its log can be followed)
     created: float | None = None
     scheduled: bool = False  # bound to a node: its log can be followed as soon as the container starts
+    deleting: bool = False  # has a deletionTimestamp: deleted (by a user, a drain) and going away
 
     @property
     def terminated(self) -> bool:
@@ -399,7 +400,8 @@ def pod_state(pod: Mapping[str, Any], container: str = "trainer") -> PodState:
     state = PodState(name=meta.get("name", ""), phase=status.get("phase") or "Pending",
                      reason=status.get("reason"), message=status.get("message"),
                      created=parse_rfc3339(meta.get("creationTimestamp")),
-                     scheduled=bool((pod.get("spec") or {}).get("nodeName")))
+                     scheduled=bool((pod.get("spec") or {}).get("nodeName")),
+                     deleting=bool(meta.get("deletionTimestamp")))
     for cs in status.get("containerStatuses") or ():
         if cs.get("name") != container:
             continue
@@ -450,6 +452,9 @@ class Outcome:
 PERMANENT_REASONS = {EXIT_BAD_CONFIG: "InvalidConfig", EXIT_BAD_DATA: "BadData"}
 
 
+POD_DELETED = "PodDeleted"  # the attempt's pod was deleted and its Job gave up instead of replacing it
+
+
 def attempt_outcome(*, exit_code: int | None, pod_reason: str | None = None, job: JobState | None = None,
                     failed_event: Event | None = None, retries: int, backoff_limit: int) -> Outcome:
     """What a finished attempt means for the run. Pure.
@@ -457,8 +462,8 @@ def attempt_outcome(*, exit_code: int | None, pod_reason: str | None = None, job
     - exit 0 → succeed;
     - the Job's deadline (``DeadlineExceeded``) → fail (the run's activeDeadlineSeconds is spent);
     - OOMKilled → fail (it would run out of memory again);
-    - exit 75 (EX_TEMPFAIL), 137/143 (killed: preemption, eviction), an evicted pod, or a trainer ``failed``
-      event with ``retryable: true`` → retry from the latest checkpoint while ``retries < backoff_limit``;
+    - exit 75 (EX_TEMPFAIL), 137/143 (killed: preemption, eviction), an evicted or deleted pod, or a trainer
+      ``failed`` event with ``retryable: true`` → retry from the latest checkpoint while ``retries < backoff_limit``;
     - 78 (bad config), 65 (bad data), 1 and anything else → fail fast.
     """
     event_msg = (failed_event.message or "") if failed_event else ""
@@ -473,7 +478,7 @@ def attempt_outcome(*, exit_code: int | None, pod_reason: str | None = None, job
     if exit_code in PERMANENT_REASONS:
         reason = (failed_event.reason if failed_event and failed_event.reason else PERMANENT_REASONS[exit_code])
         return Outcome("fail", reason, clip(f"Trainer exited with code {exit_code} (permanent). {event_msg}") or "")
-    retryable = (exit_code in RETRYABLE_EXIT_CODES or pod_reason in {"Evicted", "Preempted", "Shutdown"}
+    retryable = (exit_code in RETRYABLE_EXIT_CODES or pod_reason in {"Evicted", "Preempted", "Shutdown", POD_DELETED}
                  or (exit_code is None and job is None)
                  or bool(failed_event and failed_event.retryable))
     what = f"exit code {exit_code}" if exit_code is not None else (pod_reason or "pod lost")

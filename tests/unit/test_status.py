@@ -106,6 +106,9 @@ def test_outcomes() -> None:
     deadline = st.JobState("j", failed=True, reason="DeadlineExceeded", message="Job was active longer")
     assert st.attempt_outcome(exit_code=None, job=deadline, retries=0, backoff_limit=3).reason == "DeadlineExceeded"
     assert st.attempt_outcome(exit_code=None, pod_reason="Evicted", retries=0, backoff_limit=3).action == "retry"
+    lost = st.JobState("j", failed=True, reason="BackoffLimitExceeded")
+    deleted = st.attempt_outcome(exit_code=None, pod_reason=st.POD_DELETED, job=lost, retries=0, backoff_limit=3)
+    assert deleted.action == "retry" and "PodDeleted" in deleted.message
 
 
 def test_pod_and_job_state() -> None:
@@ -113,7 +116,8 @@ def test_pod_and_job_state() -> None:
            "status": {"phase": "Failed", "containerStatuses": [
                {"name": "trainer", "state": {"terminated": {"exitCode": 75, "reason": "Error"}}}]}}
     ps = st.pod_state(pod)
-    assert ps.terminated and ps.exit_code == 75 and ps.started and ps.created is not None
+    assert ps.terminated and ps.exit_code == 75 and ps.started and ps.created is not None and not ps.deleting
+    assert st.pod_state({**pod, "metadata": {**pod["metadata"], "deletionTimestamp": "2026-11-23T16:07:00Z"}}).deleting
     waiting = {"metadata": {"name": "p"}, "status": {"phase": "Pending", "containerStatuses": [
         {"name": "trainer", "state": {"waiting": {"reason": "ImagePullBackOff", "message": "nope"}}}]}}
     ws = st.pod_state(waiting)

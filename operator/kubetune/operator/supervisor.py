@@ -45,6 +45,7 @@ from kubetune.operator.kube import (
 from kubetune.spec import FinetuneRunSpec, Phase
 from kubetune.status import (
     CREATED,
+    POD_DELETED,
     RESTARTING,
     SUSPENDED,
     JobState,
@@ -336,6 +337,11 @@ class Supervisor:
             self.changed.clear()
             pod = self.ctx.children.pod(self.key, attempt)
             job = self.ctx.children.job(self.namespace, job_name)
+            if pod is not None and pod.deleting and not (job is not None and (job.failed or job.complete)):
+                # A deleted pod (kubectl delete, a drain) does not decide the attempt: Kubernetes 1.20's Job
+                # controller either starts a replacement (followed below once it exists) or counts a failure
+                # and fails the Job (then: retry from the latest checkpoint). Which one depends on timing.
+                pod = None
             followable = pod is not None and (pod.started or (pod.scheduled and not pod.terminated
                                                               and pod.waiting_reason not in WAITING_PROBLEMS))
             if pod is not None and followable:
@@ -358,6 +364,12 @@ class Supervisor:
                     continue
                 fresh = await self.ctx.kube.get(pods_path(self.namespace, pod.name))
                 state = pod_state(fresh) if fresh is not None else None
+                if state is not None and state.deleting:
+                    job_now = await self._job_state(job_name)
+                    if job_now is not None and job_now.failed:
+                        return self._outcome(state, job_now)
+                    await self.wait_change(1.0)  # the replacement pod, or the Job's failure, shows up next
+                    continue
                 if state is not None and state.terminated:
                     return self._outcome(state, await self._job_state(job_name))
                 if state is None:
@@ -400,7 +412,10 @@ class Supervisor:
 
     def _outcome(self, pod: PodState | None, job: JobState | None) -> Outcome:
         spec = FinetuneRunSpec.model_validate(self.body.get("spec") or {})
-        return attempt_outcome(exit_code=pod.exit_code if pod else None, pod_reason=pod.reason if pod else None,
+        pod_reason = pod.reason if pod else None
+        if (pod is None or pod.deleting) and (pod is None or pod.exit_code is None) and job is not None:
+            pod_reason = POD_DELETED  # the Job ended with its pod gone before it told an exit code: lost
+        return attempt_outcome(exit_code=pod.exit_code if pod else None, pod_reason=pod_reason,
                                job=job, failed_event=self.folder.last_failed,
                                retries=int(self.status.get("retries") or 0),
                                backoff_limit=spec.run_policy.backoff_limit)
@@ -476,6 +491,17 @@ class Supervisor:
         await self.maybe_flush(urgent=urgent)
 
     # ------------------------------------------------------------------------------------ outcome
+    async def _stop_previous_attempt(self) -> None:
+        """Before a retry: a Job that is still active (its controller replaced a lost pod meanwhile) is
+        deleted, so two trainers of one run never write the same checkpoints. A finished Job stays (history)."""
+        job_name = self.status.get("jobName")
+        if not job_name:
+            return
+        job = await self._job_state(job_name)
+        if job is not None and not (job.failed or job.complete):
+            self.logger.info(f"Deleting the still-active Job {job_name} before the retry.")
+            await self.ctx.kube.delete(jobs_path(self.namespace, job_name))
+
     async def finish_attempt(self, outcome: Outcome) -> None:
         if outcome.action == "succeed":
             artifact = (self.status.get("artifact") or {}).get("uri")
@@ -490,6 +516,7 @@ class Supervisor:
             })
             self.set_phase(Phase.PENDING.value, outcome.reason, outcome.message, event="Warning")
             self.retry_pending = True
+            await self._stop_previous_attempt()
         else:
             self.set_phase(Phase.FAILED.value, outcome.reason, outcome.message, event="Warning")
         await self.flush(urgent=True)
