@@ -420,6 +420,41 @@ def pod_state(pod: Mapping[str, Any], container: str = "trainer") -> PodState:
     return state
 
 
+@dataclasses.dataclass
+class LogCursor:
+    """How far a followed log was read, so that a reconnect skips what was already folded.
+
+    A reconnect asks for ``sinceTime`` (whole seconds), so the API server replays the lines of the last second
+    read: lines older than the last timestamp are dropped, and of the lines carrying exactly that timestamp
+    the ones already read."""
+
+    last_ts: float | None = None
+    seen_at_last: int = 0  # lines read that carry exactly last_ts
+    _skip: int = 0
+
+    def since_time(self) -> int | None:
+        return int(self.last_ts) if self.last_ts is not None else None
+
+    def reopened(self) -> None:
+        """A new stream starts (from :meth:`since_time`)."""
+        self._skip = self.seen_at_last
+
+    def accept(self, t: float | None) -> bool:
+        """Whether the line written at ``t`` is new (lines without a timestamp always are)."""
+        if t is None:
+            return True
+        if self.last_ts is not None and t < self.last_ts:
+            return False
+        if t == self.last_ts:
+            if self._skip > 0:
+                self._skip -= 1
+                return False
+            self.seen_at_last += 1
+            return True
+        self.last_ts, self.seen_at_last, self._skip = t, 1, 0
+        return True
+
+
 @dataclasses.dataclass(frozen=True)
 class JobState:
     name: str

@@ -195,3 +195,15 @@ def test_progress_storage_keeps_the_cancel_annotation_in_the_essence() -> None:
                                                               CANCEL_ANNOTATION: ""}}}
     assert storage.clear(essence=essence)["metadata"]["annotations"] == {"x": "y", CANCEL_ANNOTATION: ""}
     assert "metadata" not in storage.clear(essence={"spec": {}, "metadata": {"annotations": {"kubetune.io/a": "1"}}})
+
+
+def test_log_cursor_skips_exactly_what_a_reconnect_replays() -> None:
+    cursor = st.LogCursor()
+    assert cursor.since_time() is None
+    read = [10.2, 10.5, 10.5, 10.7, None]
+    assert [cursor.accept(t) for t in read] == [True] * 5
+    assert cursor.since_time() == 10 and cursor.seen_at_last == 1
+    cursor.reopened()  # the server replays from 10 s: everything up to 10.7 again, then new lines
+    assert [cursor.accept(t) for t in [10.2, 10.5, 10.5, 10.7, 10.7, 11.0]] == [False] * 4 + [True, True]
+    cursor.reopened()
+    assert [cursor.accept(t) for t in [11.0, 11.0, 11.5]] == [False, True, True]

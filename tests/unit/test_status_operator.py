@@ -4,13 +4,14 @@ the status-patch token bucket, and kopf settings."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
 import kopf
 import pytest
 from kubetune.operator.context import ChildIndex, TokenBucket
-from kubetune.operator.handlers import FINALIZER, configure_kopf
+from kubetune.operator.handlers import FINALIZER, QuietWatchHandlers, configure_kopf
 from kubetune.operator.kube import split_log_line
 from kubetune.operator.metrics import Metrics
 from kubetune.operator.supervisor import format_errors, validate
@@ -236,3 +237,14 @@ def test_in_cluster_login_uses_service_env_not_dns(tmp_path: Any, monkeypatch: p
     assert (info.token, info.ca_path, info.default_namespace) == ("t", "/ca.crt", "ops")
     assert handlers._login(env={}, token_path=str(token)) is kopf_info  # no variables: kopf's own URL
     assert handlers._login(env=env, token_path=str(tmp_path / "missing")) == "kubeconfig"  # not in a pod
+
+
+def test_quiet_watch_handlers_drops_only_the_watch_handlers_success_lines() -> None:
+    def record(level: int, msg: str) -> logging.LogRecord:
+        return logging.LogRecord("kopf.objects", level, __file__, 1, msg, None, None)
+
+    quiet = QuietWatchHandlers()
+    assert not quiet.filter(record(logging.INFO, "Handler 'build_registry.<locals>.pod_event' succeeded."))
+    assert not quiet.filter(record(logging.INFO, "Handler 'build_registry.<locals>.run_event' succeeded."))
+    assert quiet.filter(record(logging.INFO, "Handler 'build_registry.<locals>.accept' succeeded."))
+    assert quiet.filter(record(logging.ERROR, "Handler 'build_registry.<locals>.pod_event' failed with an exception."))

@@ -10,7 +10,7 @@ import sys
 import kopf
 
 from kubetune.operator.context import Context
-from kubetune.operator.handlers import build_registry
+from kubetune.operator.handlers import QuietWatchHandlers, build_registry
 from kubetune.operator.metrics import Metrics
 from kubetune.operator.settings import OperatorSettings
 
@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     kopf.configure(debug=args.debug, verbose=args.verbose,
                    log_format={"plain": kopf.LogFormat.PLAIN, "full": kopf.LogFormat.FULL,
                                "json": kopf.LogFormat.JSON}[args.log_format])
+    if not (args.verbose or args.debug):
+        logging.getLogger("kopf.objects").addFilter(QuietWatchHandlers())
     metrics = Metrics()
     if args.metrics_port:
         metrics.serve(args.metrics_port)

@@ -28,6 +28,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import aiohttp
 import kopf
 from pydantic import ValidationError
 
@@ -49,6 +50,7 @@ from kubetune.status import (
     RESTARTING,
     SUSPENDED,
     JobState,
+    LogCursor,
     Outcome,
     PodState,
     StatusFolder,
@@ -112,10 +114,10 @@ class Supervisor:
         self.changed = ctx.children.register(self.key)
         self.gone = False
         self.retry_pending = False
-        self.last_ts: float | None = None
-        self.seen_at_last_ts = 0
+        self.cursor = LogCursor()  # how far the current attempt's log was read
         self.waiting_reported: str | None = None
         self.stream_opened = False
+        self.stream_complete = False  # the last log stream ended on the server's side (not cut, not stopped)
         self.pod_attempt: int | None = None  # the attempt whose pod status.podName names (this process's view)
 
     # ------------------------------------------------------------------------------------ helpers
@@ -161,6 +163,11 @@ class Supervisor:
                     self.logger.error(f"Status patch rejected: {e.message}")
                     return
                 self.folder.requeue(patch, written)  # keep it pending; the next flush retries
+                raise
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                # The API server stayed unreachable past the client's retries: keep the patch (a phase change
+                # must not be lost) for the next flush, which the daemon kopf restarts makes.
+                self.folder.requeue(patch, written)
                 raise
             now = time.time()
             self.throttle.flushed(now)
@@ -315,7 +322,7 @@ class Supervisor:
             kopf.event(self.body, type="Warning", reason="QueueUnsupported",
                        message="spec.queueName is set but this API server has no Job suspend (1.21+), which "
                                "Kueue needs; the Job runs without queueing.")
-        self.last_ts, self.seen_at_last_ts = None, 0
+        self.cursor = LogCursor()
         self.folder.started = self.folder.finished = False
         self.folder.last_failed = None
         return job_name
@@ -371,6 +378,7 @@ class Supervisor:
                     await self.wait_change(1.0)  # the replacement pod, or the Job's failure, shows up next
                     continue
                 if state is not None and state.terminated:
+                    await self._drain_log(pod.name)
                     return self._outcome(state, await self._job_state(job_name))
                 if state is None:
                     job_now = await self._job_state(job_name)
@@ -398,6 +406,19 @@ class Supervisor:
                 return None
         return None
 
+    async def _drain_log(self, pod_name: str) -> None:
+        """Before judging a terminated trainer: when its last event (``finished``/``failed``) was not read, the
+        stream may have been cut (an API server restart) while the trainer wrote its last lines (progress,
+        metrics, the artifact). Read the rest of the finished container's log (from the last timestamp seen, no
+        line counted twice); at most 3 tries when the stream keeps being cut. One extra request for a trainer
+        that died without a last event (OOM, SIGKILL)."""
+        for _ in range(3):
+            if self.folder.finished or self.folder.last_failed is not None or self.should_stop():
+                return
+            await self.follow_log(pod_name)
+            if self.stream_complete:
+                return
+
     async def _job_state(self, job_name: str) -> JobState | None:
         raw = await self.ctx.kube.get(jobs_path(self.namespace, job_name))
         return job_state(raw) if raw is not None else None
@@ -424,9 +445,11 @@ class Supervisor:
         """Follow the trainer's log until the stream ends or the run must stop. False when the stream could
         not be opened (the container has not started yet)."""
         params: dict[str, Any] = {"container": manifests.CONTAINER_NAME, "follow": "true", "timestamps": "true"}
-        if self.last_ts is not None:
-            params["sinceTime"] = now_rfc3339(int(self.last_ts))
-        self.stream_opened = False
+        since = self.cursor.since_time()
+        if since is not None:
+            params["sinceTime"] = now_rfc3339(since)
+        self.cursor.reopened()
+        self.stream_opened = self.stream_complete = False
         metrics = self.ctx.metrics
         metrics.log_streams.inc()
         reader = asyncio.ensure_future(self._read(pod_name, params))
@@ -443,18 +466,26 @@ class Supervisor:
             stopper.cancel()
             if not reader.done():
                 reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, KubeError, OSError, asyncio.TimeoutError):
+            # aiohttp.ClientError: the stream cut mid-response (ClientPayloadError, ServerDisconnectedError) when
+            # the API server restarts; the loop in follow_attempt reopens it (sinceTime: no line counted twice).
+            with contextlib.suppress(asyncio.CancelledError, KubeError, OSError, asyncio.TimeoutError,
+                                     aiohttp.ClientError):
                 await reader
+            # Complete: the server ended the stream (the container's log is all read), not an error or a stop.
+            self.stream_complete = (self.stream_opened and reader.done() and not reader.cancelled()
+                                    and reader.exception() is None)
             if reader.done() and not reader.cancelled() and reader.exception() is not None:
                 error = reader.exception()
                 if not (isinstance(error, KubeError) and error.status == 400 and not self.stream_opened):
                     self.logger.warning(f"Log stream of {pod_name} ended: {error!r}")
-        await self.maybe_flush()
+        # The stream ended: the container exited (or the connection dropped). What it wrote last goes out now,
+        # not after the throttle: the pod's end is seen seconds later, and reconnects may follow.
+        await self.flush(urgent=True)
         return self.stream_opened
 
     async def _on_stream_open(self, pod_name: str) -> None:
         self.stream_opened = True
-        if self.last_ts is None:
+        if self.cursor.last_ts is None:
             self.folder.tail.clear()  # the whole log replays: rebuild the tail from it, without duplicates
         if self.phase != Phase.RUNNING.value and self.status.get("phase") != Phase.RUNNING.value:
             self.set_phase(Phase.RUNNING.value, "PodRunning", f"Trainer pod {pod_name} is running.")
@@ -468,15 +499,8 @@ class Supervisor:
                                                     on_open=opened):
             stamp, text = split_log_line(raw)
             t = parse_rfc3339(stamp) if stamp else None
-            if t is not None and self.last_ts is not None:
-                if t < self.last_ts:
-                    continue
-                if t == self.last_ts:
-                    self.seen_at_last_ts -= 1
-                    if self.seen_at_last_ts >= 0:
-                        continue
-            if t is not None and t != self.last_ts:
-                self.last_ts, self.seen_at_last_ts = t, 0
+            if not self.cursor.accept(t):
+                continue  # replayed after a reconnect: already folded
             event = self.folder.feed_line(text, t if t is not None else time.time())
             if event is not None:
                 await self._on_event(event)

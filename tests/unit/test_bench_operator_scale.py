@@ -1,0 +1,34 @@
+"""The scale bench's own arithmetic (its figures go into the docs, so they are tested like product code)."""
+
+from __future__ import annotations
+
+from kubetune.events import MARKER
+
+from bench.operator_scale import histogram_quantile, log_progress, percentile, progress_lags
+
+
+def test_progress_lag_is_first_status_at_or_past_the_step_of_the_same_pod() -> None:
+    logs = {"r": [("p1", 10.0, 1), ("p1", 10.5, 2), ("p1", 11.0, 3), ("p2", 20.0, 1)]}
+    seen = {"r": [(9.0, "p1", 1), (10.8, "p1", 2), (12.0, "p1", 3), (20.1, "p1", 3), (21.0, "p2", 1)]}
+    lags = progress_lags(seen, logs)
+    # step 1 of p1: the 9.0 observation predates the event (a stale status), so 10.8 is the first one
+    assert [round(x, 3) for x in lags] == [0.8, 0.3, 1.0, 1.0]
+    assert progress_lags({}, logs) == []  # never seen: not counted as fast
+
+
+def test_log_progress_reads_kubelet_timestamps_and_skips_other_lines() -> None:
+    text = ("2026-11-23T10:00:00.500000000Z human line\n"
+            f'2026-11-23T10:00:01.250000000Z {MARKER}{{"type": "progress", "step": 4, "total_steps": 9}}\n'
+            f'2026-11-23T10:00:02Z {MARKER}{{"type": "metrics", "step": 4}}\n')
+    events = log_progress(text)
+    assert len(events) == 1 and events[0][1] == 4
+    assert abs(events[0][0] % 60 - 1.25) < 1e-6
+
+
+def test_percentile_and_histogram_bounds() -> None:
+    assert percentile([], 99) is None
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0
+    exposition = ('x_bucket{le="0.5"} 10.0\nx_bucket{le="1.0"} 99.0\nx_bucket{le="3.0"} 100.0\n'
+                  'x_bucket{le="+Inf"} 100.0\n')
+    assert histogram_quantile(exposition, "x", 50) == (1.0, 100)
+    assert histogram_quantile(exposition, "x", 99.5) == (3.0, 100)
