@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     from kubernetes import client, config, watch
 
     from tests.cluster.cluster import ClusterInfo, up
+    from tests.cluster.objects import delete_namespace
 
     kubeconfig = os.environ.get("KUBECONFIG")
     info = ClusterInfo.load() if not kubeconfig else None
@@ -288,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         except subprocess.TimeoutExpired:
             operator.kill()
         if not args.keep:
-            core.delete_namespace(ns, propagation_policy="Background")
+            delete_namespace(api_client, ns)
     print(json.dumps(results, indent=2))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

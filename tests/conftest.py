@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from tests.cluster.cluster import ClusterInfo
+from tests.cluster.objects import delete_namespace
 from tests.cluster.prometheus import Prometheus, ensure_prometheus
 from tests.cluster.s3 import S3Server, ensure_s3
 from tests.cluster.system import HarnessError
@@ -100,7 +101,7 @@ def namespace(kube_api: Any, request: pytest.FixtureRequest) -> Iterator[str]:
     name = f"t-{stem}-{uuid.uuid4().hex[:6]}"
     core.create_namespace({"metadata": {"name": name, "labels": {"kubetune.io/test": "true"}}})
     yield name
-    core.delete_namespace(name, propagation_policy="Background")
+    delete_namespace(kube_api, name)
 
 
 @pytest.fixture(scope="session")
