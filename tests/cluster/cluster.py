@@ -27,9 +27,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import procs
-from .build import ensure_binaries
+from .build import cached_binaries, ensure_binaries
 from .paths import K8S_VERSION, state_dir
-from .pki import ensure_pki, write_kubeconfig
+from .pki import Pki, ensure_pki, write_kubeconfig
 from .system import HarnessError, ensure_packages, host_ip, is_root, run, tail, wait_for
 
 APISERVER_PORT = int(os.environ.get("KUBETUNE_APISERVER_PORT", "6443"))
@@ -173,7 +173,13 @@ def start_control_plane(bin_dir: Path, etcd: str, root: Path, ip: str) -> Path:
                             "--initial-advertise-peer-urls", f"http://127.0.0.1:{ETCD_PEER_PORT}",
                             "--initial-cluster", f"default=http://127.0.0.1:{ETCD_PEER_PORT}"],
                    lambda: _http_ok(f"http://127.0.0.1:{ETCD_PORT}/health"), 30)
-    _start_checked("kube-apiserver", [
+    _start_checked("kube-apiserver", apiserver_argv(bin_dir, pki, ip), lambda: _api_ready(admin_kubeconfig), 90)
+    return admin_kubeconfig
+
+
+def apiserver_argv(bin_dir: Path, pki: Pki, ip: str) -> list[str]:
+    """The kube-apiserver command line (one place: `up` starts it with this, `restart_apiserver` restarts it)."""
+    return [
         str(bin_dir / "kube-apiserver"), f"--etcd-servers=http://127.0.0.1:{ETCD_PORT}",
         f"--service-account-key-file={pki.sa_pub}", f"--service-account-signing-key-file={pki.sa_key}",
         "--service-account-issuer=https://kubernetes.default.svc", "--service-cluster-ip-range=10.96.0.0/16",
@@ -181,8 +187,61 @@ def start_control_plane(bin_dir: Path, etcd: str, root: Path, ip: str) -> Path:
         f"--tls-private-key-file={pki.serving_key}", f"--token-auth-file={pki.token_file}",
         "--authorization-mode=Node,RBAC", "--allow-privileged=true", f"--advertise-address={ip}",
         "--bind-address=0.0.0.0", "--enable-priority-and-fairness=false",
-    ], lambda: _api_ready(admin_kubeconfig), 90)
-    return admin_kubeconfig
+    ]
+
+
+@dataclass(frozen=True)
+class ApiserverRestart:
+    """Wall-clock times (``time.time()``) of one :func:`restart_apiserver`."""
+
+    stop_requested: float  # SIGTERM sent
+    stopped: float  # the process is gone: the API is down from here
+    started: float  # the new process was started
+    ready: float  # /readyz answers "ok" again
+
+    @property
+    def downtime_s(self) -> float:
+        """From SIGTERM to /readyz answering again (what a client sees as the outage, at most)."""
+        return self.ready - self.stop_requested
+
+    @property
+    def startup_s(self) -> float:
+        """From the new process's start to /readyz."""
+        return self.ready - self.started
+
+
+def restart_apiserver(down_seconds: float = 5.0, *, grace_seconds: float = 5.0,
+                      ready_timeout: float = 90.0) -> ApiserverRestart:
+    """Stop the harness's kube-apiserver (SIGTERM; SIGKILL after ``grace_seconds``: with watches and log streams
+    open it stops listening at once but does not exit by itself for a long time), keep it stopped ``down_seconds``,
+    start it again with exactly the arguments it ran with, and wait until /readyz answers.
+
+    Only for a cluster this harness started (kind ``harness``): it refuses (HarnessError) for ``kubeconfig`` and
+    ``kubebuilder`` clusters, when the API server does not run, and when the running one's command line is not
+    what :func:`apiserver_argv` builds (started by something else). etcd keeps all state. Holds the machine lock
+    throughout, so a concurrent ``up`` waits instead of starting a second API server meanwhile."""
+    with procs.machine_lock():
+        info = ClusterInfo.load()
+        if info is None or info.kind != "harness":
+            raise HarnessError(f"restart_apiserver acts only on the harness's own cluster, not on "
+                               f"{info.kind if info else 'no cluster'!r}")
+        pid = procs.pid_of("kube-apiserver")
+        bin_dir = cached_binaries()
+        if pid is None or bin_dir is None:
+            raise HarnessError("the harness's kube-apiserver is not running (python -m tests.cluster up)")
+        root = state_dir()
+        argv = apiserver_argv(bin_dir, Pki(root / "pki"), info.host_ip)
+        running = [arg.decode() for arg in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if arg]
+        if running != argv:
+            raise HarnessError(f"kube-apiserver (pid {pid}) runs with other arguments than the harness's: {running}")
+        kubeconfig = Path(info.kubeconfig)
+        stop_requested = time.time()
+        procs.stop("kube-apiserver", timeout=grace_seconds)
+        stopped = time.time()
+        time.sleep(down_seconds)
+        started = time.time()
+        _start_checked("kube-apiserver", argv, lambda: _api_ready(kubeconfig), ready_timeout, what="restart")
+        return ApiserverRestart(stop_requested, stopped, started, time.time())
 
 
 def start_controllers(bin_dir: Path, root: Path, kubeconfig: Path) -> None:
@@ -198,10 +257,7 @@ def start_controllers(bin_dir: Path, root: Path, kubeconfig: Path) -> None:
 
 
 def start_node(bin_dir: Path, root: Path, ip: str) -> None:
-    pki_dir = root / "pki"
-    from .pki import Pki
-
-    pki = Pki(pki_dir)
+    pki = Pki(root / "pki")
     name = node_name()
     kubelet_kubeconfig = write_kubeconfig(root / "kubelet.kubeconfig", f"https://{ip}:{APISERVER_PORT}",
                                           pki.ca_crt, pki.token(f"system:node:{name}"), f"system:node:{name}")
@@ -348,8 +404,6 @@ def _unmount_under(root: Path) -> None:
 
 
 def _cleanup_kube_proxy_rules() -> None:
-    from .build import cached_binaries
-
     bin_dir = cached_binaries()
     if bin_dir:
         run([str(bin_dir / "kube-proxy"), "--cleanup"], check=False, timeout=60)

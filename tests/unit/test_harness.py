@@ -145,3 +145,26 @@ def test_a_script_daemon_is_recognised_and_stopped(isolated_state: Path, tmp_pat
     assert procs.pid_of("fake-server") == pid
     procs.stop("fake-server")
     assert _live_members(pid) == []
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("kind", [None, "kubeconfig", "kubebuilder"])
+def test_restart_apiserver_refuses_a_cluster_the_harness_did_not_start(isolated_state: Path, kind: str | None) -> None:
+    if kind:
+        cluster.ClusterInfo(kind=kind, kubeconfig=str(isolated_state / "kc"), host_ip="127.0.0.1",
+                            can_run_pods=False).save()
+    with pytest.raises(HarnessError, match="only on the harness's own cluster"):
+        cluster.restart_apiserver(0.0)
+
+
+@pytest.mark.unit
+def test_restart_apiserver_leaves_an_api_server_it_did_not_start_alone(isolated_state: Path) -> None:
+    cluster.ClusterInfo(kind="harness", kubeconfig=str(isolated_state / "kc"), host_ip="127.0.0.1",
+                        can_run_pods=True).save()
+    pid = procs.start("kube-apiserver", ["sleep", "300"])  # not the harness's command line
+    try:
+        with pytest.raises(HarnessError):
+            cluster.restart_apiserver(0.0)
+        assert procs.pid_of("kube-apiserver") == pid
+    finally:
+        procs.stop("kube-apiserver")

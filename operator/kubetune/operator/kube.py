@@ -8,8 +8,10 @@ thread per stream. One event loop with aiohttp follows them all. Credentials com
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import quote
@@ -22,6 +24,12 @@ log = logging.getLogger(__name__)
 
 MERGE_PATCH = "application/merge-patch+json"
 MAX_LINE_BYTES = 128 * 1024
+# An API server that restarts (an upgrade, a crash, a control-plane move) refuses connections, drops them or
+# answers 429/5xx for a while: requests are retried with backoff for up to this long before the error surfaces.
+# Without it a status patch during the outage killed the run's supervisor (kopf retries daemons after 60 s).
+RETRY_FOR_SECONDS = 60.0
+RETRY_BACKOFF = (0.5, 1.0, 2.0, 3.0, 5.0)  # then 5 s between tries
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
 
 
 class KubeError(Exception):
@@ -68,11 +76,13 @@ class Kube:
     """Minimal JSON client: get/create/patch/delete/list and a line stream for pod logs."""
 
     def __init__(self, server: str, *, headers: Mapping[str, str] | None = None,
-                 ssl_context: Any = None, relogin: Callable[[], Any] | None = None) -> None:
+                 ssl_context: Any = None, relogin: Callable[[], Any] | None = None,
+                 retry_for: float = RETRY_FOR_SECONDS) -> None:
         self.server = server.rstrip("/")
         self.headers = dict(headers or {})
         self.ssl_context = ssl_context
         self.relogin = relogin  # re-read credentials after a 401 (rotated service-account tokens)
+        self.retry_for = retry_for  # seconds a request keeps retrying an unreachable/overloaded API server
         self._session: aiohttp.ClientSession | None = None
 
     @classmethod
@@ -101,6 +111,28 @@ class Kube:
     async def request(self, method: str, path: str, *, params: Mapping[str, Any] | None = None,
                       body: Any = None, content_type: str = "application/json",
                       timeout: float = 30.0) -> Any:
+        """One API call; connection failures and 429/502/503/504 are retried with backoff for ``retry_for``
+        seconds (an API server restart). Retrying is safe for every call the operator makes: GET and merge
+        patches are idempotent, a repeated POST answers 409 (``create`` adopts the object), a repeated DELETE
+        404 (``delete`` returns False)."""
+        deadline = time.monotonic() + self.retry_for
+        for tries in itertools.count():
+            try:
+                return await self._request_once(method, path, params=params, body=body, content_type=content_type,
+                                                timeout=timeout)
+            # ClientConnectionError: refused, reset, dropped, TLS cut (an HTTP answer is a KubeError instead).
+            except (KubeError, aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
+                transient = not isinstance(e, KubeError) or e.status in RETRY_STATUSES
+                delay = RETRY_BACKOFF[min(tries, len(RETRY_BACKOFF) - 1)]
+                if not transient or time.monotonic() + delay > deadline:
+                    raise
+                if tries == 0:  # one line per outage and call, no traceback: this is expected to pass
+                    log.warning(f"{method} {path}: {e!r}; retrying for up to {self.retry_for:.0f}s")
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _request_once(self, method: str, path: str, *, params: Mapping[str, Any] | None,
+                            body: Any, content_type: str, timeout: float) -> Any:
         data = None if body is None else json.dumps(body, allow_nan=False)
         for attempt in (1, 2):
             headers = {**self.headers, "Accept": "application/json"}
