@@ -220,6 +220,9 @@ class OutputSpec(_Model):
     credentials_secret: Annotated[SecretRef | None, Field(description=(
         "Secret with the S3 credentials, passed to the trainer through secretKeyRef (the operator never "
         "reads it). Empty: the operator's default."))] = None
+    retry_seconds: Annotated[int, Field(ge=0, le=3600, description=(
+        "How long the trainer retries an unreachable S3 endpoint (exponential backoff from 0.5 s, capped at "
+        "15 s) before it exits with a retryable failure; 0: no retry."))] = 120
 
 
 class Toleration(_Model):

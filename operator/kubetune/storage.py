@@ -56,17 +56,41 @@ class ObjectNotFound(StoreError):
     """The key does not exist."""
 
 
+DEFAULT_RETRY_SECONDS = 120
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Exponential backoff: ``base_delay * 2**i`` capped at ``max_delay``, ``attempts`` tries in all."""
+    """Exponential backoff: ``base_delay * 2**i`` capped at ``max_delay``, ``attempts`` tries in all.
 
-    attempts: int = 5
+    The default sleeps ≈ 120 s in all between 13 tries (0.5, 1, 2, 4, 8, then 15 s apart), so a trainer rides
+    out an S3 outage of a minute or more in-process; :meth:`for_window` sizes a policy for another window
+    (``spec.output.retrySeconds``). Each try is bounded by the client's connect/read timeouts
+    (:func:`minio_client`), so a blackholed endpoint adds at most ``attempts`` × those timeouts.
+    """
+
+    attempts: int = 13  # = for_window(DEFAULT_RETRY_SECONDS)
     base_delay: float = 0.5
-    max_delay: float = 8.0
+    max_delay: float = 15.0
     sleep: Callable[[float], None] = time.sleep
 
     def delays(self) -> list[float]:
         return [min(self.max_delay, self.base_delay * 2**i) for i in range(self.attempts - 1)]
+
+    @property
+    def window(self) -> float:
+        """Seconds slept between the first and the last try."""
+        return sum(self.delays())
+
+    @classmethod
+    def for_window(cls, seconds: float, base_delay: float = 0.5, max_delay: float = 15.0,
+                   sleep: Callable[[float], None] = time.sleep) -> RetryPolicy:
+        """The fewest tries whose backoff sleeps add up to at least ``seconds`` (0: one try, no retry)."""
+        attempts, total = 1, 0.0
+        while total < seconds:
+            total += min(max_delay, base_delay * 2 ** (attempts - 1))
+            attempts += 1
+        return cls(attempts=attempts, base_delay=base_delay, max_delay=max_delay, sleep=sleep)
 
 
 def _clean_key(key: str) -> str:
@@ -115,6 +139,12 @@ class Store(ABC):
     @abstractmethod
     def child(self, prefix: str) -> Store:
         """The same backend rooted at ``prefix`` below this store's root."""
+
+    def check(self) -> None:
+        """Fail fast on a configuration that can never work (a bucket that does not exist, refused credentials):
+        :class:`StoreError`; :class:`StoreUnavailable` when unreachable after the retries. Nothing to check here
+        for a local directory (it is created on the first write)."""
+        return None
 
     def put_dir(self, prefix: str, directory: str | os.PathLike[str]) -> builtins.list[str]:
         """Upload every file under ``directory`` to ``prefix/<relative path>``; returns the keys."""
@@ -224,9 +254,10 @@ class S3Store(Store):
         from urllib3.exceptions import HTTPError
 
         delays = self.retry.delays()
+        started = time.monotonic()
         for attempt in range(self.retry.attempts):
             try:
-                return fn()
+                result = fn()
             except S3Error as exc:
                 if exc.code in ("NoSuchKey", "NoSuchObject"):
                     raise ObjectNotFound(what) from None
@@ -235,6 +266,11 @@ class S3Store(Store):
                 error: Exception = exc
             except (ServerError, HTTPError, OSError) as exc:
                 error = exc
+            else:
+                if attempt:
+                    log.warning("store: %s succeeded on try %d after %.1fs", what, attempt + 1,
+                                time.monotonic() - started)
+                return result
             if attempt < len(delays):
                 log.warning("store: %s failed (%s), retry %d/%d in %.1fs", what, type(error).__name__,
                             attempt + 1, len(delays), delays[attempt])
@@ -288,6 +324,12 @@ class S3Store(Store):
     def child(self, prefix: str) -> S3Store:
         return S3Store(self.client, self.bucket, self._key(prefix), self.retry)
 
+    def check(self) -> None:
+        # A HEAD of a key in a missing bucket reads as "no such key", so without this a run with a wrong bucket
+        # would train until its first checkpoint before failing.
+        if not self._call(f"check {self.uri()}", lambda: self.client.bucket_exists(self.bucket)):
+            raise StoreError(f"{self.uri()}: NoSuchBucket: the bucket {self.bucket!r} does not exist")
+
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
     """``s3://bucket/some/key`` → ``("bucket", "some/key")``."""
@@ -298,10 +340,12 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
 
 
 def minio_client(endpoint: str, region: str = "us-east-1", env: Mapping[str, str] | None = None,
-                 timeout_seconds: float = 30.0) -> Minio:
+                 timeout_seconds: float = 20.0, connect_timeout_seconds: float = 5.0) -> Minio:
     """A client for ``endpoint`` (http(s)://host:port) with credentials from the environment.
 
-    urllib3's own retries are turned off: :class:`S3Store` retries with backoff and reports the outcome.
+    urllib3's own retries are turned off: :class:`S3Store` retries with backoff and reports the outcome. The
+    timeouts are short (connect 5 s, each read 20 s) so that a blackholed endpoint or a connection that went
+    silent costs one try, not minutes.
     """
     import urllib3
     from minio import Minio
@@ -310,7 +354,8 @@ def minio_client(endpoint: str, region: str = "us-east-1", env: Mapping[str, str
     parsed = urlparse(endpoint)
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
         raise ValueError("the S3 endpoint must look like http(s)://host[:port]")
-    http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=min(10.0, timeout_seconds), read=timeout_seconds),
+    http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=min(connect_timeout_seconds, timeout_seconds),
+                                                             read=timeout_seconds),
                                retries=False, maxsize=16)
     return Minio(parsed.netloc, access_key=env.get(ACCESS_KEY_ENV) or None,
                  secret_key=env.get(SECRET_KEY_ENV) or None, secure=parsed.scheme == "https",
@@ -351,5 +396,6 @@ def run_store(output: OutputSpec, namespace: str, name: str, output_dir: str | o
         return LocalStore(output_dir)
     if not output.endpoint or not output.bucket:
         raise ValueError("spec.output.endpoint and spec.output.bucket are needed without a local output dir")
+    retry = retry or RetryPolicy.for_window(output.retry_seconds)
     return s3_store(output.endpoint, output.bucket, output.region, env, retry).child(
         run_key(output.prefix, namespace, name))

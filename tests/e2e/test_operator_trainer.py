@@ -11,6 +11,7 @@ import hashlib
 import json
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,22 @@ def start_real_trainer_operator(cluster: Any, runs: Runs, trainer_image: str, s3
     }).start()
 
 
+def assert_artifact_matches_manifest(s3_client: Any, bucket: str, artifact: dict[str, Any],
+                                     secrets: Sequence[bytes] = ()) -> dict[str, dict[str, Any]]:
+    """``status.artifact`` against S3: the manifest's sha256 is the status's, every file in the manifest has its
+    sha256 and size, text and vision towers are there, and no credential is inside a file. Returns the files."""
+    key = artifact["uri"].removeprefix(f"s3://{bucket}/").rstrip("/")
+    manifest_bytes = s3_client.get_object(bucket, f"{key}/manifest.json").read()
+    assert hashlib.sha256(manifest_bytes).hexdigest() == artifact["sha256"]
+    files: dict[str, dict[str, Any]] = json.loads(manifest_bytes)["files"]
+    assert any(n.startswith("clip-text/") for n in files) and any(n.startswith("clip-vision/") for n in files)
+    for path, entry in files.items():
+        body = s3_client.get_object(bucket, f"{key}/{path}").read()
+        assert (hashlib.sha256(body).hexdigest(), len(body)) == (entry["sha256"], entry["size"]), path
+        assert not [s for s in secrets if s in body], f"a credential inside the artifact file {path}"
+    return files
+
+
 def test_real_trainer_runs_to_succeeded_with_live_status_and_artifact(
         e2e_cluster: Any, kube_api: Any, namespace: str, crd_installed: str,  # noqa: F811
         trainer_image: str, s3_server: S3Server, s3_bucket: str, s3_client: Any, dataset_in_s3: str,
@@ -107,16 +124,8 @@ def test_real_trainer_runs_to_succeeded_with_live_status_and_artifact(
     assert len(json.dumps(final)) < 16_384  # a run never makes its object large
 
     # The artifact in S3: the manifest's sha256 is the one in status, and every file matches the manifest.
-    key = artifact["uri"].removeprefix(f"s3://{s3_bucket}/").rstrip("/")
-    manifest_bytes = s3_client.get_object(s3_bucket, f"{key}/manifest.json").read()
-    assert hashlib.sha256(manifest_bytes).hexdigest() == artifact["sha256"]
-    files: dict[str, dict[str, Any]] = json.loads(manifest_bytes)["files"]
-    assert any(n.startswith("clip-text/") for n in files) and any(n.startswith("clip-vision/") for n in files)
-    secrets = [s3_server.secret_key.encode(), s3_server.access_key.encode()]
-    for path, entry in files.items():
-        body = s3_client.get_object(s3_bucket, f"{key}/{path}").read()
-        assert (hashlib.sha256(body).hexdigest(), len(body)) == (entry["sha256"], entry["size"]), path
-        assert not [s for s in secrets if s in body], f"a credential inside the artifact file {path}"
+    assert_artifact_matches_manifest(s3_client, s3_bucket, artifact,
+                                     secrets=[s3_server.secret_key.encode(), s3_server.access_key.encode()])
 
     # Secrets never appear in status, events, the operator's log, the trainer pod's log, the children.
     events = json.dumps([e.message for e in runs.events("tiny-clip")])

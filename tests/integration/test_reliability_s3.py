@@ -6,12 +6,10 @@ fails at once with a clear, non-retryable reason."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import os
 import socket
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,6 +17,8 @@ from pathlib import Path
 
 import pytest
 from kubetune.storage import RetryPolicy, StoreError, StoreUnavailable, s3_store
+
+from tests.faults import TcpProxy
 
 ACCESS_KEY, SECRET_KEY = "reliability-access", "reliability-secret-never-logged"
 
@@ -31,72 +31,6 @@ class PrivateS3:
 
 
 pytestmark = pytest.mark.integration
-
-
-class TcpProxy:
-    """127.0.0.1:<port> → target; ``down()`` refuses new connections and cuts open ones, ``up()`` resumes."""
-
-    def __init__(self, target_host: str, target_port: int) -> None:
-        self.target = (target_host, target_port)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = int(self.listener.getsockname()[1])
-        self.available = threading.Event()
-        self.available.set()
-        self.conns: list[socket.socket] = []
-        self.lock = threading.Lock()
-        self.closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def _accept(self) -> None:
-        while not self.closed:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            if not self.available.is_set():
-                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-                client.close()  # RST: connection refused/reset, as with a dead server
-                continue
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
-            except OSError:
-                client.close()
-                continue
-            with self.lock:
-                self.conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-
-    def down(self) -> None:
-        self.available.clear()
-        with self.lock:
-            for s in self.conns:
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-            self.conns = []
-
-    def up(self) -> None:
-        self.available.set()
-
-    def close(self) -> None:
-        self.closed = True
-        self.down()
-        self.listener.close()
 
 
 @pytest.fixture(scope="module")
@@ -138,12 +72,14 @@ def test_outage_shorter_than_the_backoff_window_is_ridden_out(proxy: TcpProxy, s
     blob = tmp_path / "step-00000004.pt"
     blob.write_bytes(os.urandom(4 << 20))
     store.put_bytes("checkpoints/latest.json", b"{}")  # connection pool warm
-    proxy.down()
-    threading.Timer(3.0, proxy.up).start()
+    outage = proxy.outage_on(r"^PUT \S*/checkpoints/step-", 3.0)  # cut the checkpoint's own upload
     started = time.monotonic()
     store.put_file("checkpoints/step-00000004.pt", blob)  # a checkpoint written during the outage
     store.get_file("checkpoints/step-00000004.pt", tmp_path / "back.pt")
     elapsed = time.monotonic() - started
+    assert outage.trigger and outage.trigger.startswith(f"PUT /{s3_bucket}/kubetune/ns/run/checkpoints/step-"), \
+        outage.trigger
+    assert outage.done.is_set() and proxy.refused > 0
     assert hashlib.sha256((tmp_path / "back.pt").read_bytes()).digest() == hashlib.sha256(blob.read_bytes()).digest()
     retries = [r for r in caplog.records if "retry" in r.getMessage()]
     assert retries, "the outage went unnoticed"
@@ -154,8 +90,11 @@ def test_outage_shorter_than_the_backoff_window_is_ridden_out(proxy: TcpProxy, s
 
 
 def test_longer_outage_gives_up_as_retryable(proxy: TcpProxy, s3_server: PrivateS3, s3_bucket: str) -> None:
-    store = s3_store(proxy.endpoint, f"s3://{s3_bucket}/x", env=_env(s3_server))
-    window = sum(RetryPolicy().delays())
+    # The default policy retries for ≈ 2 min (a 30 s outage is ridden out: tests/e2e/test_reliability_s3_outage.py);
+    # the same backoff sized to 7.5 s by spec.output.retrySeconds gives up after it, with the retryable error.
+    retry = RetryPolicy.for_window(7.5)
+    store = s3_store(proxy.endpoint, f"s3://{s3_bucket}/x", env=_env(s3_server), retry=retry)
+    window = retry.window
     proxy.down()
     started = time.monotonic()
     with pytest.raises(StoreUnavailable, match="unreachable after 5 attempts") as info:
@@ -180,6 +119,7 @@ def test_bad_configuration_fails_at_once_with_a_clear_reason(s3_server: PrivateS
         (s3_store(s3_server.host_endpoint, f"s3://{s3_bucket}/x", env=wrong_key, retry=retry), ""),
     ):
         try:
+            store.check()  # what the trainer does first
             store.put_bytes("a.json", b"{}")
         except StoreUnavailable as exc:  # pragma: no cover - what must not happen
             pytest.fail(f"a configuration error was treated as an outage: {exc}")

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from kubetune.spec import FinetuneRunSpec
-from kubetune.storage import ARTIFACT, Store, run_store, store_from_uri
+from kubetune.storage import ARTIFACT, RetryPolicy, Store, run_store, store_from_uri
 from torch import nn
 
 from . import checkpoint, distributed, evaluate, export, loop
@@ -91,7 +91,8 @@ def fetch_weights(uri: str, fetcher: Fetcher, spec: FinetuneRunSpec, work_dir: P
         raise model_lib.ModelError("spec.model.weights: an http(s) URL must name a weights file")
     target = work_dir / "weights"
     shutil.rmtree(target, ignore_errors=True)
-    source = store_from_uri(uri, endpoint=spec.output.endpoint, region=spec.output.region)
+    source = store_from_uri(uri, endpoint=spec.output.endpoint, region=spec.output.region,
+                            retry=RetryPolicy.for_window(spec.output.retry_seconds))
     if not source.get_dir("", target):
         raise model_lib.ModelError(f"spec.model.weights: nothing under {uri}")
     return target
@@ -125,6 +126,7 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------- run
     def run(self) -> Result:
         distributed.init(self.dist, self.device)
+        self.store.check()  # a wrong bucket fails now, not at the first checkpoint
         finished = checkpoint.latest_info(self.store)
         if finished and finished.get("finished") and self.store.exists(f"{ARTIFACT}/manifest.json"):
             return self._already_finished(finished)

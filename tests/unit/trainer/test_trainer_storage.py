@@ -12,6 +12,7 @@ from kubetune.storage import (
     LocalStore,
     ObjectNotFound,
     RetryPolicy,
+    S3Store,
     StoreError,
     StoreUnavailable,
     join_key,
@@ -69,3 +70,22 @@ def test_s3_unreachable_retries_with_backoff_then_gives_up(caplog: pytest.LogCap
     assert store.uri("x") == "s3://bucket/kubetune/ns/r/x"
     for text in (caplog.text, str(info.value), repr(store)):
         assert secret not in text
+
+
+def test_default_backoff_rides_out_a_minute_long_outage_and_is_set_by_the_spec() -> None:
+    # Issue 7: a 30 s S3 outage during a checkpoint or the artifact upload is ridden out in-process.
+    default = RetryPolicy()
+    assert 90 <= default.window <= 130, default.delays()
+    assert max(default.delays()) == 15.0 and default.delays()[:4] == [0.5, 1.0, 2.0, 4.0]
+    assert default == RetryPolicy.for_window(OutputSpec().retry_seconds)  # the spec's default is the store's
+    assert RetryPolicy.for_window(0).attempts == 1 and RetryPolicy.for_window(0).delays() == []
+    for seconds in (1, 7.5, 30, 120, 600):
+        policy = RetryPolicy.for_window(seconds)
+        assert seconds <= policy.window < seconds + 15, (seconds, policy.delays())
+    spec = OutputSpec.model_validate({"endpoint": "http://s3:9000", "bucket": "bkt", "retrySeconds": 8})
+    store = run_store(spec, "ns", "r", env={})
+    assert isinstance(store, S3Store)
+    assert store.retry == RetryPolicy.for_window(8) and store.retry.window >= 8
+    # Each try is short: a blackholed endpoint costs seconds per try, not minutes.
+    timeout = store.client._http.connection_pool_kw["timeout"]
+    assert timeout.connect_timeout <= 5 and timeout.read_timeout <= 20
