@@ -248,3 +248,16 @@ def test_quiet_watch_handlers_drops_only_the_watch_handlers_success_lines() -> N
     assert not quiet.filter(record(logging.INFO, "Handler 'build_registry.<locals>.run_event' succeeded."))
     assert quiet.filter(record(logging.INFO, "Handler 'build_registry.<locals>.accept' succeeded."))
     assert quiet.filter(record(logging.ERROR, "Handler 'build_registry.<locals>.pod_event' failed with an exception."))
+
+
+def test_kube_errors_tell_a_missing_object_from_a_transient_answer() -> None:
+    from kubetune.operator.kube import _error
+
+    gone = _error(404, '{"kind": "Status", "reason": "NotFound", "message": "pods \\"p\\" not found", '
+                       '"details": {"name": "p", "kind": "pods"}, "code": 404}')
+    assert gone.object_name == "p" and not gone.transient
+    unknown = _error(404, '{"kind": "Status", "reason": "NotFound", "details": {}, '
+                          '"message": "the server could not find the requested resource", "code": 404}')
+    assert unknown.object_name is None and unknown.transient
+    assert _error(503, "service unavailable").transient and not _error(422, "{}").transient
+    assert _error(404, "404 page not found").transient  # not even a Status: not about an object

@@ -33,11 +33,19 @@ RETRY_STATUSES = frozenset({429, 502, 503, 504})
 
 
 class KubeError(Exception):
-    def __init__(self, status: int, reason: str, message: str) -> None:
+    def __init__(self, status: int, reason: str, message: str, *, object_name: str | None = None) -> None:
         super().__init__(f"{status} {reason}: {message}")
         self.status = status
         self.reason = reason
         self.message = message
+        self.object_name = object_name  # the Status' details.name: which object a NotFound is about
+
+    @property
+    def transient(self) -> bool:
+        """Worth retrying: overload and gateway errors, and a 404 that names no object. An API server that has
+        just started answers that for custom resources until it has loaded their CRDs; taking it for "the run
+        was deleted" would stop following a live run for good."""
+        return self.status in RETRY_STATUSES or (self.status == 404 and not self.object_name)
 
 
 # -------------------------------------------------------------------------------------------- paths
@@ -111,10 +119,10 @@ class Kube:
     async def request(self, method: str, path: str, *, params: Mapping[str, Any] | None = None,
                       body: Any = None, content_type: str = "application/json",
                       timeout: float = 30.0) -> Any:
-        """One API call; connection failures and 429/502/503/504 are retried with backoff for ``retry_for``
-        seconds (an API server restart). Retrying is safe for every call the operator makes: GET and merge
-        patches are idempotent, a repeated POST answers 409 (``create`` adopts the object), a repeated DELETE
-        404 (``delete`` returns False)."""
+        """One API call; connection failures and transient answers (429/502/503/504, a 404 naming no object) are
+        retried with backoff for ``retry_for`` seconds (an API server restart). Retrying is safe for every call
+        the operator makes: GET and merge patches are idempotent, a repeated POST answers 409 (``create`` adopts
+        the object), a repeated DELETE 404 (``delete`` returns False)."""
         deadline = time.monotonic() + self.retry_for
         for tries in itertools.count():
             try:
@@ -122,7 +130,7 @@ class Kube:
                                                 timeout=timeout)
             # ClientConnectionError: refused, reset, dropped, TLS cut (an HTTP answer is a KubeError instead).
             except (KubeError, aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
-                transient = not isinstance(e, KubeError) or e.status in RETRY_STATUSES
+                transient = not isinstance(e, KubeError) or e.transient
                 delay = RETRY_BACKOFF[min(tries, len(RETRY_BACKOFF) - 1)]
                 if not transient or time.monotonic() + delay > deadline:
                     raise
@@ -236,7 +244,9 @@ class Kube:
 def _error(status: int, text: str) -> KubeError:
     try:
         payload = json.loads(text)
-        return KubeError(status, str(payload.get("reason") or ""), str(payload.get("message") or text))
+        details = payload.get("details") or {}
+        return KubeError(status, str(payload.get("reason") or ""), str(payload.get("message") or text),
+                         object_name=str(details.get("name") or "") or None if isinstance(details, dict) else None)
     except (ValueError, AttributeError):
         return KubeError(status, "", text[:500])
 

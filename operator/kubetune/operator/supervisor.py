@@ -156,7 +156,7 @@ class Supervisor:
             try:
                 await self.ctx.kube.merge_patch(runs_path(self.namespace, self.name, "status"), {"status": patch})
             except KubeError as e:
-                if e.status == 404:
+                if e.status == 404 and not e.transient:  # the run itself is gone (not: CRDs not loaded yet)
                     self.gone = True
                     return
                 if e.status == 422:  # a bug: drop the patch rather than retrying it forever
