@@ -30,12 +30,25 @@ from . import procs
 from .build import cached_binaries, ensure_binaries
 from .paths import K8S_VERSION, state_dir
 from .pki import Pki, ensure_pki, write_kubeconfig
-from .system import HarnessError, ensure_packages, host_ip, is_root, run, tail, wait_for
+from .system import (
+    HarnessError,
+    ensure_free_space,
+    ensure_packages,
+    free_gb,
+    host_ip,
+    is_root,
+    run,
+    tail,
+    wait_for,
+)
 
 APISERVER_PORT = int(os.environ.get("KUBETUNE_APISERVER_PORT", "6443"))
 ETCD_PORT = int(os.environ.get("KUBETUNE_ETCD_PORT", "2379"))
 ETCD_PEER_PORT = int(os.environ.get("KUBETUNE_ETCD_PEER_PORT", "2380"))
 KUBELET_ROOT = Path("/var/lib/kubetune-kubelet")
+DOCKER_ROOT = Path("/var/lib/docker")
+MIN_STATE_FREE_GB = 1.0  # etcd's WAL and the daemons' logs
+MIN_DOCKER_FREE_GB = 3.0  # pod containers and their logs (image builds check for themselves)
 PAUSE_IMAGE = "k8s.gcr.io/pause:3.2"
 # Ordered: `down` stops them in reverse.
 COMPONENTS = ("dockerd", "etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet",
@@ -116,7 +129,13 @@ def _http_ok(url: str, ca: Path | None = None) -> bool:
 
 
 def _fail_with_log(name: str, what: str) -> HarnessError:
-    return HarnessError(f"{name} failed to {what}; last lines of {procs.log_file(name)}:\n"
+    """The daemon's failure with what is known of it: how it ended, the free disk space when that is low (a
+    full disk leaves an empty log), and the last lines of its log."""
+    ended = procs.exit_status(name)
+    free = free_gb(state_dir())
+    detail = "".join([f" ({ended})" if ended else "",
+                      f"; only {free:.2f} GB free on {state_dir()}" if free < MIN_STATE_FREE_GB else ""])
+    return HarnessError(f"{name} failed to {what}{detail}; last lines of {procs.log_file(name)}:\n"
                         f"{tail(procs.log_file(name), 20)}")
 
 
@@ -329,8 +348,10 @@ def _up_harness() -> ClusterInfo:
         raise HarnessError("the one-machine cluster needs root (dockerd, kubelet, iptables); run as root or "
                            "point KUBECONFIG at an existing cluster")
     ensure_packages()
-    bin_dir, build_s = ensure_binaries(state_dir())
     root = state_dir()
+    ensure_free_space(root, MIN_STATE_FREE_GB, "the cluster's state (etcd, logs, keys)")
+    ensure_free_space(DOCKER_ROOT, MIN_DOCKER_FREE_GB, "Docker (pods, containers)")
+    bin_dir, build_s = ensure_binaries(state_dir())
     ip = host_ip()
     info = ClusterInfo(kind="harness", kubeconfig=str(root / "admin.kubeconfig"), host_ip=ip, can_run_pods=True)
     info.timings.build_s = build_s

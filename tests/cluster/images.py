@@ -23,7 +23,7 @@ from functools import partial
 from pathlib import Path
 
 from .paths import REPO_ROOT, cache_dir
-from .system import HarnessError, ensure_packages, run
+from .system import HarnessError, ensure_free_space, ensure_packages, run
 
 BASE_IMAGE = "kubetune/debian-python:bookworm"
 BASE_PACKAGES = ("python3", "python3-venv", "python3-pip", "ca-certificates")
@@ -120,6 +120,9 @@ def build_image(tag: str, context: Path, dockerfile: Path | None = None, *,
     `wheels_for`: pip requirements to pre-download into a cached wheelhouse served as PIP_FIND_LINKS.
     """
     ensure_base_image()
+    # A torch image is about 6.5 GB (its CUDA wheels); anything else is well under 1 GB.
+    heavy = any(req.split("=")[0].strip().lower() == "torch" for req in wheels_for)
+    ensure_free_space(Path("/var/lib/docker"), 10.0 if heavy else 2.0, f"building {tag}")
     wheels = wheelhouse(list(wheels_for)) if wheels_for else None
     started = time.monotonic()
     with serve_build_files(wheels) as url:

@@ -67,6 +67,24 @@ def start(name: str, argv: Sequence[str], *, env: dict[str, str] | None = None, 
     return proc.pid
 
 
+def exit_status(name: str) -> str | None:
+    """How a daemon that this process started has ended ("exit code 1", "killed by SIGKILL"), reaping it;
+    None while it runs or when it is not this process's child (its status is not ours to read)."""
+    try:
+        pid = int(pid_file(name).read_text().split()[0])
+    except (FileNotFoundError, ValueError, IndexError):
+        return None
+    try:
+        waited, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return None
+    if waited == 0:
+        return None
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit code {os.WEXITSTATUS(status)}"
+
+
 def exited_early(name: str) -> bool:
     return pid_file(name).exists() and not is_running(name)
 

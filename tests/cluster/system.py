@@ -136,6 +136,23 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str, *, inte
     raise HarnessError(f"timed out after {timeout:.0f}s waiting for {what}{': ' + detail if detail else ''}")
 
 
+def free_gb(path: Path) -> float:
+    """Free space, in GB, of the filesystem holding `path` (or its nearest existing parent)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free / 1e9
+
+
+def ensure_free_space(path: Path, need_gb: float, what: str) -> None:
+    """Fail with a clear message before a full disk makes a daemon die silently (a process that cannot write
+    its log cannot say why it stopped: seen in CI, where etcd exited with an empty log)."""
+    free = free_gb(path)
+    if free < need_gb:
+        raise HarnessError(f"only {free:.1f} GB free on the filesystem of {path}; {what} needs at least "
+                           f"{need_gb:.0f} GB. Free some space (e.g. `docker image prune -a`, "
+                           f"`python -m tests.cluster down`) and retry")
+
+
 def tail(path: Path, lines: int = 15) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])

@@ -12,7 +12,7 @@ import pytest
 from tests.cluster import build, cluster, procs
 from tests.cluster.pki import ensure_pki
 from tests.cluster.prometheus import Prometheus
-from tests.cluster.system import HarnessError
+from tests.cluster.system import HarnessError, ensure_free_space
 
 
 @pytest.fixture
@@ -26,8 +26,23 @@ def test_a_daemon_that_dies_is_reported_with_its_log(isolated_state: Path) -> No
     argv = ["sh", "-c", "echo 'listen tcp :2379: bind: address already in use' >&2; exit 3"]
     with pytest.raises(HarnessError) as err:
         cluster._start_checked("fake-etcd", argv, lambda: False, timeout=10)
-    assert "fake-etcd failed to start" in str(err.value)
+    assert "fake-etcd failed to start (exit code 3)" in str(err.value)
     assert "address already in use" in str(err.value)
+
+
+@pytest.mark.unit
+def test_a_daemon_killed_without_a_word_is_reported_with_its_signal(isolated_state: Path) -> None:
+    # What a full disk or the OOM killer leaves: a log with nothing after the start line.
+    with pytest.raises(HarnessError) as err:
+        cluster._start_checked("silent", ["sh", "-c", "kill -9 $$"], lambda: False, timeout=10)
+    assert "silent failed to start (killed by SIGKILL)" in str(err.value)
+
+
+@pytest.mark.unit
+def test_too_little_disk_space_is_a_clear_error(tmp_path: Path) -> None:
+    ensure_free_space(tmp_path / "not" / "yet" / "made", 0.001, "a test")  # walks up to an existing parent
+    with pytest.raises(HarnessError, match=r"GB free on the filesystem of .*; etcd needs at least 100000 GB"):
+        ensure_free_space(tmp_path, 100_000, "etcd")
 
 
 def _live_members(group: int) -> list[str]:

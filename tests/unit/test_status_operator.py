@@ -86,6 +86,27 @@ def test_child_index_tracks_newest_pod_per_attempt_and_wakes_waiters() -> None:
     asyncio.run(scenario())
 
 
+def test_child_index_resync_replaces_what_a_missed_event_left_stale() -> None:
+    async def scenario() -> None:
+        index = ChildIndex()
+        key = ("ns", "r")
+        changed = index.register(key)
+        index.on_pod("ADDED", _pod("p1", 1, "Pending", "2026-01-01T00:00:00Z"))  # then its events were missed
+        job = {"metadata": {"name": "r-a1", "namespace": "ns", "labels": {"kubetune.io/run": "r"}},
+               "status": {"conditions": [{"type": "Failed", "status": "True"}]}}
+        exited = _pod("p1", 1, "Failed", "2026-01-01T00:00:00Z",
+                      {"name": "trainer", "state": {"terminated": {"exitCode": 78}}})
+        changed.clear()
+        index.resync(key, "r-a1", job, [exited, {"metadata": {"name": "x", "namespace": "other"}}])
+        pod = index.pod(key, 1)
+        assert changed.is_set() and pod is not None and pod.exit_code == 78
+        assert index.job("ns", "r-a1").failed  # type: ignore[union-attr]
+        index.resync(key, "r-a1", None, [])  # both gone meanwhile
+        assert index.pod(key, 1) is None and index.job("ns", "r-a1") is None
+
+    asyncio.run(scenario())
+
+
 def test_token_bucket_limits_rate() -> None:
     async def scenario() -> float:
         bucket = TokenBucket(rate=20.0, burst=5.0)

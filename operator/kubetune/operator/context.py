@@ -78,6 +78,25 @@ class ChildIndex:
             pods[name] = PodEntry(attempt, pod_state(body))
         self._notify(key)
 
+    def resync(self, key: RunKey, job_name: str, job: Any | None, pods: list[Any]) -> None:
+        """Replace what the index holds for one run with a fresh read (its Job, or None when it is gone, and
+        all its pods) — what a missed watch event left stale is corrected, and waiters are woken."""
+        jkey = (key[0], job_name)
+        if job is None:
+            self._jobs.pop(jkey, None)
+        else:
+            self._jobs[jkey] = job_state(job)
+        fresh: dict[str, PodEntry] = {}
+        for pod in pods:
+            parsed = self._run_key(pod)
+            if parsed is not None and parsed[0] == key:
+                fresh[(pod.get("metadata") or {}).get("name", "")] = PodEntry(parsed[1], pod_state(pod))
+        if fresh:
+            self._pods[key] = fresh
+        else:
+            self._pods.pop(key, None)
+        self._notify(key)
+
     def job(self, namespace: str, name: str) -> JobState | None:
         return self._jobs.get((namespace, name))
 

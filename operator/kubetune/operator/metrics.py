@@ -15,6 +15,9 @@ Names follow Prometheus conventions (``_total`` counters, base units, ``_ratio``
   series per metric the trainer reports (at most ``kubetune.spec.MAX_METRICS`` per stage);
 - ``process_*``: CPU, memory, file descriptors of the operator process (prometheus_client's ProcessCollector);
 - ``kubetune_status_lag_seconds``: from a trainer log line being written to its status patch being accepted;
+- ``kubetune_log_delivery_seconds``: the first part of that lag, from the line being written (the kubelet's
+  timestamp) to the operator reading it from the log stream (the node, the container runtime and the API
+  server); the rest is the operator's throttle and its status patch;
 - ``kubetune_jobs_created_total{reason}``, ``kubetune_status_patches_total``,
   ``kubetune_trainer_events_total{type}``, ``kubetune_log_streams``.
 
@@ -182,6 +185,9 @@ class Metrics:
         self.status_lag = Histogram("kubetune_status_lag_seconds",
                                     "Delay from a trainer log line being written to the run's status showing it.",
                                     registry=r, buckets=(0.1, 0.25, 0.5, 1, 1.5, 2, 3, 5, 10, 30, 60))
+        self.log_delivery = Histogram("kubetune_log_delivery_seconds",
+                                      "Delay from a trainer log line being written to the operator reading it.",
+                                      registry=r, buckets=(0.05, 0.1, 0.25, 0.5, 1, 1.5, 2, 3, 5, 10, 30, 60))
         self.jobs_created = Counter("kubetune_jobs_created_total", "Trainer Jobs created.", ["reason"], registry=r)
         self.status_patches = Counter("kubetune_status_patches_total", "Status patches sent by log followers.",
                                       registry=r)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -66,6 +67,7 @@ from kubetune.status import (
     transition,
 )
 
+RESYNC_SECONDS = 120.0  # a waiting supervisor re-reads its Job and pods this often (see maybe_resync)
 URGENT_EVENTS = frozenset({"started", "finished", "failed", "artifact"})
 WAITING_PROBLEMS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",
                               "CreateContainerError", "CrashLoopBackOff"})
@@ -118,6 +120,7 @@ class Supervisor:
         self.waiting_reported: str | None = None
         self.stream_opened = False
         self.stream_complete = False  # the last log stream ended on the server's side (not cut, not stopped)
+        self.next_resync = time.monotonic() + RESYNC_SECONDS * random.uniform(1.0, 1.25)
         self.pod_attempt: int | None = None  # the attempt whose pod status.podName names (this process's view)
 
     # ------------------------------------------------------------------------------------ helpers
@@ -396,6 +399,7 @@ class Supervisor:
                 await self._report_waiting(pod)
             await self.maybe_flush()
             await self.wait_change(5.0)
+            await self.maybe_resync(job_name)
             if (job is None and self.ctx.children.job(self.namespace, job_name) is None
                     and await self.ctx.kube.get(jobs_path(self.namespace, job_name)) is None):
                 if self.should_stop():
@@ -405,6 +409,18 @@ class Supervisor:
                 await self.flush(urgent=True)
                 return None
         return None
+
+    async def maybe_resync(self, job_name: str) -> None:
+        """Safety net for a missed watch event: while waiting for the attempt's pod, re-read its Job and pods
+        from the API server every ``RESYNC_SECONDS`` (jittered) into the index, so that a stale index (a watch
+        that lost an event across an API server restart) cannot keep a run waiting for ever."""
+        now = time.monotonic()
+        if now < self.next_resync:
+            return
+        self.next_resync = now + RESYNC_SECONDS * random.uniform(1.0, 1.25)
+        job = await self.ctx.kube.get(jobs_path(self.namespace, job_name))
+        pods = await self.ctx.kube.list(pods_path(self.namespace), f"{manifests.RUN_LABEL}={self.key[1]}")
+        self.ctx.children.resync(self.key, job_name, job, pods)
 
     async def _drain_log(self, pod_name: str) -> None:
         """Before judging a terminated trainer: when its last event (``finished``/``failed``) was not read, the
@@ -501,6 +517,8 @@ class Supervisor:
             t = parse_rfc3339(stamp) if stamp else None
             if not self.cursor.accept(t):
                 continue  # replayed after a reconnect: already folded
+            if t is not None:
+                self.ctx.metrics.log_delivery.observe(max(0.0, time.time() - t))
             event = self.folder.feed_line(text, t if t is not None else time.time())
             if event is not None:
                 await self._on_event(event)
