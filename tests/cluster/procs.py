@@ -14,6 +14,10 @@ from pathlib import Path
 
 from .paths import state_dir
 
+# The daemons this process started, held so that subprocess's own clean-up of dropped Popen objects (run from
+# any thread's next Popen) never reaps them first: their exit status is ours to report (exit_status).
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
 
 def pid_file(name: str) -> Path:
     return state_dir() / "pids" / f"{name}.pid"
@@ -63,26 +67,27 @@ def start(name: str, argv: Sequence[str], *, env: dict[str, str] | None = None, 
         out.flush()
         proc = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=env, cwd=cwd, start_new_session=True, close_fds=True)
+    _children[proc.pid] = proc
     pid_path.write_text(f"{proc.pid} {argv[0]}")
     return proc.pid
 
 
 def exit_status(name: str) -> str | None:
     """How a daemon that this process started has ended ("exit code 1", "killed by SIGKILL"), reaping it;
-    None while it runs or when it is not this process's child (its status is not ours to read)."""
+    None while it runs or when another process started it (its status is not ours to read)."""
+    recorded = _recorded_pid(name)
+    proc = _children.get(recorded) if recorded else None
+    code = proc.poll() if proc else None
+    if code is None:
+        return None
+    return f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+
+
+def _recorded_pid(name: str) -> int | None:
     try:
-        pid = int(pid_file(name).read_text().split()[0])
+        return int(pid_file(name).read_text().split()[0])
     except (FileNotFoundError, ValueError, IndexError):
         return None
-    try:
-        waited, status = os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        return None
-    if waited == 0:
-        return None
-    if os.WIFSIGNALED(status):
-        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
-    return f"exit code {os.WEXITSTATUS(status)}"
 
 
 def exited_early(name: str) -> bool:
@@ -102,11 +107,18 @@ def stop(name: str, timeout: float = 15.0) -> None:
                 os.killpg(pid, signal.SIGKILL)
             time.sleep(0.5)
         _reap(pid)
+    recorded = _recorded_pid(name)
+    if recorded in _children:  # ours, and dead already: collect it
+        _children.pop(recorded).poll()
     pid_file(name).unlink(missing_ok=True)
 
 
 def _reap(pid: int) -> None:
     """Collect the exit status when the daemon is our own child, so it leaves no zombie behind."""
+    proc = _children.pop(pid, None)
+    if proc is not None:
+        proc.poll()
+        return
     with contextlib.suppress(ChildProcessError, OSError):
         os.waitpid(pid, os.WNOHANG)
 

@@ -32,9 +32,23 @@ def test_a_daemon_that_dies_is_reported_with_its_log(isolated_state: Path) -> No
 
 @pytest.mark.unit
 def test_a_daemon_killed_without_a_word_is_reported_with_its_signal(isolated_state: Path) -> None:
-    # What a full disk or the OOM killer leaves: a log with nothing after the start line.
-    with pytest.raises(HarnessError) as err:
-        cluster._start_checked("silent", ["sh", "-c", "kill -9 $$"], lambda: False, timeout=10)
+    # What a full disk or the OOM killer leaves: a log with nothing after the start line. Meanwhile another
+    # thread runs subprocesses, as pytest's other fixtures do: subprocess's clean-up of dropped Popen objects
+    # must not reap the daemon before the harness reads how it ended (seen in the full suite).
+    stop = threading.Event()
+
+    def neighbour() -> None:
+        while not stop.is_set():
+            subprocess.run(["true"], check=True)
+
+    thread = threading.Thread(target=neighbour, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(HarnessError) as err:
+            cluster._start_checked("silent", ["sh", "-c", "sleep 0.5; kill -9 $$"], lambda: False, timeout=10)
+    finally:
+        stop.set()
+        thread.join()
     assert "silent failed to start (killed by SIGKILL)" in str(err.value)
 
 
