@@ -28,7 +28,7 @@ from pathlib import Path
 
 from . import procs
 from .build import cached_binaries, ensure_binaries
-from .paths import K8S_VERSION, state_dir
+from .paths import DOCKER_ROOT, K8S_VERSION, state_dir
 from .pki import Pki, ensure_pki, write_kubeconfig
 from .system import (
     HarnessError,
@@ -46,7 +46,6 @@ APISERVER_PORT = int(os.environ.get("KUBETUNE_APISERVER_PORT", "6443"))
 ETCD_PORT = int(os.environ.get("KUBETUNE_ETCD_PORT", "2379"))
 ETCD_PEER_PORT = int(os.environ.get("KUBETUNE_ETCD_PEER_PORT", "2380"))
 KUBELET_ROOT = Path("/var/lib/kubetune-kubelet")
-DOCKER_ROOT = Path("/var/lib/docker")
 MIN_STATE_FREE_GB = 1.0  # etcd's WAL and the daemons' logs
 MIN_DOCKER_FREE_GB = 3.0  # pod containers and their logs (image builds check for themselves)
 PAUSE_IMAGE = "k8s.gcr.io/pause:3.2"

@@ -22,7 +22,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 
-from .paths import REPO_ROOT, cache_dir
+from .paths import DOCKER_ROOT, REPO_ROOT, cache_dir
 from .system import HarnessError, ensure_free_space, ensure_packages, run
 
 BASE_IMAGE = "kubetune/debian-python:bookworm"
@@ -122,7 +122,7 @@ def build_image(tag: str, context: Path, dockerfile: Path | None = None, *,
     ensure_base_image()
     # A torch image is about 6.5 GB (its CUDA wheels); anything else is well under 1 GB.
     heavy = any(req.split("=")[0].strip().lower() == "torch" for req in wheels_for)
-    ensure_free_space(Path("/var/lib/docker"), 10.0 if heavy else 2.0, f"building {tag}")
+    ensure_free_space(DOCKER_ROOT, 10.0 if heavy else 2.0, f"building {tag}")
     wheels = wheelhouse(list(wheels_for)) if wheels_for else None
     started = time.monotonic()
     with serve_build_files(wheels) as url:

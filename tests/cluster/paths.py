@@ -10,6 +10,7 @@ DEBIAN_SOURCE_PACKAGE = "kubernetes"
 DEBIAN_ORIG_TARBALL = "kubernetes_1.20.5+really1.20.2.orig.tar.gz"
 K8S_BINARIES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kube-proxy")
 
+DOCKER_ROOT = Path("/var/lib/docker")  # Debian docker.io's data root: images, containers, their logs
 PATCH_DIR = Path(__file__).resolve().parent / "patches"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
