@@ -130,3 +130,36 @@ def test_bad_configuration_fails_at_once_with_a_clear_reason(s3_server: PrivateS
             # moto does not check signatures by default: a wrong secret is accepted there (MinIO refuses it).
             assert not expected
     assert slept == []
+
+
+def test_data_read_during_an_outage_is_ridden_out(proxy: TcpProxy, s3_server: PrivateS3, s3_bucket: str,
+                                                  tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    # The trainer's data reads (CSV, images, weights files: kubetune_trainer.data.Fetcher) retry like its store
+    # for spec.output.retrySeconds, so an outage while the data loads costs seconds, not a trainer attempt.
+    from kubetune.spec import OutputSpec
+    from kubetune_trainer.data import Fetcher, FetchUnavailable
+
+    for key, value in _env(s3_server).items():
+        monkeypatch.setenv(key, value)
+    image = os.urandom(64 << 10)
+    s3_store(proxy.endpoint, s3_bucket, env=_env(s3_server)).put_bytes("data/0001.png", image)
+    fetcher = Fetcher(tmp_path / "cache", OutputSpec(endpoint=proxy.endpoint, retry_seconds=30))
+    outage = proxy.outage_on(r"^GET \S*/data/0001\.png", 3.0)
+    started = time.monotonic()
+    assert fetcher.read(f"s3://{s3_bucket}/data/0001.png") == image
+    elapsed = time.monotonic() - started
+    assert outage.done.is_set() and proxy.refused > 0
+    assert any("succeeded on try" in r.getMessage() for r in caplog.records), "the outage went unnoticed"
+    assert 3.0 <= elapsed < 15.0, elapsed
+    with pytest.raises(FileNotFoundError):  # a missing object is no outage: no retry
+        fetcher.read(f"s3://{s3_bucket}/data/missing.png")
+    # With retrySeconds 0 the outage is the trainer's retryable exit at once.
+    proxy.down()
+    with pytest.raises(FetchUnavailable, match=r"unreachable after 1 try\)"):
+        Fetcher(tmp_path / "cache0", OutputSpec(endpoint=proxy.endpoint, retry_seconds=0)).read(
+            f"s3://{s3_bucket}/data/0001.png")
+    proxy.up()
+    for record in caplog.records:
+        assert s3_server.secret_key not in record.getMessage()
+    print(f"\n3 s outage during a data read: read after {elapsed:.1f}s")

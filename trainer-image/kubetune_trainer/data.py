@@ -17,6 +17,7 @@ import io
 import logging
 import posixpath
 import random
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from kubetune.spec import DataSpec, OutputSpec
-from kubetune.storage import ObjectNotFound, StoreError, minio_client, parse_s3_uri
+from kubetune.storage import ObjectNotFound, RetryPolicy, StoreError, minio_client, parse_s3_uri
 from PIL import Image, UnidentifiedImageError
 
 log = logging.getLogger(__name__)
@@ -102,10 +103,14 @@ class PairSet:
 class Fetcher:
     """Reads bytes from s3://, http(s)://, file:// or local paths; remote files are cached on disk."""
 
-    def __init__(self, cache_dir: Path, output: OutputSpec | None = None, timeout: float = 30.0) -> None:
+    def __init__(self, cache_dir: Path, output: OutputSpec | None = None, timeout: float = 30.0,
+                 retry: RetryPolicy | None = None) -> None:
         self.cache_dir = cache_dir
         self.output = output
         self.timeout = timeout
+        # An unreachable source is retried with the store's backoff for spec.output.retrySeconds, so an S3 or
+        # HTTP outage while the data loads is ridden out in-process, as during checkpoints and uploads.
+        self.retry = retry or (RetryPolicy.for_window(output.retry_seconds) if output else RetryPolicy())
         self._s3: Any = None
 
     def _s3_client(self) -> Any:
@@ -116,7 +121,26 @@ class Fetcher:
         return self._s3
 
     def read(self, uri: str) -> bytes:
-        """The bytes at ``uri``; FileNotFoundError when it does not exist, FetchUnavailable when unreachable."""
+        """The bytes at ``uri``; FileNotFoundError when it does not exist, FetchUnavailable when it stayed
+        unreachable for the whole retry window."""
+        delays = self.retry.delays()
+        started = time.monotonic()
+        for attempt in range(self.retry.attempts):
+            try:
+                data = self._read_once(uri)
+            except FetchUnavailable as exc:
+                if attempt == len(delays):
+                    tries = "1 try" if attempt == 0 else f"{attempt + 1} tries"
+                    raise FetchUnavailable(f"{exc} (unreachable after {tries})") from None
+                log.warning("fetch: %s, retry %d/%d in %.1fs", exc, attempt + 1, len(delays), delays[attempt])
+                self.retry.sleep(delays[attempt])
+                continue
+            if attempt:
+                log.warning("fetch: %s succeeded on try %d after %.1fs", uri, attempt + 1, time.monotonic() - started)
+            return data
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    def _read_once(self, uri: str) -> bytes:
         if uri.startswith("s3://"):
             from minio.error import S3Error
             from urllib3.exceptions import HTTPError
