@@ -39,15 +39,29 @@ def pid_of(name: str) -> int | None:
         return None
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return None
-    if stat.rsplit(")", 1)[1].split()[0] == "Z":
-        return None
-    # A script (moto_server) runs as "<interpreter> <script>": the program is the first or second argument.
-    if program and program not in (arg.decode(errors="replace") for arg in cmdline[:2]):
-        return None
-    return pid
+    return pid if runs_program(program, stat, cmdline) else None
+
+
+def runs_program(program: str, stat: str, cmdline: bytes) -> bool:
+    """Whether a process (its ``/proc/<pid>/stat`` and ``cmdline``) is a live run of ``program`` (empty: any).
+
+    A script (moto_server) runs as "<interpreter> <script>": the program is the first or second argument. Right
+    after ``Popen`` returns, the kernel may still be setting up the new program and ``cmdline`` reads empty
+    (seen with dockerd and etcd: the harness took a daemon it had just started for dead); then the command
+    name in ``stat`` (the executable's file name, at most 15 characters) decides.
+    """
+    comm, _, rest = stat.partition(" (")[2].rpartition(")")
+    if rest.split()[0] == "Z":
+        return False
+    if not program:
+        return True
+    args = [arg.decode(errors="replace") for arg in cmdline.split(b"\0")[:2] if arg]
+    if args:
+        return program in args
+    return comm == Path(program).name[:15]
 
 
 def is_running(name: str) -> bool:

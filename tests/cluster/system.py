@@ -145,7 +145,7 @@ def free_gb(path: Path) -> float:
 
 def ensure_free_space(path: Path, need_gb: float, what: str) -> None:
     """Fail with a clear message before a full disk makes a daemon die silently (a process that cannot write
-    its log cannot say why it stopped; CI once saw etcd exit on start with an empty log)."""
+    its log cannot say why it stopped)."""
     free = free_gb(path)
     if free < need_gb:
         raise HarnessError(f"only {free:.1f} GB free on the filesystem of {path}; {what} needs at least "

@@ -67,6 +67,23 @@ def test_a_daemon_that_dies_on_start_is_started_again_once(isolated_state: Path)
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize(("program", "stat", "cmdline", "expected"), [
+    ("/usr/bin/etcd", "7 (etcd) S 1 7", b"/usr/bin/etcd\0--data-dir\0/tmp/x\0", True),
+    ("/usr/bin/etcd", "7 (sleep) S 1 7", b"sleep\0300\0", False),  # a recycled pid: a stranger
+    ("/usr/bin/etcd", "7 (etcd) Z 1 7", b"", False),  # dead, not yet reaped
+    # Just started: the kernel is still setting the new program up and cmdline reads empty (seen in CI: the
+    # harness took the etcd, and later the dockerd, it had just started for dead); the command name decides.
+    ("/usr/sbin/dockerd", "7 (dockerd) R 1 7", b"", True),
+    ("/k8s/kube-controller-manager", "7 (kube-controller) R 1 7", b"", True),  # names are cut at 15 chars
+    ("/usr/bin/etcd", "7 (python3) R 1 7", b"", False),
+    ("/venv/bin/moto_server", "7 (moto_server) S 1 7", b"/venv/bin/python\0/venv/bin/moto_server\0-p\0", True),
+    ("", "7 (anything (odd) name) S 1 7", b"x\0", True),
+])
+def test_a_daemon_is_recognised_by_its_program(program: str, stat: str, cmdline: bytes, expected: bool) -> None:
+    assert procs.runs_program(program, stat, cmdline) is expected
+
+
+@pytest.mark.unit
 def test_too_little_disk_space_is_a_clear_error(tmp_path: Path) -> None:
     ensure_free_space(tmp_path / "not" / "yet" / "made", 0.001, "a test")  # walks up to an existing parent
     with pytest.raises(HarnessError, match=r"GB free on the filesystem of .*; etcd needs at least 100000 GB"):
