@@ -139,27 +139,7 @@ def _fail_with_log(name: str, what: str) -> HarnessError:
 
 
 def _start_checked(name: str, argv: list[str], ready: Callable[[], object], timeout: float,
-                   what: str = "start", attempts: int = 1, before_retry: Callable[[], object] | None = None) -> None:
-    """Start a daemon and wait until `ready()`; a daemon that dies on start is started again up to `attempts`
-    times in all (after `before_retry()`), then reported with how it ended and its log."""
-    for attempt in range(1, attempts + 1):
-        try:
-            _start_and_wait(name, argv, ready, timeout, what)
-            return
-        except HarnessError as err:
-            if attempt == attempts or procs.is_running(name):
-                raise
-            procs.stop(name)
-            first_line = str(err).split("; last lines of", 1)[0]
-            with procs.log_file(name).open("a") as log:
-                log.write(f"=== {time.strftime('%H:%M:%S')} {first_line}; starting again "
-                          f"(attempt {attempt + 1} of {attempts})\n")
-            time.sleep(2.0)
-            if before_retry:
-                before_retry()
-
-
-def _start_and_wait(name: str, argv: list[str], ready: Callable[[], object], timeout: float, what: str) -> None:
+                   what: str = "start") -> None:
     procs.start(name, argv)
 
     def check() -> bool:
@@ -210,16 +190,9 @@ def start_control_plane(bin_dir: Path, etcd: str, root: Path, ip: str) -> Path:
                             "--listen-peer-urls", f"http://127.0.0.1:{ETCD_PEER_PORT}",
                             "--initial-advertise-peer-urls", f"http://127.0.0.1:{ETCD_PEER_PORT}",
                             "--initial-cluster", f"default=http://127.0.0.1:{ETCD_PEER_PORT}"],
-                   lambda: _http_ok(f"http://127.0.0.1:{ETCD_PORT}/health"), 30, attempts=2,
-                   before_retry=lambda: _reset_etcd_data(root / "etcd"))
+                   lambda: _http_ok(f"http://127.0.0.1:{ETCD_PORT}/health"), 30)
     _start_checked("kube-apiserver", apiserver_argv(bin_dir, pki, ip), lambda: _api_ready(admin_kubeconfig), 90)
     return admin_kubeconfig
-
-
-def _reset_etcd_data(path: Path) -> None:
-    """An etcd that died on start may have left a half-written WAL: start the next one from an empty dir."""
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir()
 
 
 def apiserver_argv(bin_dir: Path, pki: Pki, ip: str) -> list[str]:

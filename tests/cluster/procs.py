@@ -50,7 +50,7 @@ def runs_program(program: str, stat: str, cmdline: bytes) -> bool:
 
     A script (moto_server) runs as "<interpreter> <script>": the program is the first or second argument. Right
     after ``Popen`` returns, the kernel may still be setting up the new program and ``cmdline`` reads empty
-    (seen with dockerd and etcd: the harness took a daemon it had just started for dead); then the command
+    (seen with dockerd; CI's "etcd failed to start" with an empty log had the same signature); then the command
     name in ``stat`` (the executable's file name, at most 15 characters) decides.
     """
     comm, _, rest = stat.partition(" (")[2].rpartition(")")

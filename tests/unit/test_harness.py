@@ -53,20 +53,6 @@ def test_a_daemon_killed_without_a_word_is_reported_with_its_signal(isolated_sta
 
 
 @pytest.mark.unit
-def test_a_daemon_that_dies_on_start_is_started_again_once(isolated_state: Path) -> None:
-    marker = isolated_state / "retried"
-    # Dies on its first start (as a daemon hit by a passing fault would), runs once `before_retry` has run.
-    argv = ["sh", "-c", f"if [ -e {marker} ]; then sleep 300; exit 0; fi; exit 7"]
-    try:
-        cluster._start_checked("flaky", argv, lambda: marker.exists() and procs.is_running("flaky"), timeout=10,
-                               attempts=2, before_retry=marker.touch)
-        assert marker.exists() and procs.is_running("flaky")
-        assert "failed to start (exit code 7); starting again (attempt 2 of 2)" in procs.log_file("flaky").read_text()
-    finally:
-        procs.stop("flaky")
-
-
-@pytest.mark.unit
 @pytest.mark.parametrize(("program", "stat", "cmdline", "expected"), [
     ("/usr/bin/etcd", "7 (etcd) S 1 7", b"/usr/bin/etcd\0--data-dir\0/tmp/x\0", True),
     ("/usr/bin/etcd", "7 (sleep) S 1 7", b"sleep\0300\0", False),  # a recycled pid: a stranger
