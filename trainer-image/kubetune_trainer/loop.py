@@ -26,9 +26,11 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 # ------------------------------------------------------------------------------------------------ precision
 def autocast(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager[Any]]:
-    if precision == "amp":
+    # fp16 needs a loss scaler, which only exists for CUDA here: on the CPU "amp" autocasts to bf16, whose
+    # exponent range is fp32's
+    if precision == "amp" and device.type == "cuda":
         return lambda: torch.autocast(device_type=device.type, dtype=torch.float16)
-    if precision == "amp_bf16":
+    if precision in ("amp", "amp_bf16"):
         return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
 
@@ -39,6 +41,55 @@ def input_dtype(precision: str) -> torch.dtype | None:
 
 def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
     return torch.amp.GradScaler(device=device.type) if precision == "amp" and device.type == "cuda" else None
+
+
+class MasterWeights:
+    """fp32 master copies of a bf16 model's trainable parameters (``precision: bf16``).
+
+    An update of lr 1e-5 is below half a bf16 ulp for any weight above ~2.6e-3, so AdamW applied to bf16 weights
+    loses most small-lr updates. The optimizer steps these fp32 copies instead; the model's bf16 weights are the
+    copies rounded after each step, and the copies travel with the checkpoint.
+    """
+
+    def __init__(self, groups: list[dict[str, Any]]) -> None:
+        self.pairs: list[tuple[nn.Parameter, torch.Tensor]] = []
+        self.groups: list[dict[str, Any]] = []
+        for group in groups:
+            masters = []
+            for param in group["params"]:
+                master = param.detach().clone().float().requires_grad_(True)
+                self.pairs.append((param, master))
+                masters.append(master)
+            self.groups.append({**group, "params": masters})
+
+    def params(self) -> list[torch.Tensor]:
+        return [master for _, master in self.pairs]
+
+    def grads_to_master(self) -> None:
+        for param, master in self.pairs:
+            master.grad = None if param.grad is None else param.grad.float()
+
+    @torch.no_grad()
+    def master_to_model(self, logit_scale: torch.Tensor | None = None) -> None:
+        for param, master in self.pairs:
+            if param is logit_scale:
+                master.clamp_(0, LOGIT_SCALE_MAX)
+            param.copy_(master)
+
+    def state_dict(self) -> list[torch.Tensor]:
+        return [master.detach().clone() for master in self.params()]
+
+    @torch.no_grad()
+    def load_state_dict(self, saved: Sequence[torch.Tensor]) -> None:
+        if len(saved) != len(self.pairs):
+            raise ValueError(f"checkpoint has {len(saved)} master weights, the model {len(self.pairs)}")
+        for (param, master), value in zip(self.pairs, saved, strict=True):
+            master.copy_(value)
+            param.copy_(value)
+
+
+def master_weights(precision: str, groups: list[dict[str, Any]]) -> MasterWeights | None:
+    return MasterWeights(groups) if precision == "bf16" else None
 
 
 # ------------------------------------------------------------------------------------------------ params
@@ -112,13 +163,20 @@ def _loss_value(loss_fn: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Te
 # ------------------------------------------------------------------------------------------------ one step
 def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
                micro_batches: Sequence[Batch], device: torch.device, precision: str = "fp32",
-               scaler: torch.amp.GradScaler | None = None, grad_clip_norm: float | None = None) -> float:
-    """One optimizer step over ``micro_batches`` (open_clip semantics); returns the loss as a float."""
+               scaler: torch.amp.GradScaler | None = None, grad_clip_norm: float | None = None,
+               master: MasterWeights | None = None) -> float:
+    """One optimizer step over ``micro_batches`` (open_clip semantics); returns the loss as a float.
+
+    With ``master`` the optimizer holds the fp32 master weights: gradients go to them, and the model gets the
+    updated weights back after the step.
+    """
     cast = autocast(precision, device)
     dtype = input_dtype(precision)
     batches = [(images.to(device=device, dtype=dtype, non_blocking=True), texts.to(device=device, non_blocking=True))
                for images, texts in micro_batches]
     optimizer.zero_grad(set_to_none=True)
+    if master is not None:  # the optimizer's parameters are the masters: the model's gradients are separate
+        model.zero_grad(set_to_none=True)
     if len(batches) == 1:
         images, texts = batches[0]
         with cast():
@@ -147,6 +205,12 @@ def train_step(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Opti
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm, norm_type=2.0)
         scaler.step(optimizer)
         scaler.update()
+    elif master is not None:
+        master.grads_to_master()
+        if grad_clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(master.params(), grad_clip_norm, norm_type=2.0)
+        optimizer.step()
+        master.master_to_model(logit_scale=unwrap(model).logit_scale)  # type: ignore[arg-type]
     else:
         if grad_clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm, norm_type=2.0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import pickle
 import re
 from collections.abc import Callable
@@ -23,9 +24,15 @@ import torch
 from kubetune.spec import ModelSpec
 from torch import nn
 
+from .tokenization import TokenizerUnavailable, make_tokenizer, tokenizer_info
+
 log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+# The SigLIP paper's initialisation of the sigmoid loss's temperature and bias (t = 10, b = −10): with b = −10
+# the many negatives of a batch start near σ = 0, so the first steps are not spent pushing them down.
+SIGLIP_INIT_LOGIT_SCALE = math.log(10)
+SIGLIP_INIT_LOGIT_BIAS = -10.0
 
 
 class ModelError(Exception):
@@ -99,10 +106,27 @@ def build(spec: ModelSpec, device: torch.device, precision: str, work_dir: Path,
         raise
     if weights_path is not None:
         load_weights(model, weights_path)
-    tokenizer = open_clip.get_tokenizer(spec.name)
+    try:
+        tokenizer = make_tokenizer(tokenizer_info(config), cache_dir=work_dir / "hub")
+    except TokenizerUnavailable as exc:
+        raise ModelError(str(exc)) from None
     preprocess_cfg = dict(getattr(model.visual, "preprocess_cfg", {}))
     return ModelBundle(model=model, preprocess_train=preprocess_train, preprocess_val=preprocess_val,
                        tokenizer=tokenizer, name=spec.name, config=config, preprocess_cfg=preprocess_cfg)
+
+
+def add_sigmoid_bias(model: nn.Module) -> bool:
+    """Give a model without a logit bias (every CLIP checkpoint) the SigLIP paper's temperature and bias, so that
+    the sigmoid loss can train it; a model that has one (SigLIP checkpoints, configs with ``init_logit_bias``)
+    keeps both. Returns whether they were set. The bias is a parameter: trained, checkpointed and exported."""
+    if getattr(model, "logit_bias", None) is not None:
+        return False
+    scale = model.logit_scale
+    assert isinstance(scale, torch.Tensor)
+    with torch.no_grad():
+        scale.fill_(SIGLIP_INIT_LOGIT_SCALE)
+    model.logit_bias = nn.Parameter(torch.full((), SIGLIP_INIT_LOGIT_BIAS, dtype=scale.dtype, device=scale.device))
+    return True
 
 
 def precision_for_weights(precision: str) -> str:

@@ -21,7 +21,7 @@ from kubetune.spec import FinetuneRunSpec
 from kubetune.storage import ARTIFACT, RetryPolicy, Store, run_store, store_from_uri
 from torch import nn
 
-from . import checkpoint, distributed, evaluate, export, loop
+from . import checkpoint, determinism, distributed, evaluate, export, loop
 from . import model as model_lib
 from .callbacks import Monitor, wise_ft
 from .config import RunConfig
@@ -58,6 +58,7 @@ class LoopState:
     loss_count: int = 0
     before: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
+    epoch_metrics: list[dict[str, Any]] = field(default_factory=list)  # retrieval evaluated at epoch ends
     monitors: dict[str, dict[str, Any]] = field(default_factory=dict)
     stopped_early: bool = False
 
@@ -70,7 +71,7 @@ class Result:
     artifact_uri: str
     sha256: str
     size: int
-    metrics: dict[str, dict[str, float]]
+    metrics: dict[str, Any]  # before, after (name → value) and epochs (a list of per-epoch evaluations)
     steps: int
     resumed_from_step: int | None
 
@@ -137,6 +138,9 @@ class Trainer:
             weights = fetch_weights(spec.model.weights, self.fetcher, spec, self.cfg.work_dir)
         bundle = model_lib.build(spec.model, self.device, self.precision, self.cfg.work_dir, weights)
         model = bundle.model
+        if spec.training.loss == "SigLIPLoss" and model_lib.add_sigmoid_bias(model):
+            self.info("SigLIP loss on a model without a logit bias: logit scale ln %g, bias %g (the SigLIP paper's "
+                      "initialisation)", math.exp(model_lib.SIGLIP_INIT_LOGIT_SCALE), model_lib.SIGLIP_INIT_LOGIT_BIAS)
         start_weights = ({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
                          if spec.callbacks.wise_ft else None)
         data = load_datasets(spec.data, self.fetcher, spec.training.seed, on_progress=self.info)
@@ -147,7 +151,7 @@ class Trainer:
         if spec.training.lock_text:
             model.lock_text_tower()  # type: ignore[operator]
         tokens = tokenize(bundle.tokenizer, data.train.texts())
-        train_set = PairDataset(data.train.pairs, bundle.preprocess_train, tokens)
+        train_set = PairDataset(data.train.pairs, bundle.preprocess_train, tokens, seed=spec.training.seed)
         micro = spec.training.batch_size
         accum = spec.training.grad_accumulation
         per_epoch_batches = batches_per_epoch(len(train_set), micro, self.dist.world_size)
@@ -158,14 +162,18 @@ class Trainer:
         total_steps = spec.training.epochs * steps_per_epoch
         if spec.training.max_steps:
             total_steps = min(total_steps, spec.training.max_steps)
-        sampler = EpochBatchSampler(len(train_set), micro, spec.training.seed, self.dist.rank, self.dist.world_size)
-        loader = make_loader(train_set, spec.training.num_workers, self.device.type == "cuda", batch_sampler=sampler)
+        sampler = EpochBatchSampler(len(train_set), micro, spec.training.seed, self.dist.rank, self.dist.world_size,
+                                    with_epoch=True)
+        loader = make_loader(train_set, spec.training.num_workers, self.device.type == "cuda", batch_sampler=sampler,
+                             generator=torch.Generator().manual_seed(spec.training.seed))
 
         train_model: nn.Module = model
         if self.dist.distributed:
             train_model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        optimizer = loop.make_optimizer(spec.training.optimizer, loop.param_groups(model, spec.training.weight_decay),
+        groups = loop.param_groups(model, spec.training.weight_decay)
+        master = loop.master_weights(self.precision, groups)
+        optimizer = loop.make_optimizer(spec.training.optimizer, master.groups if master else groups,
                                         spec.training.learning_rate)
         scaler = loop.grad_scaler(self.precision, self.device)
         loss_fn = loop.make_loss(spec.training.loss, self.dist.rank, self.dist.world_size)
@@ -174,12 +182,16 @@ class Trainer:
         state = LoopState()
         resumed = checkpoint.load_latest(self.store, self.work)
         resumed_from = None
+        rng_state: dict[str, Any] | None = None
         if resumed is not None:
             info, saved = resumed
             model.load_state_dict(saved["model"])
             optimizer.load_state_dict(saved["optimizer"])
             if scaler is not None and saved.get("scaler"):
                 scaler.load_state_dict(saved["scaler"])
+            if master is not None:
+                master.load_state_dict(saved.get("master") or [p.detach() for p, _ in master.pairs])
+            rng_state = saved.get("rng")
             state = LoopState(**saved["loop"])
             resumed_from = state.step
             self.info("resuming from %s (step %d, epoch %d)", info["key"], state.step, state.epoch + 1)
@@ -196,13 +208,20 @@ class Trainer:
 
         # ------------------------------------------------------------------------------------ epochs
         progress = _Progress(self, total_steps, micro * accum * self.dist.world_size)
+        save = _Saver(self, model, optimizer, scaler, master)
+        if rng_state is not None:  # after the evaluation above, which a resumed attempt skips
+            determinism.set_rng_state(rng_state)
+        started_at = (state.step, state.epoch)
         self.stop.in_loop = True
         train_model.train()
-        while state.epoch < spec.training.epochs and state.step < total_steps and not state.stopped_early:
+        # an epoch whose last step was trained but whose end (validation, history, best model) was not recorded
+        # has batch_in_epoch > 0 with every step done: it still runs, trains nothing and records the end
+        while state.epoch < spec.training.epochs and not state.stopped_early and (
+                state.step < total_steps or state.batch_in_epoch > 0):
             epoch = state.epoch
             sampler.set_epoch(epoch, state.batch_in_epoch)
             group: list[loop.Batch] = []
-            for batch in loader:
+            for batch in loader if state.step < total_steps else ():
                 group.append(batch)
                 if len(group) < accum:
                     continue
@@ -210,7 +229,7 @@ class Trainer:
                                 spec.training.scheduler)
                 loop.set_lr(optimizer, lr)
                 loss = loop.train_step(train_model, loss_fn, optimizer, group, self.device, self.precision,
-                                       scaler, spec.training.grad_clip_norm)
+                                       scaler, spec.training.grad_clip_norm, master)
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"the training loss is {loss} at step {state.step + 1}")
                 group = []
@@ -221,25 +240,26 @@ class Trainer:
                 progress.step(state, loss, lr)
                 every = spec.run_policy.checkpoint_every_steps
                 if every and state.step % every == 0 and state.step < total_steps:
-                    self._checkpoint(model, optimizer, scaler, state)
+                    save(state)
                 if distributed.any_true(self.stop.requested, self.dist, self.device):
-                    self._checkpoint(model, optimizer, scaler, state)
+                    save(state)
                     raise Preempted(f"SIGTERM at step {state.step}: checkpointed")
                 if state.step >= total_steps:
                     break
-            epoch_done = state.batch_in_epoch + accum > per_epoch_batches or state.step >= total_steps
-            if not epoch_done:  # pragma: no cover - the loader always runs to the end of the epoch
-                continue
             self._end_epoch(model, evaluator, eval_loss_fn, monitors, state, epoch)
             state.epoch += 1
             state.batch_in_epoch, state.loss_sum, state.loss_count = 0, 0.0, 0
             every_epochs = spec.run_policy.checkpoint_every_epochs
             if every_epochs and state.epoch % every_epochs == 0 and state.step < total_steps and (
                     state.epoch < spec.training.epochs and not state.stopped_early):
-                self._checkpoint(model, optimizer, scaler, state)
+                save(state)
         self.stop.in_loop = False
         if self.stop.requested:
             raise Preempted("SIGTERM after training")
+        if (state.step, state.epoch) != started_at:
+            # the final evaluation and the export can take long: a SIGTERM there resumes from here, not from the
+            # last periodic checkpoint (which may be a whole epoch back)
+            save(state)
 
         # ------------------------------------------------------------------------------------ finish
         if spec.callbacks.best_model is not None and "best_model" in monitors and \
@@ -285,7 +305,9 @@ class Trainer:
             last = epoch + 1 == spec.training.epochs
             if evaluator.enabled and spec.callbacks.evaluation.enabled and not last and (
                     (every and (epoch + 1) % every == 0) or needs_retrieval):
-                metrics.update(evaluator.retrieval(model, "epoch", epoch + 1))
+                retrieval = evaluator.retrieval(model, "epoch", epoch + 1)
+                state.epoch_metrics.append({"epoch": epoch + 1, "step": state.step, **retrieval})
+                metrics.update(retrieval)
             self.emit("metrics", stage="val" if "val_loss" in metrics else "train", epoch=epoch + 1,
                       step=state.step, train_loss=metrics.get("train_loss"), val_loss=metrics.get("val_loss"))
             self.info("epoch %d/%d: %s", epoch + 1, spec.training.epochs,
@@ -306,19 +328,11 @@ class Trainer:
                       early.metric if early else "?", early.bad_epochs if early else 0)
         state.monitors = {name: m.state_dict() for name, m in monitors.items()}
 
-    def _checkpoint(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler | None, state: LoopState) -> None:
-        if self.dist.is_main:
-            payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                       "scaler": scaler.state_dict() if scaler is not None else {}, "loop": state.to_dict()}
-            uri = checkpoint.save(self.store, self.work, payload, state.step, state.epoch)
-            self.emit("checkpoint", uri=uri, step=state.step, epoch=state.epoch + 1)
-            self.info("checkpoint: %s", uri)
-        distributed.barrier(self.dist)
-
     def _export(self, model: nn.Module, bundle: model_lib.ModelBundle, state: LoopState, after: dict[str, float],
                 resumed_from: int | None) -> Result:
-        metrics = {"before": state.before, "after": after}
+        metrics: dict[str, Any] = {"before": state.before, "after": after}
+        if state.epoch_metrics:
+            metrics["epochs"] = state.epoch_metrics
         if not self.dist.is_main:
             return Result("", "", 0, metrics, state.step, resumed_from)
         root = self.work / "artifact"
@@ -361,6 +375,30 @@ class Trainer:
         self.emit("finished", artifact_uri=uri, duration_seconds=round(time.time() - self.started_at, 3))
         return Result(uri, str(info.get("sha256", "")), int(info.get("size", 0)), info.get("metrics", {}),
                       int(info.get("step", 0)), None)
+
+
+@dataclass
+class _Saver:
+    """Writes a checkpoint of everything a resumed attempt needs to continue exactly where this one stopped."""
+
+    trainer: Trainer
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    master: loop.MasterWeights | None
+
+    def __call__(self, state: LoopState) -> None:
+        trainer = self.trainer
+        if trainer.dist.is_main:
+            payload = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                       "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+                       "master": self.master.state_dict() if self.master is not None else [],
+                       "rng": determinism.rng_state(), "loop": state.to_dict()}
+            uri = checkpoint.save(trainer.store, trainer.work, payload, state.step, state.epoch)
+            epoch = min(state.epoch + 1, trainer.spec.training.epochs)  # the final checkpoint is past the last epoch
+            trainer.emit("checkpoint", uri=uri, step=state.step, epoch=epoch)
+            trainer.info("checkpoint: %s", uri)
+        distributed.barrier(trainer.dist)
 
 
 class _Progress:

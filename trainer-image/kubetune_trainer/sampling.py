@@ -13,23 +13,35 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .data import Pair
+from .determinism import sample_seed, seeded
 
 
 class PairDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
-    """(image tensor, token ids) per pair. Texts are tokenized once up front, not per step."""
+    """(image tensor, token ids) per pair. Texts are tokenized once up front, not per step.
 
-    def __init__(self, pairs: Sequence[Pair], transform: Callable[[Any], torch.Tensor], tokens: torch.Tensor):
+    A key ``(epoch, index)`` (what :class:`EpochBatchSampler` yields with ``with_epoch``) runs the transform
+    under a seed of its own (see :mod:`determinism`); a plain index runs it on the global RNG.
+    """
+
+    def __init__(self, pairs: Sequence[Pair], transform: Callable[[Any], torch.Tensor], tokens: torch.Tensor,
+                 seed: int = 0):
         if len(pairs) != tokens.shape[0]:
             raise ValueError("one token row per pair is needed")
         self.pairs = list(pairs)
         self.transform = transform
         self.tokens = tokens
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.transform(self.pairs[index].image.open()), self.tokens[index]
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(key, tuple):
+            epoch, index = key
+            image = self.pairs[index].image.open()
+            with seeded(sample_seed(self.seed, epoch, index)):
+                return self.transform(image), self.tokens[index]
+        return self.transform(self.pairs[key].image.open()), self.tokens[key]
 
 
 class ImageDataset(Dataset[torch.Tensor]):
@@ -64,12 +76,17 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
     return [mine[i:i + batch_size] for i in range(0, per_rank, batch_size)]
 
 
-class EpochBatchSampler(Sampler[list[int]]):
-    """Yields one epoch's batches from ``start_batch`` on; call :meth:`set_epoch` before each epoch."""
+class EpochBatchSampler(Sampler[list[Any]]):
+    """Yields one epoch's batches from ``start_batch`` on; call :meth:`set_epoch` before each epoch.
 
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+    With ``with_epoch`` each item is ``(epoch, index)``, so the dataset can seed that sample's augmentation.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 with_epoch: bool = False) -> None:
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.rank, self.world_size = rank, world_size
+        self.with_epoch = with_epoch
         self.epoch = 0
         self.start_batch = 0
 
@@ -79,15 +96,20 @@ class EpochBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return batches_per_epoch(self.n, self.batch_size, self.world_size) - self.start_batch
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[Any]]:
         batches = epoch_batches(self.n, self.batch_size, self.seed, self.epoch, self.rank, self.world_size)
-        yield from batches[self.start_batch:]
+        for batch in batches[self.start_batch:]:
+            yield [(self.epoch, i) for i in batch] if self.with_epoch else batch
 
 
 def make_loader(dataset: Dataset[Any], num_workers: int, pin_memory: bool,
-                batch_sampler: Sampler[list[int]] | None = None, batch_size: int | None = None) -> DataLoader[Any]:
-    """A DataLoader with persistent workers (no per-epoch worker start-up, unlike open_clip's)."""
-    kwargs: dict[str, Any] = {"num_workers": num_workers, "pin_memory": pin_memory}
+                batch_sampler: Sampler[list[Any]] | None = None, batch_size: int | None = None,
+                generator: torch.Generator | None = None) -> DataLoader[Any]:
+    """A DataLoader with persistent workers (no per-epoch worker start-up, unlike open_clip's).
+
+    ``generator`` draws the loader's base seed, which otherwise comes from (and advances) the global RNG.
+    """
+    kwargs: dict[str, Any] = {"num_workers": num_workers, "pin_memory": pin_memory, "generator": generator}
     if num_workers > 0:
         kwargs.update(persistent_workers=True, prefetch_factor=4)
     if batch_sampler is not None:
