@@ -5,18 +5,36 @@ when it is paired with exactly the same text somewhere in the query/index data (
 "a red circle on a white background" image counts for that caption). Queries with no relevant image in
 the index are left out and counted.
 
-Metrics, per query over the top ``k`` (= ``limit``) results, averaged over queries (the definitions
-``torchmetrics.retrieval`` uses, which the tests check to 1e-6):
+Two families of per-query metrics, both over the top ``k`` (= ``limit``) results and averaged over queries.
+``rel_i`` is 1 when the result at rank i is relevant, ``m = min(k, index size)`` the number of results
+returned, ``h`` the relevant ones among them and ``R`` the relevant images in the whole index.
 
-- ``precision_at_k``: relevant in top k / k
-- ``recall_at_k``: relevant in top k / all relevant
-- ``hit_at_k``: 1 if any relevant in top k
-- ``average_precision``: mean of precision@i over the ranks i ≤ k that hold a relevant image (0 if none)
+The standard family, unprefixed keys (the definitions ``torchmetrics.retrieval`` uses, which the tests check
+to 1e-6):
+
+- ``precision_at_k``: h / k
+- ``recall_at_k``: h / R
+- ``hit_at_k``: 1 if h > 0
+- ``average_precision``: mean of precision@i over the ranks i ≤ m that hold a relevant image (0 if none)
 - ``reciprocal_rank``: 1 / rank of the first relevant image within top k (0 if none)
-- ``dcg_at_k``: Σ_{i≤k} rel_i / log2(i + 1) (unnormalised, as Finetuner reported it)
-- ``ndcg_at_k``: dcg_at_k / the ideal DCG over top k
+- ``dcg_at_k``: Σ_{i≤m} rel_i / log2(i + 1) (unnormalised)
+- ``ndcg_at_k``: dcg_at_k / the ideal DCG, min(R, m) relevant images at the top
 - ``R@1``, ``R@5``, ``R@10``: hit rate at 1/5/10 (open_clip / CLIP-benchmark "recall@k" convention)
 - ``mean_rank``, ``median_rank``: 1-based rank of the best-ranked relevant image over the whole index
+
+Finetuner's family, keys prefixed with ``finetuner_prefix`` (``clip-text-to-clip-vision_precision_at_k``, ...):
+the functions of docarray v1's ``docarray/math/evaluation.py`` (v0.21.1, the last v1 release), which
+Finetuner's EvaluationCallback applied with their own ``k`` left unset to the ``limit`` results it
+retrieved, with ``max_rel`` = R. They differ from the standard ones where noted:
+
+- ``precision_at_k``: h / m (divides by the results returned, not by k)
+- ``recall_at_k``: h / R; ``hit_at_k``, ``average_precision``, ``reciprocal_rank``: as above
+- ``f1_score_at_k``: 2·p·r / (p + r) of those two (0 if both are 0)
+- ``r_precision``: precision over the first h results, (Σ_{i≤h} rel_i) / h (0 if h = 0); not the textbook
+  R-precision over the first R
+- ``dcg_at_k``: rel_1 + Σ_{2≤i≤m} rel_i / log2(i): ranks 1 and 2 both weigh 1
+- ``ndcg_at_k``: dcg_at_k / the same DCG of the returned list sorted by relevance, i.e. of h relevant at
+  the top (0 if h = 0): relevant images the search missed do not lower it
 """
 
 from __future__ import annotations
@@ -31,6 +49,8 @@ import torch.nn.functional as F
 PER_QUERY_METRICS = ("precision_at_k", "recall_at_k", "hit_at_k", "average_precision", "reciprocal_rank",
                      "dcg_at_k", "ndcg_at_k")
 RECALL_KS = (1, 5, 10)
+FINETUNER_METRICS = ("precision_at_k", "recall_at_k", "f1_score_at_k", "hit_at_k", "average_precision",
+                     "reciprocal_rank", "r_precision", "dcg_at_k", "ndcg_at_k")
 
 
 def rank_metrics(top_relevant: torch.Tensor, n_relevant: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
@@ -62,6 +82,51 @@ def rank_metrics(top_relevant: torch.Tensor, n_relevant: torch.Tensor, k: int) -
     }
 
 
+def docarray_v1_rank_metrics(top_relevant: torch.Tensor, n_relevant: torch.Tensor, k: int
+                             ) -> dict[str, torch.Tensor]:
+    """Per-query metrics as Finetuner reported them: docarray v1's functions on the retrieved list.
+
+    top_relevant: (B, m) bool/0-1, relevance of the best results in rank order; Finetuner's search returned
+    at most ``k`` (its ``limit``), so columns past k are dropped, and docarray's functions then ran over the
+    whole list (their own ``k`` unset). n_relevant: (B,) relevant items in the whole index (≥ 1), the
+    ``max_rel`` of recall. Returns name → (B,) float64. Formulas in the module docstring.
+    """
+    rel = top_relevant[:, :k].to(torch.float64)
+    returned = rel.shape[1]
+    positions = torch.arange(1, returned + 1, dtype=torch.float64, device=rel.device)
+    n_rel = n_relevant.to(torch.float64)
+    hits = rel.sum(1)
+    if bool((hits > n_rel).any()):
+        # docarray's recall_at_k refuses this too: relevance and max_rel disagree
+        raise ValueError("more relevant results retrieved than n_relevant allows")
+    found = hits > 0
+    cumulative = rel.cumsum(1)
+    # an empty list scores 0 (docarray's precision_at_k returns 0.0 for it)
+    precision = hits / returned if returned else torch.zeros_like(hits)
+    recall = hits / n_rel
+    f1_denominator = precision + recall
+    f1 = torch.where(f1_denominator > 0, 2 * precision * recall / f1_denominator.clamp(min=1e-300), 0.0)
+    first = torch.argmax(rel, dim=1).to(torch.float64) + 1.0 if returned else torch.ones_like(hits)
+    # docarray's "method 0" weights: 1 for ranks 1 and 2, then 1 / log2(rank)
+    discounts = 1.0 / torch.log2(positions.clamp(min=2.0))
+    dcg = (rel * discounts).sum(1)
+    # the returned list sorted by relevance puts its h relevant results first
+    before_hits = (hits.long() - 1).clamp(min=0).unsqueeze(1)
+    sorted_dcg = discounts.cumsum(0).expand_as(rel).gather(1, before_hits).squeeze(1) if returned else hits
+    relevant_in_first_h = cumulative.gather(1, before_hits).squeeze(1) if returned else hits
+    return {
+        "precision_at_k": precision,
+        "recall_at_k": recall,
+        "f1_score_at_k": f1,
+        "hit_at_k": found.to(torch.float64),
+        "average_precision": torch.where(found, (cumulative / positions * rel).sum(1) / hits.clamp(min=1), 0.0),
+        "reciprocal_rank": torch.where(found, 1.0 / first, 0.0),
+        "r_precision": torch.where(found, relevant_in_first_h / hits.clamp(min=1), 0.0),
+        "dcg_at_k": dcg,
+        "ndcg_at_k": torch.where(found, dcg / sorted_dcg.clamp(min=1e-300), 0.0),
+    }
+
+
 def similarity(queries: torch.Tensor, index: torch.Tensor, distance: str) -> torch.Tensor:
     """Scores where higher is better: cosine similarity or negative (squared) euclidean distance."""
     if distance == "cosine":
@@ -75,18 +140,23 @@ def similarity(queries: torch.Tensor, index: torch.Tensor, distance: str) -> tor
 
 
 def retrieval_metrics(query_emb: torch.Tensor, index_emb: torch.Tensor, relevant: Sequence[Sequence[int]],
-                      k: int = 20, distance: str = "cosine", chunk_size: int = 256) -> dict[str, float]:
+                      k: int = 20, distance: str = "cosine", chunk_size: int = 256,
+                      finetuner_prefix: str = "clip-text-to-clip-vision_") -> dict[str, float]:
     """Average retrieval metrics of text queries over an image index, query chunk by query chunk.
 
     ``relevant[q]`` lists the index positions relevant to query q; queries with none are skipped and
-    reported as ``skipped_queries``.
+    reported as ``skipped_queries``. Both families of the module docstring: the standard one under plain
+    names, Finetuner's under ``finetuner_prefix`` + name (Finetuner's own key names by default).
     """
     if len(relevant) != query_emb.shape[0]:
         raise ValueError("one relevance list per query is needed")
+    if not finetuner_prefix:
+        raise ValueError("finetuner_prefix must not be empty: both families have a precision_at_k, dcg_at_k, ...")
     n_index = index_emb.shape[0]
     keep = [q for q, ids in enumerate(relevant) if len(ids) > 0]
     m = min(k, n_index)
     sums = dict.fromkeys(PER_QUERY_METRICS, 0.0)
+    finetuner_sums = dict.fromkeys(FINETUNER_METRICS, 0.0)
     recall_hits = dict.fromkeys(RECALL_KS, 0.0)
     ranks: list[torch.Tensor] = []
     index_emb = index_emb.float()
@@ -100,6 +170,8 @@ def retrieval_metrics(query_emb: torch.Tensor, index_emb: torch.Tensor, relevant
         top_rel = mask.gather(1, order)
         for name, values in rank_metrics(top_rel[:, :m], mask.sum(1), k).items():
             sums[name] += float(values.sum())
+        for name, values in docarray_v1_rank_metrics(top_rel[:, :m], mask.sum(1), k).items():
+            finetuner_sums[name] += float(values.sum())
         for r in RECALL_KS:
             recall_hits[r] += float(top_rel[:, :r].any(1).sum())
         best_relevant = scores.masked_fill(~mask, -math.inf).max(1, keepdim=True).values
@@ -112,6 +184,7 @@ def retrieval_metrics(query_emb: torch.Tensor, index_emb: torch.Tensor, relevant
     out["median_rank"] = float(all_ranks.median())
     out["queries"] = float(len(keep))
     out["skipped_queries"] = float(len(relevant) - len(keep))
+    out.update({f"{finetuner_prefix}{name}": total / count for name, total in finetuner_sums.items()})
     return out
 
 
