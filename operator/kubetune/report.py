@@ -28,6 +28,7 @@ from typing import Any
 from .errors import ArtifactMissing
 from .models import artifact_root
 
+CURVE_METRICS = ("R@1", "R@5", "reciprocal_rank", "image_to_text_R@1")
 KEY_METRICS = ("R@1", "R@5", "R@10", "reciprocal_rank", "ndcg_at_k", "average_precision", "precision_at_k",
                "recall_at_k", "hit_at_k", "mean_rank", "median_rank")
 LOWER_IS_BETTER = {"mean_rank", "median_rank"}
@@ -136,16 +137,16 @@ def compute(artifact: str | os.PathLike[str], queries: list[str] | None = None, 
         a_text, a_image = rank(text_tower, export.load_tokenizer(root / "clip-text"), vision_tower,
                                export.load_image_transform(root / "clip-vision"), all_texts)
 
-        recomputed = evaluate.retrieval_metrics(b_text, b_image, task.relevant, k=limit,
-                                                distance=spec.callbacks.evaluation.distance)
+        recomputed = evaluate.both_directions(b_text, b_image, task, k=limit,
+                                              distance=spec.callbacks.evaluation.distance)
         saved_before = metrics.get("before") or {}
         if saved_before and abs(recomputed.get("R@5", 0.0) - saved_before.get("R@5", 0.0)) > 1e-3:
             notes.append("The starting model rebuilt for this page ranks differently from the run's own "
                          f"evaluation (R@5 {recomputed['R@5']:.3f} here vs {saved_before['R@5']:.3f} in the run): "
                          "the 'before' pictures are indicative only.")
         if not metrics.get("after"):
-            metrics["after"] = evaluate.retrieval_metrics(a_text, a_image, task.relevant, k=limit,
-                                                          distance=spec.callbacks.evaluation.distance)
+            metrics["after"] = evaluate.both_directions(a_text, a_image, task, k=limit,
+                                                        distance=spec.callbacks.evaluation.distance)
             metrics.setdefault("before", recomputed)
 
         # sample queries: the user's, else distinct query texts spread over the set
@@ -176,7 +177,7 @@ def compute(artifact: str | os.PathLike[str], queries: list[str] | None = None, 
         for j in used:
             thumbnails[j] = _thumbnail(images[j])
 
-    curves, metric_curves = _curves(root, metadata)
+    curves, metric_curves = _curves(root, metadata, metrics)
     run = metadata.get("run", {})
     training = metadata.get("training", {})
     info = {
@@ -191,8 +192,10 @@ def compute(artifact: str | os.PathLike[str], queries: list[str] | None = None, 
                       thumbnails=thumbnails, curves=curves, metric_curves=metric_curves, notes=notes, info=info)
 
 
-def _curves(root: Path, metadata: dict[str, Any]) -> tuple[dict[str, list[tuple[float, float]]],
-                                                           dict[str, list[tuple[float, float]]]]:
+Curves = dict[str, list[tuple[float, float]]]
+
+
+def _curves(root: Path, metadata: dict[str, Any], metrics: dict[str, Any]) -> tuple[Curves, Curves]:
     curves: dict[str, list[tuple[float, float]]] = {}
     metric_curves: dict[str, list[tuple[float, float]]] = {}
     events_path = root.parent / "events.jsonl"
@@ -208,9 +211,17 @@ def _curves(root: Path, metadata: dict[str, Any]) -> tuple[dict[str, list[tuple[
                 curves.setdefault("train loss (step)", []).append((event.step, event.loss))
             elif event.type == "evaluation" and event.metrics:
                 x = 0.0 if event.stage == "before" else float(event.epoch or 0)
-                for name in ("R@1", "R@5", "reciprocal_rank"):
+                for name in CURVE_METRICS:
                     if name in event.metrics:
                         metric_curves.setdefault(name, []).append((x, event.metrics[name]))
+    if not metric_curves:  # no local event log: the artifact keeps every evaluation (before, epochs, after)
+        stages: list[tuple[float, dict[str, Any]]] = [(0.0, metrics.get("before") or {})]
+        stages += [(float(e.get("epoch", 0)), e) for e in metrics.get("epochs") or []]
+        stages.append((float(metadata.get("training", {}).get("epochs_completed", 0)), metrics.get("after") or {}))
+        for x, values in stages:
+            for name in CURVE_METRICS:
+                if isinstance(values.get(name), (int, float)):
+                    metric_curves.setdefault(name, []).append((x, float(values[name])))
     history = metadata.get("training", {}).get("history", [])
     for name in ("train_loss", "val_loss"):
         points = [(float(h["step"]), float(h[name])) for h in history if h.get(name) is not None]

@@ -188,6 +188,24 @@ def retrieval_metrics(query_emb: torch.Tensor, index_emb: torch.Tensor, relevant
     return out
 
 
+IMAGE_TO_TEXT_PREFIX = "image_to_text_"
+FINETUNER_TEXT_TO_IMAGE = "clip-text-to-clip-vision_"
+FINETUNER_IMAGE_TO_TEXT = "clip-vision-to-clip-text_"
+
+
+def both_directions(text_emb: torch.Tensor, image_emb: torch.Tensor, task: RetrievalTask, k: int = 20,
+                    distance: str = "cosine") -> dict[str, float]:
+    """Text→image metrics under their plain (and Finetuner's) names, image→text ones prefixed: each index image
+    queries the query texts, and the texts relevant to it are those it is relevant to."""
+    out = retrieval_metrics(text_emb, image_emb, task.relevant, k=k, distance=distance,
+                            finetuner_prefix=FINETUNER_TEXT_TO_IMAGE)
+    reverse = retrieval_metrics(image_emb, text_emb, task.relevant_texts(), k=k, distance=distance,
+                                finetuner_prefix=FINETUNER_IMAGE_TO_TEXT)
+    out.update({name if name.startswith(FINETUNER_IMAGE_TO_TEXT) else IMAGE_TO_TEXT_PREFIX + name: value
+                for name, value in reverse.items()})
+    return out
+
+
 @dataclass(frozen=True)
 class RetrievalTask:
     """Query texts, the unique index images, and which index images each query should find."""
@@ -211,4 +229,12 @@ class RetrievalTask:
                 ids.add(position[key])
             relevant.append(sorted(ids))
         return cls([t for t, _ in queries], list(position), relevant)
+
+    def relevant_texts(self) -> list[list[int]]:
+        """For each index image, the query texts it is relevant to (the transpose of ``relevant``)."""
+        out: list[list[int]] = [[] for _ in self.index_keys]
+        for query, images in enumerate(self.relevant):
+            for image in images:
+                out[image].append(query)
+        return out
 

@@ -477,9 +477,10 @@ class _Evaluator:
         images = make_loader(ImageDataset(self.images, self.bundle.preprocess_val), 0, False, batch_size=batch)
         image_emb = loop.encode(net.encode_image, iter(images), device, precision)  # type: ignore[arg-type]
         net.train(was_training)
-        metrics = evaluate.retrieval_metrics(text_emb, image_emb, self.task.relevant, k=self.spec.limit,
-                                             distance=self.spec.distance)
+        metrics = evaluate.both_directions(text_emb, image_emb, self.task, k=self.spec.limit,
+                                           distance=self.spec.distance)
         self.trainer.emit("evaluation", stage=stage, epoch=epoch, metrics=metrics)
         self.trainer.info("evaluation (%s, %.1fs): %s", stage, time.perf_counter() - started,
-                          ", ".join(f"{k}={metrics[k]:.4f}" for k in ("R@1", "R@5", "reciprocal_rank", "ndcg_at_k")))
+                          ", ".join(f"{k}={metrics[k]:.4f}" for k in ("R@1", "R@5", "reciprocal_rank", "ndcg_at_k",
+                                                                      "image_to_text_R@1")))
         return metrics

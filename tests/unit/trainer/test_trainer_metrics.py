@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from kubetune_trainer.evaluate import RetrievalTask, rank_metrics, retrieval_metrics, similarity
+from kubetune_trainer.evaluate import RetrievalTask, both_directions, rank_metrics, retrieval_metrics, similarity
 from torchmetrics.functional import retrieval as tm
 
 pytestmark = pytest.mark.unit
@@ -102,3 +102,21 @@ def test_retrieval_task_relevance_by_image_or_same_text() -> None:
     assert task.relevant == [[0, 1], [2], []]
     metrics = retrieval_metrics(torch.randn(3, 4), torch.randn(3, 4), task.relevant, k=2)
     assert metrics["queries"] == 2 and metrics["skipped_queries"] == 1
+
+
+def test_image_to_text_ranks_the_query_texts_for_each_index_image() -> None:
+    # two captions of image a, one of image b; image c has no caption among the queries
+    task = RetrievalTask.build([("a one", "a"), ("a two", "a"), ("b one", "b")],
+                               [("a one", "a"), ("b one", "b"), ("c one", "c")])
+    assert task.relevant_texts() == [[0, 1], [2], []]
+    texts = torch.tensor([[1.0, 0.0, 0.0], [0.9, 0.1, 0.0], [0.0, 0.0, 1.0]])
+    # image a is closest to its own captions; image b is closer to a's second caption than to its own
+    images = torch.tensor([[1.0, 0.05, 0.0], [0.8, 0.2, 0.1], [0.0, 1.0, 0.0]])
+    metrics = both_directions(texts, images, task, k=3)
+    assert metrics["R@1"] == 1.0  # every caption's best image is its own
+    reverse = retrieval_metrics(images, texts, task.relevant_texts(), k=3, finetuner_prefix="clip-vision-to-clip-text_")
+    assert metrics["image_to_text_R@1"] == reverse["R@1"] == pytest.approx(1 / 2)
+    assert metrics["image_to_text_skipped_queries"] == 1.0 and metrics["image_to_text_queries"] == 2.0
+    assert metrics["clip-vision-to-clip-text_hit_at_k"] == reverse["clip-vision-to-clip-text_hit_at_k"]
+    assert "clip-text-to-clip-vision_precision_at_k" in metrics
+    assert not any(k.startswith("image_to_text_clip") for k in metrics)
