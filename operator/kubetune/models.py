@@ -220,10 +220,33 @@ def _encode_batch(model: Model, chunk: Sequence[Any]) -> Any:
     else:
         batch = torch.stack([model.preprocess(_open_image(item)) for item in chunk])
     if model.is_onnx:
-        session = model.module
-        return session.run(None, {session.get_inputs()[0].name: batch.numpy()})[0]
+        return _run_onnx(model, batch)
     with torch.no_grad():
         return model.module(batch.to(model.device)).float().cpu().numpy()
+
+
+def _run_onnx(model: Model, batch: Any) -> Any:
+    """Run an ONNX tower on a preprocessed batch, fed as the graph declares its inputs (names and dtypes).
+
+    Text graphs take clip-as-service's int32 ``input_ids`` + ``attention_mask``; feeding by the declared
+    inputs also runs artifacts whose text graph takes int64 ``input_ids`` alone.
+    """
+    from kubetune_trainer import export
+
+    session = model.module
+    if model.kind == TEXT:
+        values = export.text_feed(batch, export.pad_token_id(model.preprocess))
+    else:
+        values = {"pixel_values": batch}
+    feed = {}
+    for graph_input in session.get_inputs():
+        dtype = export.ORT_DTYPES.get(graph_input.type)
+        if graph_input.name not in values or dtype is None:
+            raise ArtifactCorrupt(f"{model.artifact / model.kind}: the ONNX graph takes {graph_input.name} "
+                                  f"({graph_input.type}), which kubetune does not feed",
+                                  "re-export the artifact with this kubetune version")
+        feed[graph_input.name] = values[graph_input.name].numpy().astype(dtype)
+    return session.run(None, feed)[0]
 
 
 # ---------------------------------------------------------------------------------------------- catalogue

@@ -7,28 +7,33 @@
       clip-text/model.safetensors    text-tower weights only (no visual.* key)
       clip-text/config.json          {"model_name", "embed_dim", "text_cfg", "quick_gelu", "custom_text"}
       clip-text/preprocessing.json   tokenizer: kind, context length, HF tokenizer name
-      clip-text/textual.onnx         (export.onnx) input_ids [batch, context_length] → normalised embeddings
+      clip-text/textual.onnx         (export.onnx) input_ids, attention_mask int32 [batch, length] → embeddings
       clip-vision/model.safetensors  image-tower weights only
       clip-vision/config.json        {"model_name", "embed_dim", "vision_cfg", "quick_gelu"}
       clip-vision/preprocessing.json image size, mean, std, interpolation, resize mode
-      clip-vision/visual.onnx        (export.onnx) pixel_values [batch, 3, H, W] → normalised embeddings
+      clip-vision/visual.onnx        (export.onnx) pixel_values float32 [batch, 3, H, W] → embeddings
 
 The artifact event's ``sha256`` is the sha256 of ``manifest.json``, which in turn pins every other file.
-``textual.onnx`` / ``visual.onnx`` are the file names clip-as-service's ONNX runtime loads from one model
-directory: putting the two side by side gives its layout. ``metadata.json["onnx"]`` records each file's input
-and output names, opset and the verified max |torch − onnxruntime|.
+The ONNX towers follow clip-as-service's ONNX runtime (``clip_server.executors.clip_onnx``): its
+``model_path`` is a directory holding ``textual.onnx`` and ``visual.onnx`` side by side
+(:func:`clip_as_service_dir` makes one from an artifact), it feeds the text graph int32 ``input_ids`` and
+``attention_mask`` and the vision graph float32 ``pixel_values``, and it returns each graph's single output as
+the embedding, unnormalised (cosine ranking is unaffected). ``metadata.json["onnx"]`` records each file's inputs
+(name, dtype, shape), output, opset and the verified difference from torch.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 FORMAT = "kubetune-artifact/v1"
@@ -212,59 +217,129 @@ def load_artifact_state_dict(root: str | Path) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------------------------ ONNX
-ONNX_OPSET = 18
-ONNX_INPUTS = {TEXT_DIR: "input_ids", VISION_DIR: "pixel_values"}
+# The contract is clip-as-service's ONNX runtime (clip_server 0.8.3 = jina-ai/clip-as-service@0341057):
+# model/clip_onnx.py loads <model_path>/textual.onnx and <model_path>/visual.onnx and returns each session's
+# single output unchanged; executors/helper.py feeds the text graph int32 input_ids + attention_mask
+# [batch, length] and the vision graph float32 pixel_values [batch, 3, n_px, n_px]. Its onnx extra pins
+# onnxruntime(-gpu) <= 1.13.1, which reads opset <= 17 and IR version <= 8.
+ONNX_OPSET = 17
+ONNX_MAX_IR_VERSION = 8
 ONNX_OUTPUT = "embeddings"
+# onnxruntime's type strings → numpy dtype names
+ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int32)": "int32",
+              "tensor(int64)": "int64"}
 
 
-class _Normalized(nn.Module):
-    """A tower followed by L2 normalisation: what ``encode_text`` / ``encode_image(normalize=True)`` return."""
+def _kept(unused: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A zero that depends on ``unused``: adding it keeps that input in the exported graph.
+
+    The TorchScript exporter drops inputs nothing reads, and onnxruntime rejects a feed that names an input the
+    graph lacks; clip-as-service feeds ``attention_mask`` to every text graph.
+    """
+    return (unused.sum() * 0).to(like.dtype)
+
+
+class _TextGraph(nn.Module):
+    """The text tower behind clip-as-service's text inputs: int32 ``input_ids`` and ``attention_mask``.
+
+    The mask is accepted and not used. open_clip's ``TextTransformer`` needs none: its attention is causal and
+    it pools at the EOT token, so the padding after EOT never reaches the embedding. ``HFTextEncoder`` derives
+    its mask from the ids (``input_ids != pad_token_id``), which is the mask a Hugging Face tokenizer returns
+    for a right-padded batch; it keeps doing so here, so the graph computes what the tower computed in training
+    (taking the fed mask instead would mean re-implementing the encoder's forward and pooling).
+    """
 
     def __init__(self, tower: nn.Module) -> None:
         super().__init__()
         self.tower = tower
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.tower(x), dim=-1)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        embeddings = self.tower(input_ids.long())  # embedding tables index with int64
+        return embeddings + _kept(attention_mask, embeddings)
+
+
+class _VisionGraph(nn.Module):
+    """The image tower behind clip-as-service's image input: float32 ``pixel_values``."""
+
+    def __init__(self, tower: nn.Module) -> None:
+        super().__init__()
+        self.tower = tower
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.tower(pixel_values)
 
 
 class _Encode(nn.Module):
-    """``model.encode_text`` or ``model.encode_image`` with ``normalize=True`` (the reference for verification)."""
+    """The trained model's ``encode_text`` / ``encode_image`` on a graph's feed: the reference for verification."""
 
     def __init__(self, model: nn.Module, text: bool) -> None:
         super().__init__()
         self.model = model
         self.text = text
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        encode = self.model.encode_text if self.text else self.model.encode_image
-        return encode(x, normalize=True)  # type: ignore[operator]
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        if self.text:
+            return self.model.encode_text(inputs[0].long())  # type: ignore[operator]
+        return self.model.encode_image(inputs[0])  # type: ignore[operator]
 
 
-def onnx_examples(model: nn.Module, preprocess_cfg: Mapping[str, Any], context_length: int,
-                  batch: int = 2) -> dict[str, torch.Tensor]:
-    """Example inputs per tower: random token ids (static length ``context_length``) and random pixels."""
+def attention_mask(input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """int32, 1 up to and including each row's last non-pad token and 0 after: what clip-as-service feeds.
+
+    By position rather than ``input_ids != pad_id``: open_clip's BPE tokenizer pads with 0, which is also a
+    real token ("!").
+    """
+    positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
+    last = torch.where(input_ids != pad_id, positions, -1).amax(dim=-1, keepdim=True)
+    return (positions <= last).to(torch.int32)
+
+
+def text_feed(input_ids: torch.Tensor, pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """The text graph's inputs for a batch of token ids, with clip-as-service's names and dtypes."""
+    return {"input_ids": input_ids.to(torch.int32), "attention_mask": attention_mask(input_ids, pad_id)}
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id a tokenizer pads with: a wrapped Hugging Face tokenizer's own, else 0 (open_clip's BPE)."""
+    pad = getattr(getattr(tokenizer, "tokenizer", None), "pad_token_id", None)
+    return int(pad) if pad is not None else 0
+
+
+def onnx_examples(model: nn.Module, preprocess_cfg: Mapping[str, Any], context_length: int, batch: int = 2,
+                  length: int | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """Example feeds per tower: random token ids with padded tails (``length``, by default ``context_length``,
+    tokens) and random pixels, named and typed as each graph takes them."""
     size = preprocess_cfg.get("size", 224)
     height, width = (size, size) if isinstance(size, int) else tuple(size)
+    length = length or context_length
     generator = torch.Generator().manual_seed(0)
     text_module = getattr(model, "text", model)
     vocab = int(getattr(text_module, "vocab_size", 0) or getattr(model, "vocab_size", 0) or 1000)
     pad = int(getattr(getattr(text_module, "config", None), "pad_token_id", None) or 0)
-    tokens = torch.randint(1, max(2, vocab - 1), (batch, context_length), generator=generator)
+    tokens = torch.randint(1, max(2, vocab - 1), (batch, length), generator=generator)
     tokens[tokens == pad] = pad + 1 if pad + 1 < vocab else max(pad - 1, 0)
-    tokens[:, -(context_length // 3):] = pad  # padded tails, as real tokenised captions have
-    return {TEXT_DIR: tokens, VISION_DIR: torch.randn(batch, 3, height, width, generator=generator)}
+    tokens[:, -(length // 3):] = pad  # padded tails, as real tokenised captions have
+    return {TEXT_DIR: text_feed(tokens, pad),
+            VISION_DIR: {"pixel_values": torch.randn(batch, 3, height, width, generator=generator)}}
+
+
+def _hf_text_tower(tower_dir: Path) -> bool:
+    return bool(json.loads((tower_dir / "config.json").read_text()).get("text_cfg", {}).get("hf_model_name"))
 
 
 def export_onnx(root: Path, model: nn.Module, preprocess_cfg: Mapping[str, Any], context_length: int,
                 opset: int = ONNX_OPSET) -> dict[str, dict[str, Any]]:
     """Export each tower, built from the artifact's own files, to ONNX and verify it with onnxruntime.
 
-    ``clip-text/textual.onnx`` maps ``input_ids`` (int64, [batch, context_length]: the length is static) and
-    ``clip-vision/visual.onnx`` maps ``pixel_values`` (float32, [batch, 3, H, W]) to L2-normalised
-    ``embeddings``; the batch axis is dynamic. Each file is checked against the trained model's own
-    ``encode_text`` / ``encode_image(normalize=True)`` on a batch size other than the export's, so both the
-    tower split and the export are verified (|Δ| ≤ 1e-4, else :class:`ExportError`).
+    ``clip-text/textual.onnx`` takes ``input_ids`` and ``attention_mask`` (int32, [batch, context_length]) and
+    ``clip-vision/visual.onnx`` takes ``pixel_values`` (float32, [batch, 3, H, W]); each has the one output
+    ``embeddings`` (float32, [batch, embed_dim]), not normalised, as open_clip's ``encode_text`` /
+    ``encode_image`` and clip-as-service's torch runtime return them. The batch axis is dynamic; the text
+    length is static for open_clip text towers (their causal mask and positions are built for exactly
+    ``context_length`` tokens) and dynamic for Hugging Face ones (clip-as-service pads Hugging Face tokenised
+    text to the batch's longest). Each file is checked against the trained model's own ``encode_*`` on a batch
+    size other than the export's (and another length where it is dynamic), so both the tower split and the
+    export are verified (:func:`verify_onnx`, else :class:`ExportError`).
     """
     was_training = model.training
     model.eval()
@@ -277,38 +352,104 @@ def export_onnx(root: Path, model: nn.Module, preprocess_cfg: Mapping[str, Any],
         examples = onnx_examples(model, preprocess_cfg, context_length)
         checks = onnx_examples(model, preprocess_cfg, context_length, batch=3)
         for tower_name, file_name in ((TEXT_DIR, ONNX_TEXT), (VISION_DIR, ONNX_VISION)):
-            tower = _Normalized(load_tower(root / tower_name)).float().eval()
+            text = tower_name == TEXT_DIR
+            tower = load_tower(root / tower_name).float().eval()
+            graph: nn.Module = (_TextGraph(tower) if text else _VisionGraph(tower)).eval()
+            dynamic_length = text and _hf_text_tower(root / tower_name)
             path = root / tower_name / file_name
-            name = ONNX_INPUTS[tower_name]
-            with torch.no_grad():
-                torch.onnx.export(tower, (examples[tower_name],), str(path), input_names=[name],
-                                  output_names=[ONNX_OUTPUT],
-                                  dynamic_axes={name: {0: "batch_size"}, ONNX_OUTPUT: {0: "batch_size"}},
-                                  opset_version=opset, dynamo=False)
-            reference: nn.Module = _Encode(model, text=tower_name == TEXT_DIR).eval()
-            if reference_dtype != torch.float32:  # bf16 weights: compare with the fp32 tower instead
-                reference = tower
-            worst = verify_onnx(reference, path, checks[tower_name])
-            report[tower_name] = {"file": f"{tower_name}/{file_name}", "input": name, "output": ONNX_OUTPUT,
-                                  "opset": opset, "max_abs_diff": worst, "tolerance": ONNX_TOLERANCE}
+            _export_graph(graph, examples[tower_name], path, opset, dynamic_length)
+            # bf16 weights: compare with the fp32 tower instead
+            reference = _Encode(model, text).eval() if reference_dtype == torch.float32 else graph
+            feeds = [checks[tower_name]]
+            if dynamic_length:
+                short = max(4, context_length // 2)
+                feeds.append(onnx_examples(model, preprocess_cfg, context_length, batch=3, length=short)[tower_name])
+            session = _session(path)
+            diffs = [_verify(session, reference, feed, path.name) for feed in feeds]
+            report[tower_name] = {"file": f"{tower_name}/{file_name}", "inputs": onnx_inputs(session),
+                                  "output": ONNX_OUTPUT, "normalized": False, "opset": opset,
+                                  "max_abs_diff": max(d[0] for d in diffs), "max_rel_diff": max(d[1] for d in diffs),
+                                  "tolerance": ONNX_TOLERANCE}
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
         model.train(was_training)
     return report
 
 
-def verify_onnx(module: nn.Module, path: Path, example: torch.Tensor) -> float:
-    """Max |torch − onnxruntime| on ``example``; raises ExportError above the tolerance."""
+def _export_graph(graph: nn.Module, feed: Mapping[str, torch.Tensor], path: Path, opset: int,
+                  dynamic_length: bool) -> None:
+    axes: dict[str, dict[int, str]] = {name: {0: "batch_size"} for name in feed}
+    if dynamic_length:
+        for name in feed:
+            axes[name][1] = "sequence_length"
+    axes[ONNX_OUTPUT] = {0: "batch_size"}
+    with torch.no_grad():
+        torch.onnx.export(graph, tuple(feed.values()), str(path), input_names=list(feed),
+                          output_names=[ONNX_OUTPUT], dynamic_axes=axes, opset_version=opset, dynamo=False)
+
+
+def _session(path: Path) -> Any:
     import onnxruntime
 
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def onnx_inputs(session: Any) -> dict[str, dict[str, Any]]:
+    """The graph's inputs as the file declares them: {name: {"dtype": "int32", "shape": ["batch_size", 77]}}."""
+    return {i.name: {"dtype": ORT_DTYPES.get(i.type, i.type), "shape": list(i.shape)} for i in session.get_inputs()}
+
+
+def verify_onnx(module: nn.Module, path: Path, feed: Mapping[str, torch.Tensor]) -> float:
+    """Max |torch − onnxruntime| relative to each embedding's norm, on ``feed`` (the graph's inputs by name).
+
+    ``module`` takes the feed's tensors in order. Raises :class:`ExportError` when the graph's inputs are not
+    the feed's names and dtypes, when it has other than one output, or above the tolerance.
+    """
+    return _verify(_session(path), module, feed, path.name)[1]
+
+
+def _verify(session: Any, module: nn.Module, feed: Mapping[str, torch.Tensor], name: str) -> tuple[float, float]:
+    """(max absolute, max norm-relative) difference between ``module`` and the onnxruntime ``session``.
+
+    The tolerance applies to the relative one, |Δ| / ‖torch row‖: the outputs are not normalised, and what a
+    consumer compares (cosine, ranks) depends on the error against the embedding's length, not its raw size.
+    """
+    declared = {i.name: ORT_DTYPES.get(i.type, i.type) for i in session.get_inputs()}
+    given = {key: str(value.numpy().dtype) for key, value in feed.items()}
+    if declared != given:
+        raise ExportError(f"{name}: the graph takes {declared}, the feed is {given}")
+    if len(session.get_outputs()) != 1:  # clip-as-service unpacks exactly one output
+        raise ExportError(f"{name}: {len(session.get_outputs())} outputs, expected 1")
     device = next(module.parameters()).device
     with torch.no_grad():
-        expected = module(example.to(device)).float().cpu().numpy()
-    got = session.run(None, {session.get_inputs()[0].name: example.numpy()})[0]
+        expected = module(*(value.to(device) for value in feed.values())).float().cpu().numpy()
+    (got,) = session.run(None, {key: value.numpy() for key, value in feed.items()})
     if got.shape != expected.shape:
-        raise ExportError(f"{path.name}: onnxruntime output shape {got.shape} != torch {expected.shape}")
-    worst = float(abs(expected - got).max())
-    if not worst <= ONNX_TOLERANCE:
-        raise ExportError(f"{path.name}: onnxruntime differs from torch by {worst:.2e} > {ONNX_TOLERANCE}")
-    return worst
+        raise ExportError(f"{name}: onnxruntime output shape {got.shape} != torch {expected.shape}")
+    delta = abs(expected - got)
+    norms = np.maximum(np.linalg.norm(expected, axis=-1, keepdims=True), 1e-12)
+    worst, relative = float(delta.max()), float((delta / norms).max())
+    if not relative <= ONNX_TOLERANCE:
+        raise ExportError(f"{name}: onnxruntime differs from torch by {relative:.2e} of the embedding norm "
+                          f"> {ONNX_TOLERANCE}")
+    return worst, relative
+
+
+def clip_as_service_dir(root: str | Path, dest: str | Path) -> Path:
+    """``dest`` as a clip-as-service ``model_path``: the artifact's ``textual.onnx`` and ``visual.onnx`` side by side.
+
+    Hard links where the file system allows (the files can be gigabytes), copies otherwise.
+    """
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for tower, file_name in ((TEXT_DIR, ONNX_TEXT), (VISION_DIR, ONNX_VISION)):
+        source = Path(root) / tower / file_name
+        if not source.is_file():
+            raise ExportError(f"{source}: missing; export the artifact with ONNX (spec.export.onnx: true)")
+        target = dest / file_name
+        target.unlink(missing_ok=True)
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copyfile(source, target)
+    return dest

@@ -1,8 +1,10 @@
 """ONNX export in a full tiny run: ``spec.export.onnx: true`` → per-tower ONNX files verified with onnxruntime.
 
-The trainer checks its own export (|Δ| ≤ 1e-4 against the trained model); these tests check it again,
-independently: onnxruntime on real tokenised captions and real preprocessed images, against open_clip's
-``encode_text`` / ``encode_image(normalize=True)`` of a model rebuilt from the artifact's weights.
+The trainer checks its own export (|Δ| ≤ 1e-4 of the embedding norm against the trained model); these tests
+check it again, independently: onnxruntime on real tokenised captions and real preprocessed images, fed as
+clip-as-service feeds them (int32 ``input_ids`` + ``attention_mask``, float32 ``pixel_values``), against
+open_clip's ``encode_text`` / ``encode_image`` (unnormalised) of a model rebuilt from the artifact's weights.
+clip-as-service's own contract is tested in ``test_trainer_onnx_clip_as_service.py``.
 """
 
 from __future__ import annotations
@@ -58,8 +60,14 @@ def test_run_writes_both_onnx_files_in_the_manifest(onnx_run: dict[str, Any]) ->
     (event,) = of_type(onnx_run["events"], "artifact")
     assert event.files == len(manifest) + 1
     report = json.loads((artifact / "metadata.json").read_text())["onnx"]
-    assert report["clip-text"]["input"] == "input_ids" and report["clip-vision"]["input"] == "pixel_values"
-    assert all(0 <= r["max_abs_diff"] <= export.ONNX_TOLERANCE and r["opset"] == 18 for r in report.values())
+    length, size = TINY_CONFIG["text_cfg"]["context_length"], TINY_CONFIG["vision_cfg"]["image_size"]
+    assert report["clip-text"]["inputs"] == {"input_ids": {"dtype": "int32", "shape": ["batch_size", length]},
+                                             "attention_mask": {"dtype": "int32", "shape": ["batch_size", length]}}
+    assert report["clip-vision"]["inputs"] == {"pixel_values": {"dtype": "float32",
+                                                                "shape": ["batch_size", 3, size, size]}}
+    for tower in report.values():
+        assert tower["output"] == "embeddings" and tower["normalized"] is False and tower["opset"] == 17
+        assert 0 <= tower["max_rel_diff"] <= export.ONNX_TOLERANCE and tower["max_abs_diff"] >= 0
 
 
 def test_onnx_matches_open_clip_on_real_captions_and_images(onnx_run: dict[str, Any],
@@ -74,17 +82,20 @@ def test_onnx_matches_open_clip_on_real_captions_and_images(onnx_run: dict[str, 
     pixels = torch.stack([transform(Image.open(synthetic_data["eval"].parent / image.strip()).convert("RGB"))
                           for _, image in rows])
     with torch.no_grad():
-        want_text = model.encode_text(tokens, normalize=True).numpy()
-        want_image = model.encode_image(pixels, normalize=True).numpy()
+        want_text = model.encode_text(tokens).numpy()
+        want_image = model.encode_image(pixels).numpy()
     text = ort.InferenceSession(str(artifact / "clip-text" / "textual.onnx"), providers=["CPUExecutionProvider"])
     vision = ort.InferenceSession(str(artifact / "clip-vision" / "visual.onnx"),
                                   providers=["CPUExecutionProvider"])
-    (got_text,) = text.run(None, {"input_ids": tokens.numpy()})
+    feed = export.text_feed(tokens, export.pad_token_id(tokenizer))
+    assert feed["input_ids"].dtype == torch.int32 and feed["attention_mask"].dtype == torch.int32
+    (got_text,) = text.run(None, {name: value.numpy() for name, value in feed.items()})
     (got_image,) = vision.run(None, {"pixel_values": pixels.numpy()})
     assert got_text.shape == (5, TINY_CONFIG["embed_dim"]) and got_image.shape == (5, TINY_CONFIG["embed_dim"])
     assert np.abs(got_text - want_text).max() <= 1e-4
     assert np.abs(got_image - want_image).max() <= 1e-4
-    assert np.allclose(np.linalg.norm(got_text, axis=-1), 1.0, atol=1e-5)
+    # unnormalised, as open_clip's encode_* and clip-as-service's torch runtime return embeddings
+    assert not np.allclose(np.linalg.norm(got_text, axis=-1), 1.0, atol=1e-3)
     # the text input length is static: the exported graph is for exactly context_length tokens
     assert text.get_inputs()[0].shape[1] == TINY_CONFIG["text_cfg"]["context_length"]
 
@@ -93,10 +104,22 @@ def test_verify_onnx_rejects_a_file_that_does_not_match(onnx_run: dict[str, Any]
     assert onnx_run["code"] == 0, onnx_run["raw"][-3000:]
     artifact: Path = onnx_run["artifact"]
     tower = export.load_tower(artifact / "clip-vision")
-    pixels = torch.randn(2, 3, 32, 32)
-    assert export.verify_onnx(export._Normalized(tower).eval(), artifact / "clip-vision" / "visual.onnx",
+    pixels = {"pixel_values": torch.randn(2, 3, 32, 32)}
+    assert export.verify_onnx(export._VisionGraph(tower).eval(), artifact / "clip-vision" / "visual.onnx",
                               pixels) <= export.ONNX_TOLERANCE
     with torch.no_grad():
         tower.proj.add_(torch.randn_like(tower.proj))  # a different model: the ONNX file no longer matches it
     with pytest.raises(export.ExportError, match="differs from torch"):
-        export.verify_onnx(export._Normalized(tower).eval(), artifact / "clip-vision" / "visual.onnx", pixels)
+        export.verify_onnx(export._VisionGraph(tower).eval(), artifact / "clip-vision" / "visual.onnx", pixels)
+
+
+def test_verify_onnx_rejects_a_feed_of_other_dtypes(onnx_run: dict[str, Any]) -> None:
+    assert onnx_run["code"] == 0, onnx_run["raw"][-3000:]
+    artifact: Path = onnx_run["artifact"]
+    graph = export._TextGraph(export.load_tower(artifact / "clip-text")).eval()
+    tokens = export.load_tokenizer(artifact / "clip-text")(["a red circle"])
+    feed = export.text_feed(tokens)
+    assert export.verify_onnx(graph, artifact / "clip-text" / "textual.onnx", feed) <= export.ONNX_TOLERANCE
+    int64 = {name: value.long() for name, value in feed.items()}  # what the graph would take without the casts
+    with pytest.raises(export.ExportError, match="the graph takes"):
+        export.verify_onnx(graph, artifact / "clip-text" / "textual.onnx", int64)
