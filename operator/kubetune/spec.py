@@ -157,6 +157,11 @@ class TrainingSpec(_Model):
         "Stop after this many optimizer steps (for smoke tests); default: epochs × steps per epoch."))] = None
     num_workers: Annotated[int, Field(ge=0, le=64, description="Data-loading worker processes.")] = 2
     grad_clip_norm: Annotated[float | None, Field(gt=0.0, description="Clip gradients to this norm.")] = None
+    collective_timeout_seconds: Annotated[int, Field(ge=5, le=86400, description=(
+        "Several processes: how long one waits for the others inside a training step before the attempt fails "
+        "(a hung or lost rank). Rank 0's solo phases (evaluation, validation, checkpoint upload, export) are not "
+        "bound by it: the other ranks wait for those up to max(this, 1800 s + output.retrySeconds + 0.1 s per "
+        "evaluation and validation item)."))] = 600
 
 
 class EvaluationSpec(_Model):

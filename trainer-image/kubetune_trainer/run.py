@@ -113,6 +113,7 @@ class Trainer:
         self.work.mkdir(parents=True, exist_ok=True)
         self.store = store or run_store(self.spec.output, cfg.namespace, cfg.name, cfg.output_dir)
         self.fetcher = Fetcher(cfg.work_dir / "cache", self.spec.output)
+        self.phases = distributed.SoloPhases(self.dist)  # replaced by one with its own timeout once data is known
         self.started_at = time.time()
 
     # ---------------------------------------------------------------------------------------------- events
@@ -126,7 +127,7 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------- run
     def run(self) -> Result:
-        distributed.init(self.dist, self.device)
+        distributed.init(self.dist, self.device, self.spec.training.collective_timeout_seconds)
         self.store.check()  # a wrong bucket fails now, not at the first checkpoint
         finished = checkpoint.latest_info(self.store)
         if finished and finished.get("finished") and self.store.exists(f"{ARTIFACT}/manifest.json"):
@@ -146,6 +147,9 @@ class Trainer:
         data = load_datasets(spec.data, self.fetcher, spec.training.seed, on_progress=self.info)
         self.info("data: %s", ", ".join(f"{s.name}={len(s)}" for s in
                                         (data.train, data.val, data.query, data.index) if s is not None))
+        eval_items = sum(len(s) for s in (data.val, data.query, data.index) if s is not None)
+        self.phases = distributed.SoloPhases.create(self.dist, distributed.solo_phase_seconds(
+            spec.training.collective_timeout_seconds, spec.output.retry_seconds, eval_items))
         if spec.training.lock_image:
             model.lock_image_tower()  # type: ignore[operator]
         if spec.training.lock_text:
@@ -204,7 +208,7 @@ class Trainer:
                   train_pairs=len(data.train), skipped_rows=data.skipped() or None)
         evaluator = _Evaluator(self, bundle, data)
         if not state.before and evaluator.enabled and spec.callbacks.evaluation.enabled:
-            state.before = evaluator.retrieval(model, "before", 0)
+            state.before = self.phases.run(lambda: evaluator.retrieval(model, "before", 0)) or {}
 
         # ------------------------------------------------------------------------------------ epochs
         progress = _Progress(self, total_steps, micro * accum * self.dist.world_size)
@@ -271,11 +275,14 @@ class Trainer:
             alpha = spec.callbacks.wise_ft.alpha
             model.load_state_dict(wise_ft(start_weights, model.state_dict(), alpha))
             self.info("WiSE-FT: interpolated with the starting weights, alpha=%.3f", alpha)
-        after = evaluator.retrieval(model, "after", state.epoch) if (
-            evaluator.enabled and spec.callbacks.evaluation.enabled) else {}
-        result = self._export(model, bundle, state, after, resumed_from)
-        distributed.barrier(self.dist)
-        return result
+
+        def finish() -> Result:
+            after = evaluator.retrieval(model, "after", state.epoch) if (
+                evaluator.enabled and spec.callbacks.evaluation.enabled) else {}
+            return self._export(model, bundle, state, after, resumed_from)
+
+        result = self.phases.run(finish)
+        return result if result is not None else Result("", "", 0, {}, state.step, resumed_from)
 
     # ---------------------------------------------------------------------------------------------- pieces
     def _monitors(self, state: LoopState) -> dict[str, Monitor]:
@@ -297,7 +304,8 @@ class Trainer:
         metrics: dict[str, float] = {}
         if state.loss_count:
             metrics["train_loss"] = state.loss_sum / state.loss_count
-        if self.dist.is_main:
+
+        def evaluate_on_main() -> None:
             if evaluator.val is not None:
                 metrics["val_loss"] = evaluator.val_loss(model, eval_loss_fn)
             every = spec.callbacks.evaluation.every_epochs
@@ -312,12 +320,20 @@ class Trainer:
                       step=state.step, train_loss=metrics.get("train_loss"), val_loss=metrics.get("val_loss"))
             self.info("epoch %d/%d: %s", epoch + 1, spec.training.epochs,
                       ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k in ("train_loss", "val_loss")))
+
+        self.phases.run(evaluate_on_main)
         state.history.append({"epoch": epoch + 1, "step": state.step, **{
             k: v for k, v in metrics.items() if k in ("train_loss", "val_loss")}})
         best = monitors.get("best_model")
-        if best is not None and best.update(metrics, epoch + 1) and self.dist.is_main:
-            checkpoint.save_weights(self.store, self.work, checkpoint.BEST,
-                                    {k: v.detach().cpu() for k, v in model.state_dict().items()})
+        improved = best is not None and best.update(metrics, epoch + 1)
+
+        def save_best() -> None:
+            if improved:
+                checkpoint.save_weights(self.store, self.work, checkpoint.BEST,
+                                        {k: v.detach().cpu() for k, v in model.state_dict().items()})
+
+        if best is not None:  # a phase on every rank, whether or not this rank saw the improvement
+            self.phases.run(save_best)
         early = monitors.get("early_stopping")
         stop = False
         if early is not None and early.update(metrics, epoch + 1) is False:
@@ -388,17 +404,18 @@ class _Saver:
     master: loop.MasterWeights | None
 
     def __call__(self, state: LoopState) -> None:
+        self.trainer.phases.run(lambda: self._save(state))
+
+    def _save(self, state: LoopState) -> None:
         trainer = self.trainer
-        if trainer.dist.is_main:
-            payload = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                       "scaler": self.scaler.state_dict() if self.scaler is not None else {},
-                       "master": self.master.state_dict() if self.master is not None else [],
-                       "rng": determinism.rng_state(), "loop": state.to_dict()}
-            uri = checkpoint.save(trainer.store, trainer.work, payload, state.step, state.epoch)
-            epoch = min(state.epoch + 1, trainer.spec.training.epochs)  # the final checkpoint is past the last epoch
-            trainer.emit("checkpoint", uri=uri, step=state.step, epoch=epoch)
-            trainer.info("checkpoint: %s", uri)
-        distributed.barrier(trainer.dist)
+        payload = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                   "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+                   "master": self.master.state_dict() if self.master is not None else [],
+                   "rng": determinism.rng_state(), "loop": state.to_dict()}
+        uri = checkpoint.save(trainer.store, trainer.work, payload, state.step, state.epoch)
+        epoch = min(state.epoch + 1, trainer.spec.training.epochs)  # the final checkpoint is past the last epoch
+        trainer.emit("checkpoint", uri=uri, step=state.step, epoch=epoch)
+        trainer.info("checkpoint: %s", uri)
 
 
 class _Progress:
