@@ -102,8 +102,13 @@ def get_model(artifact: str | os.PathLike[str], select_model: str = TEXT, is_onn
     config = json.loads(config_path.read_text())
     _require("open_clip", "trainer", "loading a model")  # tokenizer and transforms come from open_clip
     from kubetune_trainer import export
+    from kubetune_trainer.tokenization import TokenizerUnavailable
 
-    preprocess = export.load_tokenizer(tower) if select_model == TEXT else export.load_image_transform(tower)
+    try:
+        preprocess = export.load_tokenizer(tower) if select_model == TEXT else export.load_image_transform(tower)
+    except TokenizerUnavailable as exc:  # an artifact written before tokenizers were copied into it
+        raise ArtifactCorrupt(f"{tower}: {exc}", "re-export it with this kubetune version, which copies the "
+                              "tokenizer into the artifact") from None
     if is_onnx:
         path = tower / ONNX_FILES[select_model]
         if not path.is_file():

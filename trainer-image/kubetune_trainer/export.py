@@ -7,6 +7,7 @@
       clip-text/model.safetensors    text-tower weights only (no visual.* key)
       clip-text/config.json          {"model_name", "embed_dim", "text_cfg", "quick_gelu", "custom_text"}
       clip-text/preprocessing.json   tokenizer: kind, context length, HF tokenizer name
+      clip-text/hf/                  (Hugging Face text towers) the encoder's config and the tokenizer's files
       clip-text/textual.onnx         (export.onnx) input_ids, attention_mask int32 [batch, length] → embeddings
       clip-vision/model.safetensors  image-tower weights only
       clip-vision/config.json        {"model_name", "embed_dim", "vision_cfg", "quick_gelu"}
@@ -14,6 +15,9 @@
       clip-vision/visual.onnx        (export.onnx) pixel_values float32 [batch, 3, H, W] → embeddings
 
 The artifact event's ``sha256`` is the sha256 of ``manifest.json``, which in turn pins every other file.
+Each tower directory loads on its own, offline, wherever it is copied: a Hugging Face text tower's
+``hf_model_name`` and ``hf_tokenizer_name`` name its own ``hf/`` directory (relative to the tower), never the
+hub or a path of the machine that trained it.
 The ONNX towers follow clip-as-service's ONNX runtime (``clip_server.executors.clip_onnx``): its
 ``model_path`` is a directory holding ``textual.onnx`` and ``visual.onnx`` side by side
 (:func:`clip_as_service_dir` makes one from an artifact), it feeds the text graph int32 ``input_ids`` and
@@ -35,6 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from .tokenization import make_tokenizer, tokenizer_info
 
 FORMAT = "kubetune-artifact/v1"
 TEXT_DIR = "clip-text"
@@ -112,21 +118,40 @@ def _json(path: Path, payload: Any) -> None:
     path.write_text(json.dumps(payload, indent=1, sort_keys=True, default=str) + "\n")
 
 
-def tokenizer_info(config: Mapping[str, Any], context_length: int) -> dict[str, Any]:
-    text_cfg = config.get("text_cfg", {})
+HF_DIR = "hf"  # inside clip-text/: the Hugging Face encoder config and tokenizer files
+
+
+def _save_hf_files(text_dir: Path, model: nn.Module, tokenizer: Any, text_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Write a Hugging Face text tower's encoder config and tokenizer files into ``text_dir/hf`` (from the
+    objects in memory: no download) and return ``text_cfg`` pointing at that directory."""
+    text_cfg = dict(text_cfg)
+    encoder = getattr(getattr(model, "text", None), "transformer", None)
+    if text_cfg.get("hf_model_name") and encoder is not None:
+        encoder.config.save_pretrained(_mkdir(text_dir / HF_DIR))
+        text_cfg["hf_model_name"] = HF_DIR
     if text_cfg.get("hf_tokenizer_name"):
-        return {"kind": "hf", "hf_tokenizer_name": text_cfg["hf_tokenizer_name"], "context_length": context_length,
-                **({"tokenizer_kwargs": text_cfg["tokenizer_kwargs"]} if text_cfg.get("tokenizer_kwargs") else {})}
-    return {"kind": "open_clip", "context_length": context_length}
+        hf_tokenizer = getattr(tokenizer, "tokenizer", None)
+        if hf_tokenizer is None:
+            raise ExportError("the model has a Hugging Face tokenizer but none was given to write into the artifact")
+        hf_tokenizer.save_pretrained(_mkdir(text_dir / HF_DIR))
+        text_cfg["hf_tokenizer_name"] = HF_DIR
+    return text_cfg
+
+
+def _local(tower_dir: Path, name: str) -> str:
+    """An ``hf_*_name`` of an artifact: its own directory when it names one, else (older artifacts) as written."""
+    return str(tower_dir / name) if name and (tower_dir / name).is_dir() else name
 
 
 def write_artifact(root: Path, model: nn.Module, model_name: str, config: Mapping[str, Any],
                    preprocess_cfg: Mapping[str, Any], metrics: Mapping[str, Any], metadata: Mapping[str, Any],
-                   onnx: bool = False, context_length: int | None = None) -> tuple[str, int, int]:
+                   onnx: bool = False, context_length: int | None = None,
+                   tokenizer: Any = None) -> tuple[str, int, int]:
     """Write the artifact directory; returns (manifest sha256, total size, file count).
 
     ``context_length`` is the tokenizer's (what training used); by default the model's. They differ for Hugging
     Face text towers, where open_clip's ``model.context_length`` is the encoder's ``max_position_embeddings``.
+    ``tokenizer`` (the one training used) is needed for a Hugging Face tokenizer, whose files are copied in.
     """
     from safetensors.torch import save_file
 
@@ -137,9 +162,10 @@ def write_artifact(root: Path, model: nn.Module, model_name: str, config: Mappin
     save_file(text, str(_mkdir(root / TEXT_DIR) / WEIGHTS), metadata={"format": FORMAT, "tower": "text"})
     save_file(vision, str(_mkdir(root / VISION_DIR) / WEIGHTS), metadata={"format": FORMAT, "tower": "vision"})
     common = {"model_name": model_name, "embed_dim": config["embed_dim"], "quick_gelu": config.get("quick_gelu", False)}
-    _json(root / TEXT_DIR / "config.json", {**common, "text_cfg": config["text_cfg"], "custom_text": custom_text})
+    text_cfg = _save_hf_files(root / TEXT_DIR, model, tokenizer, config["text_cfg"])
+    _json(root / TEXT_DIR / "config.json", {**common, "text_cfg": text_cfg, "custom_text": custom_text})
     _json(root / VISION_DIR / "config.json", {**common, "vision_cfg": config["vision_cfg"]})
-    _json(root / TEXT_DIR / "preprocessing.json", tokenizer_info(config, context_length))
+    _json(root / TEXT_DIR / "preprocessing.json", tokenizer_info({"text_cfg": text_cfg}, context_length))
     _json(root / VISION_DIR / "preprocessing.json", dict(preprocess_cfg))
     _json(root / "metrics.json", dict(metrics))
     scalars = {k: v.float().flatten().tolist() for k, v in rest.items()}
@@ -170,6 +196,7 @@ def load_tower(tower_dir: str | Path, device: str | torch.device = "cpu") -> nn.
         text_cfg = dict(config["text_cfg"])
         if text_cfg.get("hf_model_name"):  # the weights come from this directory: no hub download of the base
             text_cfg["hf_model_pretrained"] = False
+            text_cfg["hf_model_name"] = _local(tower_dir, text_cfg["hf_model_name"])
         module = _build_text_tower(config["embed_dim"], text_cfg, config.get("quick_gelu", False))
     elif "vision_cfg" in config:
         module = _build_vision_tower(config["embed_dim"], config["vision_cfg"], config.get("quick_gelu", False))
@@ -181,13 +208,11 @@ def load_tower(tower_dir: str | Path, device: str | torch.device = "cpu") -> nn.
 
 
 def load_tokenizer(text_dir: str | Path) -> Callable[..., torch.Tensor]:
-    from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
-
+    """The tokenizer training used, from the tower's ``preprocessing.json`` (and its ``hf/`` files)."""
     info = json.loads((Path(text_dir) / "preprocessing.json").read_text())
     if info.get("kind") == "hf":
-        return HFTokenizer(info["hf_tokenizer_name"], context_length=info["context_length"],
-                           **info.get("tokenizer_kwargs", {}))
-    return SimpleTokenizer(context_length=info["context_length"])
+        info["hf_tokenizer_name"] = _local(Path(text_dir), str(info["hf_tokenizer_name"]))
+    return make_tokenizer(info)
 
 
 def load_image_transform(vision_dir: str | Path) -> Callable[[Any], torch.Tensor]:

@@ -96,10 +96,11 @@ def build(spec: ModelSpec, device: torch.device, precision: str, work_dir: Path,
     if spec.config is not None:
         register_config(spec.name, spec.config, work_dir / "model-configs")
     config = model_config(spec.name)
+    pretrained_text = hf_text_weights(spec, config, has_weights=weights_path is not None)
     try:
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
             spec.name, pretrained=spec.pretrained, precision=precision_for_weights(precision), device=device,
-            output_dict=True, weights_only=True, pretrained_text=False, cache_dir=str(work_dir / "hub"))
+            output_dict=True, weights_only=True, pretrained_text=pretrained_text, cache_dir=str(work_dir / "hub"))
     except RuntimeError as exc:
         if "pretrained" in str(exc).lower() or "unknown" in str(exc).lower():
             raise ModelError(f"cannot create {spec.name} (pretrained={spec.pretrained}): {exc}") from None
@@ -113,6 +114,27 @@ def build(spec: ModelSpec, device: torch.device, precision: str, work_dir: Path,
     preprocess_cfg = dict(getattr(model.visual, "preprocess_cfg", {}))
     return ModelBundle(model=model, preprocess_train=preprocess_train, preprocess_val=preprocess_val,
                        tokenizer=tokenizer, name=spec.name, config=config, preprocess_cfg=preprocess_cfg)
+
+
+def hf_text_weights(spec: ModelSpec, config: dict[str, Any], has_weights: bool) -> bool:
+    """Whether a Hugging Face text tower starts from its Hugging Face weights.
+
+    Only a question when no CLIP weights (a pretrained tag or ``weights``) will fill it: then the config must say
+    (``text_cfg.hf_model_pretrained``), because the alternative, a randomly initialised text encoder, trains
+    without complaint and retrieves nothing.
+    """
+    text_cfg = config.get("text_cfg", {})
+    name = text_cfg.get("hf_model_name")
+    if not name or spec.pretrained or has_weights:
+        return False
+    asked = text_cfg.get("hf_model_pretrained")
+    if asked is None:
+        raise ModelError(
+            f"spec.model: the text tower of {spec.name} is the Hugging Face model {name} and no CLIP weights are "
+            f"given (spec.model.pretrained or weights), so it would start from a random init: set "
+            f"text_cfg.hf_model_pretrained in spec.model.config to true to start from {name}'s own weights, or to "
+            f"false for a random init")
+    return bool(asked)
 
 
 def add_sigmoid_bias(model: nn.Module) -> bool:

@@ -368,7 +368,7 @@ class Trainer:
         }
         sha, size, files = export.write_artifact(root, model, bundle.name, bundle.config, bundle.preprocess_cfg,
                                                  metrics, metadata, onnx=self.spec.export.onnx,
-                                                 context_length=bundle.context_length)
+                                                 context_length=bundle.context_length, tokenizer=bundle.tokenizer)
         for stale in self.store.list(ARTIFACT):
             self.store.delete(stale)
         # everything but the manifest first: a present manifest.json means a complete artifact

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,8 @@ def build_hf_text_dirs(root: Path, captions: list[str]) -> tuple[Path, Path]:
 def hf_config(tokenizer_dir: Path, model_dir: Path) -> dict[str, Any]:
     return {"embed_dim": TINY_CONFIG["embed_dim"], "vision_cfg": dict(TINY_CONFIG["vision_cfg"]),
             "text_cfg": {"hf_model_name": str(model_dir), "hf_tokenizer_name": str(tokenizer_dir),
-                         "hf_pooler_type": "mean_pooler", "hf_proj_type": "mlp", "context_length": CONTEXT}}
+                         "hf_pooler_type": "mean_pooler", "hf_proj_type": "mlp", "context_length": CONTEXT,
+                         "hf_model_pretrained": True}}
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +97,10 @@ def test_artifact_text_tower_is_the_hf_encoder_alone(hf_run: dict[str, Any]) -> 
     text_config = json.loads((artifact / "clip-text" / "config.json").read_text())
     assert text_config["custom_text"] is True
     preprocessing = json.loads((artifact / "clip-text" / "preprocessing.json").read_text())
-    assert preprocessing == {"kind": "hf", "hf_tokenizer_name": str(hf_run["tokenizer_dir"]),
-                             "context_length": CONTEXT}
+    # the tokenizer and encoder config travel inside the tower: nothing names the training machine's paths
+    assert preprocessing == {"kind": "hf", "hf_tokenizer_name": "hf", "context_length": CONTEXT}
+    assert text_config["text_cfg"]["hf_model_name"] == "hf"
+    assert (artifact / "clip-text" / "hf" / "config.json").is_file()
     from safetensors.torch import load_file
 
     keys = set(load_file(str(artifact / "clip-text" / "model.safetensors")))
@@ -117,3 +121,51 @@ def test_hf_text_tower_exports_to_onnx(hf_run: dict[str, Any]) -> None:
     assert report["clip-text"]["max_abs_diff"] <= export.ONNX_TOLERANCE
     assert export.verify_manifest(artifact) == []
 
+
+
+MOVED_ENCODE = """
+import json, sys
+import kubetune
+model = kubetune.get_model(sys.argv[1], select_model="clip-text")
+print(json.dumps(kubetune.encode(model, json.loads(sys.argv[2])).tolist()))
+"""
+
+
+def test_hf_artifact_moved_to_a_machine_without_network_or_sources_encodes_identically(
+        hf_run: dict[str, Any], tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    import kubetune
+
+    assert hf_run["code"] == 0, hf_run["raw"][-3000:]
+    texts = ["a red circle on a white background", "a blue square", "ein gelbes Dreieck"]
+    here = kubetune.encode(kubetune.get_model(hf_run["artifact"], select_model="clip-text"), texts)
+    moved = tmp_path / "elsewhere" / "model"
+    shutil.copytree(hf_run["artifact"], moved)
+    sources = [hf_run["tokenizer_dir"], hf_run["tokenizer_dir"].parent / "tiny-xlm-roberta"]
+    hidden = [p.rename(p.with_name(p.name + ".hidden")) for p in sources]  # as on a machine that never had them
+    try:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
+               "HF_ENDPOINT": "http://127.0.0.1:9"}  # an empty cache; a hub request would fail
+        proc = subprocess.run([sys.executable, "-c", MOVED_ENCODE, str(moved), json.dumps(texts)], env=env,
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    finally:
+        for path, original in zip(hidden, sources, strict=True):
+            path.rename(original)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    there = torch.tensor(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert there.shape == (3, TINY_CONFIG["embed_dim"])
+    assert (there - torch.as_tensor(here)).abs().max() <= 1e-6
+
+
+def test_hf_text_tower_without_clip_weights_must_say_how_to_start(tmp_path: Path,
+                                                                  synthetic_data: dict[str, Path]) -> None:
+    from kubetune.spec import ModelSpec
+    from kubetune_trainer.model import ModelError, build
+
+    config = hf_config(tmp_path / "tok", tmp_path / "enc")
+    del config["text_cfg"]["hf_model_pretrained"]
+    with pytest.raises(ModelError, match=r"hf_model_pretrained .* to true .* or to false for a random init"):
+        build(ModelSpec(name="kt-tiny-xlmr-unsaid", config=config), torch.device("cpu"), "fp32", tmp_path)

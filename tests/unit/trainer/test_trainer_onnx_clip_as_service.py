@@ -316,8 +316,9 @@ def test_hf_text_tower_takes_clip_servers_padded_to_longest_feed(tmp_path: Path,
     torch.manual_seed(0)
     model = open_clip.model.CustomTextCLIP(config["embed_dim"], config["vision_cfg"], config["text_cfg"]).eval()
     root = tmp_path / "artifact"
+    tokenizer = open_clip.tokenizer.HFTokenizer(str(tokenizer_dir), context_length=CONTEXT)
     export.write_artifact(root, model, "kt-tiny-hf-cas", config, dataclasses.asdict(PreprocessCfg(size=32)),
-                          metrics={}, metadata={}, onnx=True)
+                          metrics={}, metadata={}, onnx=True, tokenizer=tokenizer)
     session = cas_session(root / "clip-text" / "textual.onnx")
     assert [(i.name, i.type, i.shape) for i in session.get_inputs()] == [
         ("input_ids", "tensor(int32)", ["batch_size", "sequence_length"]),
