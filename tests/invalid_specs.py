@@ -242,6 +242,11 @@ def cross_cases() -> st.SearchStrategy[Case]:
         st.integers(1, 50).map(lambda p: Case(
             "cross", "spec.callbacks.earlyStopping.monitor", "val_loss without validation",
             with_(callbacks={"earlyStopping": {"monitor": "val_loss", "patience": p}}))),
+        st.lists(st.floats(0.0, 1.0, allow_nan=False), min_size=2, max_size=21).map(lambda sweep: Case(
+            "cross", "spec.callbacks.wiseFt.sweep", "a WiSE-FT sweep without evaluation data",
+            with_(callbacks={"wiseFt": {"sweep": sweep}}))),
+        _uri.map(lambda u: Case("cross", "spec.data.reference", "a reference set without a sweep",
+                                with_(data={"train": "s3://d/t.csv", "reference": u}))),
         st.from_regex(r"\A[a-z]{1,8}:[a-z0-9]{1,8}\Z").map(lambda cred: Case(
             "cross", "spec.output.endpoint", "credentials in the endpoint",
             with_(output={"endpoint": f"http://{cred}@minio:9000"}))),

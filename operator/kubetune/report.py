@@ -52,6 +52,8 @@ class ReportData:
     curves: dict[str, list[tuple[float, float]]]  # name → (x, y)
     metric_curves: dict[str, list[tuple[float, float]]]
     notes: list[str] = field(default_factory=list)
+    frontier: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # WiSE-FT: metric by α
+    frontier_title: str = ""
     info: dict[str, str] = field(default_factory=dict)
 
 
@@ -188,11 +190,27 @@ def compute(artifact: str | os.PathLike[str], queries: list[str] | None = None, 
         "evaluation": f"{len(task.query_texts)} queries over {len(images)} images, top {limit}",
         "created": str(metadata.get("created", "")),
     }
+    frontier, frontier_title = wise_ft_frontier(metrics)
     return ReportData(title=f"kubetune report: {run.get('name', root.name)}", metrics=metrics, queries=results,
-                      thumbnails=thumbnails, curves=curves, metric_curves=metric_curves, notes=notes, info=info)
+                      thumbnails=thumbnails, curves=curves, metric_curves=metric_curves, notes=notes, info=info,
+                      frontier=frontier, frontier_title=frontier_title)
 
 
 Curves = dict[str, list[tuple[float, float]]]
+
+
+def wise_ft_frontier(metrics: dict[str, Any]) -> tuple[Curves, str]:
+    """The WiSE-FT sweep of metrics.json as curves by α (target, reference) and a title naming the chosen α."""
+    sweep = metrics.get("wise_ft") or {}
+    name = sweep.get("metric", "")
+    curves: Curves = {}
+    for key, label in (("target", f"{name} target"), ("reference", f"{name} reference")):
+        points = [(float(p["alpha"]), float(p[key])) for p in sweep.get("frontier") or []
+                  if isinstance(p.get(key), (int, float))]
+        if points:
+            curves[label] = points
+    title = f"WiSE-FT frontier (α = {sweep['alpha']:g} chosen)" if curves and "alpha" in sweep else ""
+    return curves, title
 
 
 def _curves(root: Path, metadata: dict[str, Any], metrics: dict[str, Any]) -> tuple[Curves, Curves]:
@@ -340,7 +358,8 @@ def render(data: ReportData) -> str:
         out.append("</div>")
 
     charts = [svg_chart(data.curves, "Loss", "optimizer step"),
-              svg_chart(data.metric_curves, "Retrieval during training", "epoch (0 = before)")]
+              svg_chart(data.metric_curves, "Retrieval during training", "epoch (0 = before)"),
+              svg_chart(data.frontier, data.frontier_title, "α (0 = starting model, 1 = fine-tuned)")]
     charts = [c for c in charts if c]
     if charts:
         out.append('<h2>Curves</h2><div class="charts">' + "".join(charts) + "</div>")

@@ -17,7 +17,7 @@ from typing import Any
 from .errors import ConfigInvalid
 from .spec import API_VERSION, KIND, FinetuneRunSpec
 
-DATA_FIELDS = ("train", "eval", "query", "index")
+DATA_FIELDS = ("train", "eval", "query", "index", "reference")
 REMOTE_PREFIXES = ("s3://", "http://", "https://")
 
 

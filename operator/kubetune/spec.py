@@ -129,6 +129,9 @@ class DataSpec(_Model):
         "CSV column holding the image URI (s3://, http(s)://, file path relative to the CSV)."))] = "image"
     skip_bad_rows: Annotated[bool, Field(description=(
         "Skip and count rows whose image is missing or unreadable instead of failing the run."))] = False
+    reference: Annotated[str | None, Field(max_length=2048, description=(
+        "Pairs of a domain the model must not forget (e.g. general-purpose captions), same formats as train: "
+        "the WiSE-FT sweep measures retrieval on it (its texts query its images)."))] = None
 
 
 class TrainingSpec(_Model):
@@ -189,7 +192,17 @@ class EarlyStoppingSpec(_Model):
 
 class WiseFtSpec(_Model):
     alpha: Annotated[float, Field(ge=0.0, le=1.0, description=(
-        "WiSE-FT weight: θ = (1−α)·θ_start + α·θ_finetuned, on floating tensors only."))] = 0.4
+        "WiSE-FT weight: θ = (1−α)·θ_start + α·θ_finetuned, on floating tensors only. Ignored with `sweep`."))] = 0.4
+    sweep: Annotated[list[Annotated[float, Field(ge=0.0, le=1.0)]] | None, Field(
+        min_length=2, max_length=21, description=(
+            "Evaluate these α (e.g. [0, 0.25, 0.5, 0.75, 1]) on the evaluation queries (the target) and on "
+            "data.reference, and build the artifact at the α the rule picks: the highest target `metric` among "
+            "those keeping at least `keepReference` × the starting model's reference metric (without a reference "
+            "set: the highest target metric). α = 0 is always evaluated as the baseline."))] = None
+    metric: Annotated[str, Field(min_length=1, max_length=100, description=(
+        "Retrieval metric the sweep's rule compares, higher is better (e.g. R@5, ndcg_at_k)."))] = "R@5"
+    keep_reference: Annotated[float, Field(ge=0.0, le=1.0, description=(
+        "Fraction of the starting model's reference metric the chosen α must keep."))] = 0.95
 
 
 class CallbacksSpec(_Model):
@@ -310,6 +323,11 @@ def cross_field_errors(spec: FinetuneRunSpec) -> list[tuple[str, str]]:
     for path, callback in monitors:
         if callback is not None and callback.monitor == "val_loss" and not has_validation:
             errors.append((path, "val_loss needs eval data or valSplit > 0"))
+    wise_ft = spec.callbacks.wise_ft
+    if wise_ft is not None and wise_ft.sweep is not None and not (spec.data.query or has_validation):
+        errors.append(("spec.callbacks.wiseFt.sweep", "the sweep needs evaluation data: query, eval or valSplit"))
+    if spec.data.reference and (wise_ft is None or wise_ft.sweep is None):
+        errors.append(("spec.data.reference", "the reference set is evaluated by callbacks.wiseFt.sweep: set one"))
     if spec.output.endpoint and re.match(r"^https?://[^/]*@", spec.output.endpoint):
         errors.append(("spec.output.endpoint", "credentials must not be in the endpoint URL; use credentialsSecret"))
     return errors
@@ -366,6 +384,11 @@ class Metrics(_Model):
         "Retrieval metrics before fine-tuning."))] = {}
     after: Annotated[dict[str, float], Field(max_length=MAX_METRICS, description=(
         "Retrieval metrics after fine-tuning."))] = {}
+    epochs: Annotated[list[dict[str, float]], Field(max_length=1000, description=(
+        "Key retrieval metrics of each epoch evaluated during training (callbacks.evaluation.everyEpochs)."))] = []
+    wise_ft: Annotated[dict[str, Any] | None, Field(description=(
+        "The WiSE-FT sweep: metric, keepReference, the chosen alpha and the frontier (alpha, target, reference)."),
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})] = None
 
 
 class Artifact(_Model):

@@ -95,6 +95,29 @@ def _metric_dict(metrics: Mapping[str, Any] | None) -> dict[str, float]:
     return out
 
 
+EPOCH_METRICS = ("R@1", "R@5", "R@10", "reciprocal_rank", "ndcg_at_k", "image_to_text_R@1")
+MAX_EPOCH_POINTS = 1000
+MAX_FRONTIER_POINTS = 22
+
+
+def _wise_ft_summary(event: Event) -> dict[str, Any]:
+    """status.metrics.wiseFt from the trainer's wise_ft evaluation event (its frontier bounded, numbers finite)."""
+    extra = event.model_extra or {}
+    frontier = []
+    for point in extra.get("frontier") or []:
+        if isinstance(point, Mapping):
+            frontier.append({k: v for k in ("alpha", "target", "reference")
+                             if (v := _finite(point.get(k))) is not None})
+    summary: dict[str, Any] = {"frontier": frontier[:MAX_FRONTIER_POINTS]}
+    for key, field in (("alpha", "alpha"), ("keepReference", "keep_reference")):
+        value = _finite(extra.get(field))
+        if value is not None:
+            summary[key] = value
+    if isinstance(extra.get("metric"), str):
+        summary["metric"] = clip(extra["metric"], 100)
+    return summary
+
+
 # ------------------------------------------------------------------------------------------- conditions
 def set_condition(conditions: Iterable[Mapping[str, Any]], type_: str, status: str, reason: str,
                   message: str | None, now: float) -> list[dict[str, Any]]:
@@ -265,11 +288,20 @@ class StatusFolder:
                 if value is not None:
                     self._set_metric(dst, value)
         elif kind == "evaluation":
+            metrics = dict(self.status.get("metrics") or {})
             if event.stage in {"before", "after"}:
-                metrics = dict(self.status.get("metrics") or {})
                 metrics[event.stage] = _metric_dict(event.metrics)
-                self.status["metrics"] = metrics
-                self.dirty.add("metrics")
+            elif event.stage == "epoch" and isinstance(event.epoch, int):
+                values = _metric_dict(event.metrics)
+                point = {"epoch": float(event.epoch), **{k: values[k] for k in EPOCH_METRICS if k in values}}
+                kept = [p for p in metrics.get("epochs") or [] if p.get("epoch") != point["epoch"]]
+                metrics["epochs"] = [*kept, point][-MAX_EPOCH_POINTS:]
+            elif event.stage == "wise_ft":
+                metrics["wiseFt"] = _wise_ft_summary(event)
+            else:
+                return
+            self.status["metrics"] = metrics
+            self.dirty.add("metrics")
         elif kind == "checkpoint":
             if event.uri:
                 self.status["checkpoint"] = clip(event.uri, 2048)

@@ -207,3 +207,20 @@ def test_log_cursor_skips_exactly_what_a_reconnect_replays() -> None:
     assert [cursor.accept(t) for t in [10.2, 10.5, 10.5, 10.7, 10.7, 11.0]] == [False] * 4 + [True, True]
     cursor.reopened()
     assert [cursor.accept(t) for t in [11.0, 11.0, 11.5]] == [False, True, True]
+
+
+def test_epoch_evaluations_and_the_wise_ft_frontier_fold_into_status() -> None:
+    f = st.StatusFolder()
+    for epoch, r5 in ((1, 0.4), (2, 0.6), (2, 0.65)):  # a resumed attempt re-reports epoch 2: kept once
+        f.feed_line(format_event("evaluation", stage="epoch", epoch=epoch,
+                                 metrics={"R@5": r5, "R@1": r5 / 2, "clip-text-to-clip-vision_dcg_at_k": 1.0}), 1.0)
+    frontier = [{"alpha": a, "target": t, "reference": r}
+                for a, t, r in ((0.0, 0.3, 0.8), (0.5, 0.6, 0.78), (1.0, 0.7, 0.5))]
+    f.feed_line(format_event("evaluation", stage="wise_ft", epoch=3, metrics={"alpha": 0.5, "target": 0.6},
+                             alpha=0.5, metric="R@5", keep_reference=0.95, frontier=frontier), 2.0)
+    patch, _ = f.take_patch()
+    metrics = patch["metrics"]
+    assert metrics["epochs"] == [{"epoch": 1.0, "R@5": 0.4, "R@1": 0.2}, {"epoch": 2.0, "R@5": 0.65, "R@1": 0.325}]
+    assert metrics["wiseFt"] == {"alpha": 0.5, "metric": "R@5", "keepReference": 0.95, "frontier": frontier}
+    assert "wise_ft" not in metrics and "epoch" not in metrics  # no stage-named dicts besides before/after
+    FinetuneRunStatus.model_validate({"metrics": metrics})  # the CRD's status schema takes it

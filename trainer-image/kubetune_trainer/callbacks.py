@@ -81,3 +81,29 @@ def wise_ft(start: Mapping[str, torch.Tensor], finetuned: Mapping[str, torch.Ten
         else:
             out[key] = tuned.clone()
     return out
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One α of a WiSE-FT sweep: the rule's metric on the target queries and on the reference set."""
+
+    alpha: float
+    target: float
+    reference: float | None = None
+
+
+def choose_alpha(points: list[SweepPoint], keep_reference: float) -> SweepPoint:
+    """The α a WiSE-FT sweep keeps. Pure.
+
+    ``points`` must include α = 0, the starting model. With reference figures: the highest target among the
+    points whose reference is at least ``keep_reference`` × α = 0's (α = 0 itself always qualifies); without:
+    the highest target. Ties go to the smaller α, closer to the starting model.
+    """
+    start = next((p for p in points if p.alpha == 0.0), None)
+    if start is None:
+        raise ValueError("a WiSE-FT sweep needs the starting model (alpha 0) among its points")
+    kept = points
+    if start.reference is not None:
+        floor = keep_reference * start.reference
+        kept = [p for p in points if p.reference is not None and p.reference >= floor - 1e-12]
+    return max(kept, key=lambda p: (p.target, -p.alpha))

@@ -399,9 +399,10 @@ class Datasets:
     val: PairSet | None  # for validation loss
     query: PairSet | None  # for retrieval evaluation
     index: PairSet | None
+    reference: PairSet | None = None  # the domain WiSE-FT's sweep must keep (queries and index)
 
     def skipped(self) -> dict[str, int]:
-        sets = [self.train, self.val, self.query, self.index]
+        sets = [self.train, self.val, self.query, self.index, self.reference]
         return {s.name: s.skipped for s in sets if s is not None and s.skipped}
 
 
@@ -426,4 +427,5 @@ def load_datasets(data_spec: DataSpec, fetcher: Fetcher, seed: int,
         train, val = split(train, data_spec.val_split, seed)
     query = get("query", data_spec.query) if data_spec.query else val
     index = get("index", data_spec.index) if data_spec.index else query
-    return Datasets(train=train, val=val, query=query, index=index)
+    reference = get("reference", data_spec.reference) if data_spec.reference else None
+    return Datasets(train=train, val=val, query=query, index=index, reference=reference)

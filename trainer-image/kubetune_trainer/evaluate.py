@@ -193,6 +193,14 @@ FINETUNER_TEXT_TO_IMAGE = "clip-text-to-clip-vision_"
 FINETUNER_IMAGE_TO_TEXT = "clip-vision-to-clip-text_"
 
 
+def higher_is_better() -> frozenset[str]:
+    """The names :func:`both_directions` reports whose larger values are better (not ranks nor counts)."""
+    standard = {*PER_QUERY_METRICS, *(f"R@{r}" for r in RECALL_KS)}
+    return frozenset({*standard, *(IMAGE_TO_TEXT_PREFIX + n for n in standard),
+                      *(prefix + n for prefix in (FINETUNER_TEXT_TO_IMAGE, FINETUNER_IMAGE_TO_TEXT)
+                        for n in FINETUNER_METRICS)})
+
+
 def both_directions(text_emb: torch.Tensor, image_emb: torch.Tensor, task: RetrievalTask, k: int = 20,
                     distance: str = "cosine") -> dict[str, float]:
     """Text→image metrics under their plain (and Finetuner's) names, image→text ones prefixed: each index image

@@ -7,6 +7,7 @@ Everything that talks to the outside goes through the run's :class:`kubetune.sto
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -23,8 +24,8 @@ from torch import nn
 
 from . import checkpoint, determinism, distributed, evaluate, export, loop
 from . import model as model_lib
-from .callbacks import Monitor, wise_ft
-from .config import RunConfig
+from .callbacks import Monitor, SweepPoint, choose_alpha, wise_ft
+from .config import ConfigError, RunConfig
 from .data import Datasets, Fetcher, PairSet, load_datasets
 from .events import Emitter
 from .sampling import EpochBatchSampler, ImageDataset, PairDataset, batches_per_epoch, make_loader, tokenize
@@ -133,6 +134,10 @@ class Trainer:
         if finished and finished.get("finished") and self.store.exists(f"{ARTIFACT}/manifest.json"):
             return self._already_finished(finished)
         spec = self.spec
+        wise = spec.callbacks.wise_ft
+        if wise is not None and wise.sweep is not None and wise.metric not in evaluate.higher_is_better():
+            raise ConfigError(f"spec.callbacks.wiseFt.metric: {wise.metric!r} is not a retrieval metric where higher "
+                              f"is better; one of {', '.join(sorted(evaluate.higher_is_better()))}")
         torch.manual_seed(spec.training.seed)
         weights = None
         if spec.model.weights:
@@ -146,8 +151,9 @@ class Trainer:
                          if spec.callbacks.wise_ft else None)
         data = load_datasets(spec.data, self.fetcher, spec.training.seed, on_progress=self.info)
         self.info("data: %s", ", ".join(f"{s.name}={len(s)}" for s in
-                                        (data.train, data.val, data.query, data.index) if s is not None))
-        eval_items = sum(len(s) for s in (data.val, data.query, data.index) if s is not None)
+                                        (data.train, data.val, data.query, data.index, data.reference)
+                                        if s is not None))
+        eval_items = sum(len(s) for s in (data.val, data.query, data.index, data.reference) if s is not None)
         self.phases = distributed.SoloPhases.create(self.dist, distributed.solo_phase_seconds(
             spec.training.collective_timeout_seconds, spec.output.retry_seconds, eval_items))
         if spec.training.lock_image:
@@ -271,15 +277,17 @@ class Trainer:
             best = monitors["best_model"]
             self.info("best model: epoch %s (%s = %.5g)", best.best_epoch, best.metric, best.best or math.nan)
             model.load_state_dict(checkpoint.load_weights(self.store, self.work, checkpoint.BEST))
-        if spec.callbacks.wise_ft is not None and start_weights is not None:
-            alpha = spec.callbacks.wise_ft.alpha
-            model.load_state_dict(wise_ft(start_weights, model.state_dict(), alpha))
-            self.info("WiSE-FT: interpolated with the starting weights, alpha=%.3f", alpha)
+        if wise is not None and wise.sweep is None and start_weights is not None:
+            model.load_state_dict(wise_ft(start_weights, model.state_dict(), wise.alpha))
+            self.info("WiSE-FT: interpolated with the starting weights, alpha=%.3f", wise.alpha)
 
         def finish() -> Result:
+            sweep = None
+            if wise is not None and wise.sweep is not None and start_weights is not None:
+                sweep = self._wise_ft_sweep(model, evaluator, start_weights, state.epoch)
             after = evaluator.retrieval(model, "after", state.epoch) if (
                 evaluator.enabled and spec.callbacks.evaluation.enabled) else {}
-            return self._export(model, bundle, state, after, resumed_from)
+            return self._export(model, bundle, state, after, resumed_from, sweep)
 
         result = self.phases.run(finish)
         return result if result is not None else Result("", "", 0, {}, state.step, resumed_from)
@@ -344,11 +352,42 @@ class Trainer:
                       early.metric if early else "?", early.bad_epochs if early else 0)
         state.monitors = {name: m.state_dict() for name, m in monitors.items()}
 
+    def _wise_ft_sweep(self, model: nn.Module, evaluator: _Evaluator, start: dict[str, torch.Tensor],
+                       epoch: int) -> dict[str, Any]:
+        """Evaluate the WiSE-FT α of the spec (and 0) on the target and the reference set, leave the model at the
+        α the rule chooses, and return the frontier."""
+        wise = self.spec.callbacks.wise_ft
+        assert wise is not None and wise.sweep is not None
+        tuned = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        points = []
+        for alpha in sorted({0.0, *wise.sweep}):
+            model.load_state_dict(wise_ft(start, tuned, alpha))
+            target = evaluator.retrieval(model, "wise_ft", epoch, emit=False)[wise.metric]
+            reference = (evaluator.retrieval(model, "wise_ft", epoch, on=evaluator.reference, emit=False)[wise.metric]
+                         if evaluator.reference is not None else None)
+            points.append(SweepPoint(alpha, target, reference))
+            self.info("WiSE-FT alpha %.3f: target %s %.4f%s", alpha, wise.metric, target,
+                      f", reference {reference:.4f}" if reference is not None else "")
+        chosen = choose_alpha(points, wise.keep_reference)
+        model.load_state_dict(wise_ft(start, tuned, chosen.alpha))
+        summary = {"metric": wise.metric, "keep_reference": wise.keep_reference, "alpha": chosen.alpha,
+                   "frontier": [dataclasses.asdict(p) for p in points]}
+        chosen_metrics = {"alpha": chosen.alpha, "target": chosen.target}
+        if chosen.reference is not None:
+            chosen_metrics["reference"] = chosen.reference
+        self.emit("evaluation", stage="wise_ft", epoch=epoch, metrics=chosen_metrics, **summary)
+        rule = (f"the highest target keeping {wise.keep_reference:.0%} of the reference"
+                if chosen.reference is not None else "the highest target")
+        self.info("WiSE-FT: alpha %.3f chosen (%s)", chosen.alpha, rule)
+        return summary
+
     def _export(self, model: nn.Module, bundle: model_lib.ModelBundle, state: LoopState, after: dict[str, float],
-                resumed_from: int | None) -> Result:
+                resumed_from: int | None, sweep: dict[str, Any] | None = None) -> Result:
         metrics: dict[str, Any] = {"before": state.before, "after": after}
         if state.epoch_metrics:
             metrics["epochs"] = state.epoch_metrics
+        if sweep is not None:
+            metrics["wise_ft"] = sweep
         if not self.dist.is_main:
             return Result("", "", 0, metrics, state.step, resumed_from)
         root = self.work / "artifact"
@@ -452,6 +491,20 @@ class _Progress:
         self.last_emit, self.window_start, self.window_steps = now, now, 0
 
 
+@dataclass(frozen=True)
+class _RetrievalSet:
+    """Query texts, the unique index images and which images each query should find."""
+
+    task: evaluate.RetrievalTask
+    images: list[Any]
+
+    @classmethod
+    def of(cls, query: PairSet, index: PairSet, max_queries: int | None) -> _RetrievalSet:
+        task = evaluate.RetrievalTask.build(query.keyed()[: max_queries or None], index.keyed())
+        by_key = {p.image.key: p.image for p in index.pairs}
+        return cls(task, [by_key[k] for k in task.index_keys])
+
+
 class _Evaluator:
     """Validation loss and retrieval metrics on rank 0, with the validation transforms."""
 
@@ -460,15 +513,11 @@ class _Evaluator:
         self.bundle = bundle
         self.spec = trainer.spec.callbacks.evaluation
         self.val = data.val
-        self.query: PairSet | None = data.query
-        self.index: PairSet | None = data.index
-        self.enabled = self.query is not None and self.index is not None
-        if self.enabled:
-            assert self.query is not None and self.index is not None
-            queries = self.query.keyed()[: self.spec.max_queries or None]
-            self.task = evaluate.RetrievalTask.build(queries, self.index.keyed())
-            by_key = {p.image.key: p.image for p in self.index.pairs}
-            self.images = [by_key[k] for k in self.task.index_keys]
+        self.enabled = data.query is not None and data.index is not None
+        self.target = _RetrievalSet.of(data.query, data.index, self.spec.max_queries) if (
+            data.query is not None and data.index is not None) else None
+        self.reference = _RetrievalSet.of(data.reference, data.reference, self.spec.max_queries) if (
+            data.reference is not None) else None
         self._val_cache: PairDataset | None = None
 
     def val_loss(self, model: nn.Module, loss_fn: nn.Module) -> float:
@@ -481,21 +530,27 @@ class _Evaluator:
         return loop.validation_loss(loop.unwrap(model), loss_fn, iter(loader), self.trainer.device,
                                     self.trainer.precision)
 
-    def retrieval(self, model: nn.Module, stage: str, epoch: int) -> dict[str, float]:
-        if not self.trainer.dist.is_main:  # the other ranks wait in their next collective
+    def retrieval(self, model: nn.Module, stage: str, epoch: int, on: _RetrievalSet | None = None,
+                  emit: bool = True) -> dict[str, float]:
+        """Both directions' metrics on ``on`` (default: the evaluation queries and index)."""
+        if not self.trainer.dist.is_main:  # the other ranks wait for rank 0 (see distributed.SoloPhases)
             return {}
+        target = on or self.target
+        assert target is not None
         started = time.perf_counter()
         net = loop.unwrap(model)
         was_training = net.training
         net.eval()
         device, precision, batch = self.trainer.device, self.trainer.precision, self.spec.batch_size
-        tokens = tokenize(self.bundle.tokenizer, self.task.query_texts)
+        tokens = tokenize(self.bundle.tokenizer, target.task.query_texts)
         text_emb = loop.encode(net.encode_text, list(tokens.split(batch)), device, precision)  # type: ignore[arg-type]
-        images = make_loader(ImageDataset(self.images, self.bundle.preprocess_val), 0, False, batch_size=batch)
+        images = make_loader(ImageDataset(target.images, self.bundle.preprocess_val), 0, False, batch_size=batch)
         image_emb = loop.encode(net.encode_image, iter(images), device, precision)  # type: ignore[arg-type]
         net.train(was_training)
-        metrics = evaluate.both_directions(text_emb, image_emb, self.task, k=self.spec.limit,
+        metrics = evaluate.both_directions(text_emb, image_emb, target.task, k=self.spec.limit,
                                            distance=self.spec.distance)
+        if not emit:
+            return metrics
         self.trainer.emit("evaluation", stage=stage, epoch=epoch, metrics=metrics)
         self.trainer.info("evaluation (%s, %.1fs): %s", stage, time.perf_counter() - started,
                           ", ".join(f"{k}={metrics[k]:.4f}" for k in ("R@1", "R@5", "reciprocal_rank", "ndcg_at_k",

@@ -8,7 +8,7 @@ import open_clip
 import pytest
 import torch
 from kt_trainer_helpers import TINY_CONFIG
-from kubetune_trainer.callbacks import Monitor, improved, wise_ft
+from kubetune_trainer.callbacks import Monitor, SweepPoint, choose_alpha, improved, wise_ft
 from kubetune_trainer.loop import lr_at, no_weight_decay, param_groups
 
 pytestmark = pytest.mark.unit
@@ -85,3 +85,25 @@ def test_weight_decay_excludes_gains_biases_and_logit_scale() -> None:
     assert "visual.conv1.weight" in decayed and "token_embedding.weight" in decayed
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
     assert no_weight_decay("ln_final.weight", torch.zeros(3))
+
+
+FRONTIER = [SweepPoint(0.0, 0.30, 0.80), SweepPoint(0.25, 0.50, 0.79), SweepPoint(0.5, 0.60, 0.77),
+            SweepPoint(0.75, 0.66, 0.70), SweepPoint(1.0, 0.70, 0.50)]
+
+
+@pytest.mark.parametrize(("keep", "alpha"), [
+    (0.95, 0.5),   # 0.77 >= 0.76: the highest target that keeps 95 % of the start's 0.80
+    (0.98, 0.25),  # 0.79 >= 0.784 > 0.77: only alpha 0.25 is close enough
+    (1.0, 0.0),    # nothing may be lost: the starting model
+    (0.6, 1.0),    # 0.50 >= 0.48: the fully fine-tuned model keeps enough
+    (0.0, 1.0),    # the reference does not matter
+])
+def test_wise_ft_keeps_the_best_target_that_keeps_enough_reference(keep: float, alpha: float) -> None:
+    assert choose_alpha(FRONTIER, keep).alpha == alpha
+
+
+def test_wise_ft_without_a_reference_takes_the_best_target_and_ties_go_to_the_start() -> None:
+    points = [SweepPoint(0.0, 0.3), SweepPoint(0.5, 0.7), SweepPoint(1.0, 0.7)]
+    assert choose_alpha(points, 0.95).alpha == 0.5
+    with pytest.raises(ValueError, match="alpha 0"):
+        choose_alpha(points[1:], 0.95)

@@ -111,3 +111,56 @@ def _config(root: Path) -> Path:
     path = root / "kt-tiny-wise-init.json"
     path.write_text(json.dumps(TINY_CONFIG))
     return path
+
+
+def _reworded(eval_csv: Path) -> Path:
+    """The eval images with their captions in another style ("white background, red circle"): a domain the
+    fine-tuning does not train on, standing in for what the model must not forget."""
+    import csv
+
+    with eval_csv.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        words = row["text"].removeprefix("a ").split(" on a ")
+        row["text"] = f"{words[1]}, {words[0]}" if len(words) == 2 else row["text"]
+    path = eval_csv.with_name("reference-reworded.csv")  # beside the images the relative paths name
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def test_wise_ft_sweep_reports_the_frontier_and_builds_the_chosen_alpha(tmp_path: Path,
+                                                                       synthetic_data: dict[str, Path]) -> None:
+    from kubetune_trainer.callbacks import SweepPoint, choose_alpha
+
+    reference = _reworded(synthetic_data["eval"])
+    spec = tiny_spec(str(synthetic_data["train"]),
+                     data={"train": str(synthetic_data["train"]), "eval": str(synthetic_data["eval"]),
+                           "reference": str(reference)},
+                     training={"epochs": 3, "learningRate": 2e-3},
+                     callbacks={"evaluation": {"limit": 10},
+                                "wiseFt": {"sweep": [0.25, 0.5, 0.75, 1.0], "metric": "R@5", "keepReference": 0.9}})
+    code, events, raw, out = _run(tmp_path, spec)
+    assert code == 0, raw[-3000:]
+    evaluations = {e.stage: e for e in of_type(events, "evaluation")}
+    summary = evaluations["wise_ft"].model_extra
+    frontier = summary["frontier"]
+    assert [p["alpha"] for p in frontier] == [0.0, 0.25, 0.5, 0.75, 1.0]  # α = 0 added as the baseline
+    assert all(p["reference"] is not None for p in frontier)
+    before, after = evaluations["before"].metrics, evaluations["after"].metrics
+    assert before is not None and after is not None
+    assert frontier[0]["target"] == pytest.approx(before["R@5"])  # α = 0 is the starting model itself
+    assert frontier[-1]["target"] > frontier[0]["target"] + 0.2  # fine-tuning helps the target
+    chosen = choose_alpha([SweepPoint(**p) for p in frontier], 0.9)
+    assert summary["alpha"] == chosen.alpha and summary["metric"] == "R@5"
+    assert after["R@5"] == pytest.approx(chosen.target)  # the artifact is the model at the chosen α
+    saved = json.loads((out / "artifact" / "metrics.json").read_text())["wise_ft"]
+    assert saved == {"metric": "R@5", "keep_reference": 0.9, "alpha": chosen.alpha, "frontier": frontier}
+    from kubetune.report import svg_chart, wise_ft_frontier
+
+    curves, title = wise_ft_frontier({"wise_ft": saved})
+    assert curves["R@5 target"] == [(p["alpha"], p["target"]) for p in frontier]
+    assert curves["R@5 reference"] == [(p["alpha"], p["reference"]) for p in frontier]
+    assert f"α = {chosen.alpha:g} chosen" in title and "<svg" in svg_chart(curves, title, "α")
