@@ -204,7 +204,8 @@ def wise_ft_frontier(metrics: dict[str, Any]) -> tuple[Curves, str]:
     sweep = metrics.get("wise_ft") or {}
     name = sweep.get("metric", "")
     curves: Curves = {}
-    for key, label in (("target", f"{name} target"), ("reference", f"{name} reference")):
+    for key, label in (("target", f"{name} target"), ("reference", f"{name} reference"),
+                       ("zero_shot", "zero-shot top-1")):
         points = [(float(p["alpha"]), float(p[key])) for p in sweep.get("frontier") or []
                   if isinstance(p.get(key), (int, float))]
         if points:

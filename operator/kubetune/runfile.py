@@ -17,7 +17,7 @@ from typing import Any
 from .errors import ConfigInvalid
 from .spec import API_VERSION, KIND, FinetuneRunSpec
 
-DATA_FIELDS = ("train", "eval", "query", "index", "reference")
+DATA_FIELDS = ("train", "eval", "query", "index", "reference", "zero_shot")
 REMOTE_PREFIXES = ("s3://", "http://", "https://")
 
 

@@ -132,6 +132,10 @@ class DataSpec(_Model):
     reference: Annotated[str | None, Field(max_length=2048, description=(
         "Pairs of a domain the model must not forget (e.g. general-purpose captions), same formats as train: "
         "the WiSE-FT sweep measures retrieval on it (its texts query its images)."))] = None
+    zero_shot: Annotated[str | None, Field(max_length=2048, description=(
+        "A labelled image set for zero-shot classification, same formats as train with each image's class name "
+        "in the text column: top-1/top-5 accuracy before and after fine-tuning and at every WiSE-FT α, so that "
+        "robustness beyond retrieval is measured. Prompts: callbacks.evaluation.zeroShotTemplates."))] = None
 
 
 class TrainingSpec(_Model):
@@ -169,6 +173,10 @@ class TrainingSpec(_Model):
 
 class EvaluationSpec(_Model):
     enabled: Annotated[bool, Field(description="Evaluate retrieval before and after training.")] = True
+    zero_shot_templates: Annotated[list[Annotated[str, Field(min_length=3, max_length=200, pattern=r"\{\}")]],
+                                   Field(min_length=1, max_length=64, description=(
+        "Prompt templates of zero-shot classification ({} is the class name); each class's text embedding is "
+        "the mean over its prompts, as in CLIP."))] = ["a photo of a {}."]
     limit: Annotated[int, Field(ge=1, le=1000, description="Top results ranked per query (the k of @k).")] = 20
     distance: Annotated[Distance, Field(description="Distance between embeddings.")] = Distance.COSINE
     every_epochs: Annotated[int, Field(ge=0, le=1000, description=(
@@ -326,6 +334,9 @@ def cross_field_errors(spec: FinetuneRunSpec) -> list[tuple[str, str]]:
     wise_ft = spec.callbacks.wise_ft
     if wise_ft is not None and wise_ft.sweep is not None and not (spec.data.query or has_validation):
         errors.append(("spec.callbacks.wiseFt.sweep", "the sweep needs evaluation data: query, eval or valSplit"))
+    if spec.data.zero_shot and not (spec.data.query or has_validation):
+        errors.append(("spec.data.zeroShot", "zero-shot accuracy is evaluated beside retrieval: it needs query, eval "
+                                             "or valSplit"))
     if spec.data.reference and (wise_ft is None or wise_ft.sweep is None):
         errors.append(("spec.data.reference", "the reference set is evaluated by callbacks.wiseFt.sweep: set one"))
     if spec.output.endpoint and re.match(r"^https?://[^/]*@", spec.output.endpoint):

@@ -106,7 +106,7 @@ def _wise_ft_summary(event: Event) -> dict[str, Any]:
     frontier = []
     for point in extra.get("frontier") or []:
         if isinstance(point, Mapping):
-            frontier.append({k: v for k in ("alpha", "target", "reference")
+            frontier.append({k: v for k in ("alpha", "target", "reference", "zero_shot")
                              if (v := _finite(point.get(k))) is not None})
     summary: dict[str, Any] = {"frontier": frontier[:MAX_FRONTIER_POINTS]}
     for key, field in (("alpha", "alpha"), ("keepReference", "keep_reference")):

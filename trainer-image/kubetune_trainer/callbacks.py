@@ -90,6 +90,7 @@ class SweepPoint:
     alpha: float
     target: float
     reference: float | None = None
+    zero_shot: float | None = None  # top-1 zero-shot accuracy, when a labelled set is given (not part of the rule)
 
 
 def choose_alpha(points: list[SweepPoint], keep_reference: float) -> SweepPoint:

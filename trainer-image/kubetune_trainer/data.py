@@ -400,9 +400,10 @@ class Datasets:
     query: PairSet | None  # for retrieval evaluation
     index: PairSet | None
     reference: PairSet | None = None  # the domain WiSE-FT's sweep must keep (queries and index)
+    zero_shot: PairSet | None = None  # labelled images: the text is the class name
 
     def skipped(self) -> dict[str, int]:
-        sets = [self.train, self.val, self.query, self.index, self.reference]
+        sets = [self.train, self.val, self.query, self.index, self.reference, self.zero_shot]
         return {s.name: s.skipped for s in sets if s is not None and s.skipped}
 
 
@@ -428,4 +429,5 @@ def load_datasets(data_spec: DataSpec, fetcher: Fetcher, seed: int,
     query = get("query", data_spec.query) if data_spec.query else val
     index = get("index", data_spec.index) if data_spec.index else query
     reference = get("reference", data_spec.reference) if data_spec.reference else None
-    return Datasets(train=train, val=val, query=query, index=index, reference=reference)
+    zero_shot = get("zeroShot", data_spec.zero_shot) if data_spec.zero_shot else None
+    return Datasets(train=train, val=val, query=query, index=index, reference=reference, zero_shot=zero_shot)

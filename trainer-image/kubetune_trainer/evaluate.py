@@ -193,10 +193,27 @@ FINETUNER_TEXT_TO_IMAGE = "clip-text-to-clip-vision_"
 FINETUNER_IMAGE_TO_TEXT = "clip-vision-to-clip-text_"
 
 
+ZERO_SHOT_KS = (1, 5)
+
+
+def zero_shot_accuracy(image_emb: torch.Tensor, class_emb: torch.Tensor, labels: Sequence[int]) -> dict[str, float]:
+    """Top-1/top-5 accuracy of classifying each image as its most similar class embedding (cosine), as CLIP's
+    zero-shot evaluation does; top-k is left out where there are no more than k classes."""
+    scores = F.normalize(image_emb.float(), dim=-1) @ F.normalize(class_emb.float(), dim=-1).T
+    truth = torch.as_tensor(list(labels), dtype=torch.long).unsqueeze(1)
+    out = {}
+    for k in ZERO_SHOT_KS:
+        if k == 1 or k < class_emb.shape[0]:
+            top = scores.topk(k, dim=1).indices
+            out[f"zero_shot_top{k}"] = float((top == truth).any(1).float().mean()) if len(labels) else math.nan
+    return out
+
+
 def higher_is_better() -> frozenset[str]:
     """The names :func:`both_directions` reports whose larger values are better (not ranks nor counts)."""
     standard = {*PER_QUERY_METRICS, *(f"R@{r}" for r in RECALL_KS)}
     return frozenset({*standard, *(IMAGE_TO_TEXT_PREFIX + n for n in standard),
+                      *(f"zero_shot_top{k}" for k in ZERO_SHOT_KS),
                       *(prefix + n for prefix in (FINETUNER_TEXT_TO_IMAGE, FINETUNER_IMAGE_TO_TEXT)
                         for n in FINETUNER_METRICS)})
 

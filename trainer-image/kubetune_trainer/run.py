@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from kubetune.spec import FinetuneRunSpec
 from kubetune.storage import ARTIFACT, RetryPolicy, Store, run_store, store_from_uri
 from torch import nn
@@ -362,10 +363,11 @@ class Trainer:
         points = []
         for alpha in sorted({0.0, *wise.sweep}):
             model.load_state_dict(wise_ft(start, tuned, alpha))
-            target = evaluator.retrieval(model, "wise_ft", epoch, emit=False)[wise.metric]
+            on_target = evaluator.retrieval(model, "wise_ft", epoch, emit=False)
+            target = on_target[wise.metric]
             reference = (evaluator.retrieval(model, "wise_ft", epoch, on=evaluator.reference, emit=False)[wise.metric]
                          if evaluator.reference is not None else None)
-            points.append(SweepPoint(alpha, target, reference))
+            points.append(SweepPoint(alpha, target, reference, on_target.get("zero_shot_top1")))
             self.info("WiSE-FT alpha %.3f: target %s %.4f%s", alpha, wise.metric, target,
                       f", reference {reference:.4f}" if reference is not None else "")
         chosen = choose_alpha(points, wise.keep_reference)
@@ -505,6 +507,23 @@ class _RetrievalSet:
         return cls(task, [by_key[k] for k in task.index_keys])
 
 
+@dataclass(frozen=True)
+class _ZeroShotSet:
+    """Labelled images and one prompt per (class, template), class-major."""
+
+    classes: list[str]
+    prompts: list[str]
+    labels: list[int]
+    images: list[Any]
+
+    @classmethod
+    def of(cls, labelled: PairSet, templates: list[str]) -> _ZeroShotSet:
+        classes = sorted({p.text for p in labelled.pairs})
+        position = {name: i for i, name in enumerate(classes)}
+        return cls(classes, [t.replace("{}", name) for name in classes for t in templates],
+                   [position[p.text] for p in labelled.pairs], [p.image for p in labelled.pairs])
+
+
 class _Evaluator:
     """Validation loss and retrieval metrics on rank 0, with the validation transforms."""
 
@@ -518,6 +537,8 @@ class _Evaluator:
             data.query is not None and data.index is not None) else None
         self.reference = _RetrievalSet.of(data.reference, data.reference, self.spec.max_queries) if (
             data.reference is not None) else None
+        self.zero_shot = _ZeroShotSet.of(data.zero_shot, self.spec.zero_shot_templates) if (
+            data.zero_shot is not None) else None
         self._val_cache: PairDataset | None = None
 
     def val_loss(self, model: nn.Module, loss_fn: nn.Module) -> float:
@@ -541,14 +562,17 @@ class _Evaluator:
         net = loop.unwrap(model)
         was_training = net.training
         net.eval()
-        device, precision, batch = self.trainer.device, self.trainer.precision, self.spec.batch_size
-        tokens = tokenize(self.bundle.tokenizer, target.task.query_texts)
-        text_emb = loop.encode(net.encode_text, list(tokens.split(batch)), device, precision)  # type: ignore[arg-type]
-        images = make_loader(ImageDataset(target.images, self.bundle.preprocess_val), 0, False, batch_size=batch)
-        image_emb = loop.encode(net.encode_image, iter(images), device, precision)  # type: ignore[arg-type]
+        text_emb, image_emb = self._encode(net, target.task.query_texts, target.images)
+        zero_shot = None
+        if on is None and self.zero_shot is not None:  # beside the target set's retrieval
+            zs = self.zero_shot
+            prompts, zs_images = self._encode(net, zs.prompts, zs.images)
+            classes = F.normalize(prompts, dim=-1).reshape(len(zs.classes), -1, prompts.shape[-1]).mean(1)
+            zero_shot = evaluate.zero_shot_accuracy(zs_images, classes, zs.labels)
         net.train(was_training)
         metrics = evaluate.both_directions(text_emb, image_emb, target.task, k=self.spec.limit,
                                            distance=self.spec.distance)
+        metrics.update(zero_shot or {})
         if not emit:
             return metrics
         self.trainer.emit("evaluation", stage=stage, epoch=epoch, metrics=metrics)
@@ -556,3 +580,11 @@ class _Evaluator:
                           ", ".join(f"{k}={metrics[k]:.4f}" for k in ("R@1", "R@5", "reciprocal_rank", "ndcg_at_k",
                                                                       "image_to_text_R@1")))
         return metrics
+
+    def _encode(self, net: nn.Module, texts: list[str], images: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings of ``texts`` and ``images`` (validation transforms), in evaluation batches."""
+        device, precision, batch = self.trainer.device, self.trainer.precision, self.spec.batch_size
+        tokens = tokenize(self.bundle.tokenizer, texts)
+        text_emb = loop.encode(net.encode_text, list(tokens.split(batch)), device, precision)  # type: ignore[arg-type]
+        loader = make_loader(ImageDataset(images, self.bundle.preprocess_val), 0, False, batch_size=batch)
+        return text_emb, loop.encode(net.encode_image, iter(loader), device, precision)  # type: ignore[arg-type]

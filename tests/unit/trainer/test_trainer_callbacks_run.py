@@ -113,17 +113,17 @@ def _config(root: Path) -> Path:
     return path
 
 
-def _reworded(eval_csv: Path) -> Path:
-    """The eval images with their captions in another style ("white background, red circle"): a domain the
-    fine-tuning does not train on, standing in for what the model must not forget."""
+def _relabelled(eval_csv: Path, name: str, text: Any) -> Path:
+    """The eval images with ``text(colour and shape, background)`` as their text, beside the images the
+    relative paths name."""
     import csv
 
     with eval_csv.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     for row in rows:
-        words = row["text"].removeprefix("a ").split(" on a ")
-        row["text"] = f"{words[1]}, {words[0]}" if len(words) == 2 else row["text"]
-    path = eval_csv.with_name("reference-reworded.csv")  # beside the images the relative paths name
+        thing, background = row["text"].removeprefix("a ").split(" on a ")
+        row["text"] = text(thing, background)
+    path = eval_csv.with_name(name)
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -135,12 +135,16 @@ def test_wise_ft_sweep_reports_the_frontier_and_builds_the_chosen_alpha(tmp_path
                                                                        synthetic_data: dict[str, Path]) -> None:
     from kubetune_trainer.callbacks import SweepPoint, choose_alpha
 
-    reference = _reworded(synthetic_data["eval"])
+    # the reference: the captions in a style the fine-tuning never sees ("white background, red circle");
+    # zero-shot: 16 classes ("red circle"), prompted with each background
+    reference = _relabelled(synthetic_data["eval"], "reference-reworded.csv", lambda t, b: f"{b}, {t}")
+    labelled = _relabelled(synthetic_data["eval"], "zero-shot.csv", lambda t, b: t)
+    templates = [f"a {{}} on a {b} background" for b in ("white", "black", "grey")]
     spec = tiny_spec(str(synthetic_data["train"]),
                      data={"train": str(synthetic_data["train"]), "eval": str(synthetic_data["eval"]),
-                           "reference": str(reference)},
+                           "reference": str(reference), "zeroShot": str(labelled)},
                      training={"epochs": 3, "learningRate": 2e-3},
-                     callbacks={"evaluation": {"limit": 10},
+                     callbacks={"evaluation": {"limit": 10, "zeroShotTemplates": templates},
                                 "wiseFt": {"sweep": [0.25, 0.5, 0.75, 1.0], "metric": "R@5", "keepReference": 0.9}})
     code, events, raw, out = _run(tmp_path, spec)
     assert code == 0, raw[-3000:]
@@ -156,6 +160,12 @@ def test_wise_ft_sweep_reports_the_frontier_and_builds_the_chosen_alpha(tmp_path
     chosen = choose_alpha([SweepPoint(**p) for p in frontier], 0.9)
     assert summary["alpha"] == chosen.alpha and summary["metric"] == "R@5"
     assert after["R@5"] == pytest.approx(chosen.target)  # the artifact is the model at the chosen α
+    # zero-shot accuracy over 16 classes (chance 1/16) at every α, and the start's at α = 0
+    assert frontier[0]["zero_shot"] == pytest.approx(before["zero_shot_top1"])
+    assert frontier[-1]["zero_shot"] > max(2 / 16, frontier[0]["zero_shot"])
+    assert after["zero_shot_top1"] == pytest.approx(next(p["zero_shot"] for p in frontier
+                                                         if p["alpha"] == chosen.alpha))
+    assert 0 <= after["zero_shot_top5"] <= 1
     saved = json.loads((out / "artifact" / "metrics.json").read_text())["wise_ft"]
     assert saved == {"metric": "R@5", "keep_reference": 0.9, "alpha": chosen.alpha, "frontier": frontier}
     from kubetune.report import svg_chart, wise_ft_frontier
