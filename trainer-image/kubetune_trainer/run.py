@@ -73,7 +73,7 @@ class Result:
     artifact_uri: str
     sha256: str
     size: int
-    metrics: dict[str, Any]  # before, after (name → value) and epochs (a list of per-epoch evaluations)
+    metrics: dict[str, Any]  # before, after (name → value); epochs (per-epoch evaluations), wise_ft (the sweep)
     steps: int
     resumed_from_step: int | None
 
