@@ -70,9 +70,12 @@ def test_training_with_s3_data_checkpoints_artifact_and_resume(
         assert secret not in raw
     (artifact,) = of_type(events, "artifact")
     assert artifact.uri == f"s3://{s3_bucket}/runs/team-b/s3-run/artifact"
+    # every 2 steps, and the last step's before the final evaluation and export (the two newest are kept)
     assert [e.uri for e in of_type(events, "checkpoint")] == [
-        f"s3://{s3_bucket}/runs/team-b/s3-run/checkpoints/step-00000002.pt",
-        f"s3://{s3_bucket}/runs/team-b/s3-run/checkpoints/step-00000004.pt"]
+        f"s3://{s3_bucket}/runs/team-b/s3-run/checkpoints/step-0000000{step}.pt" for step in (2, 4, 5)]
+    assert sorted(o.object_name for o in s3_client.list_objects(s3_bucket, prefix="runs/", recursive=True)
+                  if "/checkpoints/step-" in o.object_name) == [
+        f"runs/team-b/s3-run/checkpoints/step-0000000{step}.pt" for step in (4, 5)]
 
     # download it the way the SDK will, and check the manifest and the towers
     store = run_store(OutputSpec(**{"endpoint": s3_server.host_endpoint, "bucket": s3_bucket, "prefix": "runs"}),
