@@ -70,15 +70,14 @@ class SoloPhases:
     """Runs work on rank 0 alone while the other ranks wait for it in a barrier with its own timeout."""
 
     info: DistInfo
-    group: Any = None
-    timeout_seconds: float = 0.0
+    group: Any = None  # None: the default group (a single process never waits)
 
     @classmethod
     def create(cls, info: DistInfo, timeout_seconds: float) -> SoloPhases:
         """Collective: every rank calls it, after :func:`init`."""
         group = (dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_seconds))
                  if info.distributed else None)
-        return cls(info, group, timeout_seconds)
+        return cls(info, group)
 
     def run(self, work: Callable[[], T]) -> T | None:
         """``work()`` on rank 0 (its result), ``None`` on the others, which return once rank 0 is done. A failure
