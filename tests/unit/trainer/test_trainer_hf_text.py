@@ -169,3 +169,42 @@ def test_hf_text_tower_without_clip_weights_must_say_how_to_start(tmp_path: Path
     del config["text_cfg"]["hf_model_pretrained"]
     with pytest.raises(ModelError, match=r"hf_model_pretrained .* to true .* or to false for a random init"):
         build(ModelSpec(name="kt-tiny-xlmr-unsaid", config=config), torch.device("cpu"), "fp32", tmp_path)
+
+
+def test_hf_text_tower_asked_to_start_from_its_weights_loads_them(tmp_path: Path,
+                                                                   synthetic_data: dict[str, Path],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from kubetune.spec import ModelSpec
+    from kubetune_trainer.model import build
+    from transformers import XLMRobertaModel
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    captions = [line.rsplit(",", 1)[0] for line in synthetic_data["train"].read_text().splitlines()[1:]]
+    tokenizer_dir, model_dir = build_hf_text_dirs(tmp_path, captions)
+    saved = XLMRobertaModel.from_pretrained(str(model_dir), add_pooling_layer=False).state_dict()
+    torch.manual_seed(123)  # a random init would differ from the saved weights
+    model = build(ModelSpec(name="kt-tiny-xlmr-pretrained", config=hf_config(tokenizer_dir, model_dir)),
+                  torch.device("cpu"), "fp32", tmp_path).model
+    encoder = model.text.transformer.state_dict()  # type: ignore[union-attr]
+    assert set(saved) <= set(encoder)
+    for key, value in saved.items():
+        assert torch.equal(encoder[key], value), key
+
+
+def test_an_artifact_naming_an_unreachable_tokenizer_is_a_clear_sdk_error(hf_run: dict[str, Any],
+                                                                          tmp_path: Path) -> None:
+    import shutil
+
+    import kubetune
+    from kubetune.errors import ArtifactCorrupt
+
+    assert hf_run["code"] == 0, hf_run["raw"][-3000:]
+    old = tmp_path / "old-artifact"
+    shutil.copytree(hf_run["artifact"], old)
+    shutil.rmtree(old / "clip-text" / "hf")  # as artifacts written before the tokenizer travelled with them
+    info = json.loads((old / "clip-text" / "preprocessing.json").read_text())
+    info["hf_tokenizer_name"] = str(tmp_path / "gone" / "tiny-tokenizer")  # the training machine's path
+    (old / "clip-text" / "preprocessing.json").write_text(json.dumps(info))
+    with pytest.raises(ArtifactCorrupt, match="tiny-tokenizer") as caught:
+        kubetune.get_model(old, select_model="clip-text")
+    assert caught.value.hint and "re-export" in caught.value.hint
