@@ -16,6 +16,10 @@ Event types and their fields (all optional unless said):
 - ``artifact``: uri, size, sha256 (of manifest.json), files (int)
 - ``finished``: artifact_uri, duration_seconds
 - ``failed``: reason (CamelCase), message, retryable (bool), exit_code
+
+The trainer also writes its final events (artifact, key ``after`` metrics, finished/failed) as the same lines
+to the container's termination message (:func:`termination_message`, read with
+:func:`parse_termination_message`), so the result does not depend on the log surviving.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -104,3 +109,94 @@ def parse_line(line: str) -> Event | None:
         return Event.model_validate(raw)
     except ValidationError:
         return None
+
+
+# ------------------------------------------------------------------------------------------ termination message
+# The trainer's final summary, written to the container's terminationMessagePath on every exit: the result then
+# survives in the pod's status (containerStatuses[].state.terminated.message) even when its log is gone.
+
+#: Kubernetes keeps at most this many bytes of one container's termination message.
+TERMINATION_MESSAGE_MAX_BYTES = 4096
+#: The ``after`` evaluation metrics a termination message keeps, most important first (any ``*loss*`` metric
+#: comes after these).
+TERMINATION_METRICS = ("R@1", "R@5", "R@10", "reciprocal_rank", "ndcg_at_k", "image_to_text_R@1")
+_MESSAGE_CUT = "..."
+
+
+def _render(event: Event) -> str:
+    """``event`` as one log line, exactly as :func:`format_event` writes it."""
+    payload = _finite(event.model_dump(exclude_none=True))
+    return MARKER + json.dumps(payload, separators=(",", ":"), sort_keys=True)
+
+
+def _key_metrics(metrics: dict[str, float] | None) -> list[str]:
+    names = [k for k in TERMINATION_METRICS if k in (metrics or {})]
+    return names + sorted(k for k in (metrics or {}) if "loss" in k and k not in names)
+
+
+def termination_message(events: Sequence[Event], limit: int = TERMINATION_MESSAGE_MAX_BYTES) -> str:
+    """The final summary of a run: its last ``artifact`` event, its last ``after`` evaluation (key metrics only,
+    see :data:`TERMINATION_METRICS`) and its last ``finished`` or ``failed`` event, as event lines joined by
+    ``"\\n"`` in the order they were emitted, at most ``limit`` bytes.
+
+    To fit, it drops evaluation metrics (least important first), then the evaluation event, then cuts the
+    ``failed`` message, then (only for absurd events) drops whole lines, oldest first: it never emits a partial
+    line. An evaluation event without any key metric is left out. ``""`` when there is nothing to report.
+    """
+    def last(match: Callable[[Event], bool]) -> int | None:
+        return next((i for i in range(len(events) - 1, -1, -1) if match(events[i])), None)
+
+    slots = {
+        "artifact": last(lambda e: e.type == "artifact"),
+        "evaluation": last(lambda e: e.type == "evaluation" and e.stage == "after"),
+        "end": last(lambda e: e.type in ("finished", "failed")),
+    }
+    chosen: dict[str, Event] = {slot: events[i] for slot, i in slots.items() if i is not None}
+    order = sorted(chosen, key=lambda slot: slots[slot] or 0)
+    evaluation = chosen.get("evaluation")
+    keys = _key_metrics(evaluation.metrics) if evaluation is not None else []
+
+    def text() -> str:
+        lines = []
+        for slot in order:
+            event = chosen[slot]
+            if slot == "evaluation":
+                if not keys:
+                    continue
+                metrics = event.metrics or {}
+                event = Event(type="evaluation", v=event.v, time=event.time, stage=event.stage, epoch=event.epoch,
+                              metrics={k: metrics[k] for k in keys})
+            lines.append(_render(event))
+        return "\n".join(lines)
+
+    def fits() -> bool:
+        return len(text().encode()) <= limit
+
+    while keys and not fits():
+        keys.pop()
+    end = chosen.get("end")
+    if not fits() and end is not None and end.type == "failed" and end.message:
+        message = end.message
+        lo, hi = 0, len(message)
+        while lo < hi:  # the longest prefix that fits
+            mid = (lo + hi + 1) // 2
+            chosen["end"] = end.model_copy(update={"message": message[:mid] + _MESSAGE_CUT})
+            if fits():
+                lo = mid
+            else:
+                hi = mid - 1
+        chosen["end"] = end.model_copy(update={"message": message[:lo] + _MESSAGE_CUT})
+    while order and not fits():
+        order.pop(0)
+    return text()
+
+
+def parse_termination_message(text: str | None) -> list[Event]:
+    """The events of a termination message (or of the log tail Kubernetes puts there instead); non-event lines
+    are skipped. Never raises: anything unreadable gives ``[]``."""
+    if not isinstance(text, str):
+        return []
+    try:
+        return [e for e in (parse_line(line) for line in text.splitlines()) if e is not None]
+    except Exception:
+        return []

@@ -16,6 +16,9 @@ Design:
 - Runs that request GPUs get the operator's GPU placement defaults (``OperatorSettings.gpu_node_selector`` and
   ``gpu_tolerations``, from the chart's ``runDefaults.gpu``): node selectors are merged (the run's own value wins
   for a key both set), default tolerations are appended after the run's own (duplicates skipped).
+- The trainer's ``KUBETUNE_*`` variables come from one contract, :class:`kubetune.trainer_env.TrainerEnv`.
+  Its final events go to the container's termination message, so the operator reads the result from the pod's
+  status even when the pod's log is gone.
 - Hardened pod: non-root, read-only root filesystem (emptyDir for /tmp and /dev/shm), no privilege escalation,
   all capabilities dropped, seccomp RuntimeDefault, no service-account token.
 """
@@ -28,6 +31,7 @@ from typing import Any
 
 from kubetune.operator.settings import Capabilities, OperatorSettings
 from kubetune.spec import API_VERSION, KIND, FinetuneRunSpec, ResourcesSpec, SecretRef, Toleration
+from kubetune.trainer_env import DEFAULT_TERMINATION_LOG, TrainerEnv
 
 RUN_LABEL = "kubetune.io/run"
 ATTEMPT_LABEL = "kubetune.io/attempt"
@@ -39,6 +43,9 @@ CONFIG_KEY = "run.yaml"
 CONFIG_DIR = "/etc/kubetune"
 CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_KEY}"
 CONTAINER_NAME = "trainer"
+# The trainer writes its final events there (kubetune.events.termination_message); FallbackToLogsOnError puts
+# the log's tail there instead when a crashed trainer wrote nothing.
+TERMINATION_MESSAGE_PATH = DEFAULT_TERMINATION_LOG
 MANAGED_BY = "kubetune-operator"
 
 _LABEL_MAX = 63
@@ -155,14 +162,17 @@ def config_map(run: dict[str, Any], spec: FinetuneRunSpec, settings: OperatorSet
     }
 
 
-def _env(run: dict[str, Any], spec: FinetuneRunSpec, attempt: int, resume_from: str | None) -> list[dict[str, Any]]:
+def trainer_env(run: dict[str, Any], attempt: int, resume_from: str | None) -> TrainerEnv:
+    """The trainer's ``KUBETUNE_*`` contract for one attempt (:mod:`kubetune.trainer_env`)."""
     meta = run["metadata"]
+    return TrainerEnv(config=CONFIG_PATH, run_name=meta["name"], run_namespace=meta["namespace"],
+                      run_uid=meta["uid"], attempt=attempt, resume_from=resume_from or None,
+                      termination_log=TERMINATION_MESSAGE_PATH)
+
+
+def _env(run: dict[str, Any], spec: FinetuneRunSpec, attempt: int, resume_from: str | None) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
-        {"name": "KUBETUNE_CONFIG", "value": CONFIG_PATH},
-        {"name": "KUBETUNE_RUN_NAME", "value": meta["name"]},
-        {"name": "KUBETUNE_RUN_NAMESPACE", "value": meta["namespace"]},
-        {"name": "KUBETUNE_RUN_UID", "value": meta["uid"]},
-        {"name": "KUBETUNE_ATTEMPT", "value": str(attempt)},
+        *trainer_env(run, attempt, resume_from).to_env(),
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         {"name": "HOME", "value": "/tmp"},
         {"name": "XDG_CACHE_HOME", "value": "/tmp/.cache"},
@@ -172,8 +182,6 @@ def _env(run: dict[str, Any], spec: FinetuneRunSpec, attempt: int, resume_from: 
     ]
     if spec.output.endpoint:
         env.append({"name": "AWS_ENDPOINT_URL", "value": spec.output.endpoint})
-    if resume_from:
-        env.append({"name": "KUBETUNE_RESUME_FROM", "value": resume_from})
     secret = spec.output.credentials_secret
     if secret is not None:
         env.append({"name": "AWS_ACCESS_KEY_ID",
@@ -225,6 +233,8 @@ def job(run: dict[str, Any], spec: FinetuneRunSpec, settings: OperatorSettings, 
             "imagePullPolicy": res.image_pull_policy,
             "env": _env(run, resolved, attempt, resume_from),
             "resources": _resources(resolved),
+            "terminationMessagePath": TERMINATION_MESSAGE_PATH,
+            "terminationMessagePolicy": "FallbackToLogsOnError",
             "volumeMounts": [
                 {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
                 {"name": "tmp", "mountPath": "/tmp"},

@@ -146,11 +146,31 @@ def test_scheduling_gpu_and_queue() -> None:
 def test_resume_and_attempt_env() -> None:
     run = _run()
     job = manifests.job(run, _spec(run), SETTINGS, attempt=3, resume_from="s3://models/ckpt/step-40")
-    env = {e["name"]: e.get("value") for e in _container(job)["env"]}
-    assert env["KUBETUNE_ATTEMPT"] == "3"
-    assert env["KUBETUNE_RESUME_FROM"] == "s3://models/ckpt/step-40"
-    assert env["KUBETUNE_CONFIG"] == "/etc/kubetune/run.yaml"
-    assert env["PYTHONUNBUFFERED"] == "1"
+    container = _container(job)
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert {k: v for k, v in env.items() if k.startswith("KUBETUNE_")} == {
+        "KUBETUNE_CONFIG": "/etc/kubetune/run.yaml",
+        "KUBETUNE_RUN_NAME": "clip-ft",
+        "KUBETUNE_RUN_NAMESPACE": "team-a",
+        "KUBETUNE_RUN_UID": "1234-uid",
+        "KUBETUNE_ATTEMPT": "3",
+        "KUBETUNE_RESUME_FROM": "s3://models/ckpt/step-40",
+        "KUBETUNE_PROGRESS_SECONDS": "5.0",
+        "KUBETUNE_LOG_LEVEL": "INFO",
+        "KUBETUNE_TERMINATION_LOG": "/dev/termination-log",
+    }
+    assert env["PYTHONUNBUFFERED"] == "1" and env["HOME"] == "/tmp"
+    first = manifests.job(run, _spec(run), SETTINGS, attempt=1)
+    assert "KUBETUNE_RESUME_FROM" not in {e["name"] for e in _container(first)["env"]}
+
+
+def test_termination_message_from_the_trainer_file_else_the_log() -> None:
+    run = _run()
+    container = _container(manifests.job(run, _spec(run), SETTINGS, attempt=1))
+    assert container["terminationMessagePath"] == "/dev/termination-log"
+    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["KUBETUNE_TERMINATION_LOG"] == container["terminationMessagePath"]
 
 
 def test_capabilities_from_server_version() -> None:

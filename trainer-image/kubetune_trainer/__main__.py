@@ -1,8 +1,12 @@
 """``python -m kubetune_trainer --config run.yaml [--output-dir DIR] [--run-name NAME]``.
 
 Exit codes (see :mod:`kubetune.events`): 0 done; 75 retryable (store or data source unreachable, SIGTERM:
-preemption, eviction, suspend — the latest checkpoint is kept); 78 bad config; 65 bad data; 1 anything else.
-Every failure also emits a ``failed`` event with a CamelCase reason before the process exits.
+preemption, eviction, suspend — the latest checkpoint is kept); 78 bad config (also a stale config or a missing
+checkpoint, see :mod:`kubetune.trainer_env`); 65 bad data; 1 anything else. Every failure also emits a
+``failed`` event with a CamelCase reason before the process exits, and on every exit rank 0 writes the final
+events to the termination log (``KUBETUNE_TERMINATION_LOG``).
+
+The ``KUBETUNE_*`` environment is read once, here, into a :class:`kubetune.trainer_env.TrainerEnv`.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from types import FrameType
 
 from kubetune.events import EXIT_BAD_CONFIG, EXIT_BAD_DATA, EXIT_FAILED, EXIT_OK, EXIT_RETRYABLE
 from kubetune.storage import StoreError, StoreUnavailable
+from kubetune.trainer_env import TrainerEnv
 
 from .config import ConfigError, build_parser, resolve
 from .data import DataError, FetchUnavailable
@@ -25,13 +30,14 @@ from .events import Emitter
 def classify(exc: BaseException) -> tuple[str, int]:
     """(reason, exit code) for an exception that ended the run."""
     from .model import ModelError
-    from .run import NotEnoughData, Preempted
+    from .run import CheckpointMissing, NotEnoughData, Preempted
 
     table: list[tuple[type[BaseException] | tuple[type[BaseException], ...], str, int]] = [
         (Preempted, "Preempted", EXIT_RETRYABLE),
         ((StoreUnavailable, FetchUnavailable), "StorageUnavailable", EXIT_RETRYABLE),
         (StoreError, "StorageRejected", EXIT_BAD_CONFIG),
         (ConfigError, "InvalidConfig", EXIT_BAD_CONFIG),
+        (CheckpointMissing, "CheckpointMissing", EXIT_BAD_CONFIG),
         (ModelError, "InvalidModel", EXIT_BAD_CONFIG),
         ((DataError, NotEnoughData), "InvalidData", EXIT_BAD_DATA),
         (FloatingPointError, "LossDiverged", EXIT_FAILED),
@@ -75,15 +81,22 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=os.environ.get("KUBETUNE_LOG_LEVEL", "INFO"), stream=sys.stderr,
+    try:
+        env, env_error = TrainerEnv.from_env(os.environ), None
+    except ValueError as exc:  # reported as a failed run below, once there is an emitter
+        env, env_error = TrainerEnv(), str(exc)
+    logging.basicConfig(level=env.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     emitter = Emitter(enabled=int(os.environ.get("RANK", "0")) == 0)
-    args = build_parser().parse_args(argv)
+    args = build_parser(env).parse_args(argv)
     try:
-        cfg = resolve(args)
+        if env_error is not None:
+            raise ConfigError(env_error)
+        cfg = resolve(args, env)
     except ConfigError as exc:
         emitter.emit("failed", reason="InvalidConfig", message=str(exc)[:1000], retryable=False,
                      exit_code=EXIT_BAD_CONFIG)
+        emitter.write_termination_message(env.termination_log_path())
         logging.getLogger("kubetune_trainer").error("%s", exc)
         return EXIT_BAD_CONFIG
 
@@ -95,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             gpus = cfg.spec.resources.gpus
             nproc = gpus if gpus > 1 and torch.cuda.device_count() >= gpus else 1
         if nproc > 1:
+            # the rank-0 worker writes the termination log; this launcher emits nothing, so it writes nothing
             return launch_torchrun(nproc, argv)
 
     from .run import Preempted, StopFlag, Trainer
@@ -120,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
                      retryable=code == EXIT_RETRYABLE, exit_code=code)
         return code
     finally:
+        # every way out (success, failure, SIGTERM, an escaping BaseException) leaves the summary behind first
+        emitter.write_termination_message(env.termination_log_path())
         from .distributed import shutdown
 
         shutdown()

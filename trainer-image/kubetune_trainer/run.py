@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -32,7 +31,6 @@ from .events import Emitter
 from .sampling import EpochBatchSampler, ImageDataset, PairDataset, batches_per_epoch, make_loader, tokenize
 
 log = logging.getLogger("kubetune_trainer")
-PROGRESS_SECONDS = float(os.environ.get("KUBETUNE_PROGRESS_SECONDS", "5"))
 
 
 class Preempted(Exception):
@@ -41,6 +39,12 @@ class Preempted(Exception):
 
 class NotEnoughData(Exception):
     pass
+
+
+class CheckpointMissing(Exception):
+    """The operator says this run has a checkpoint (KUBETUNE_RESUME_FROM), but its store has none: the store
+    lost it or spec.output now points elsewhere. Permanent: training from scratch would silently redo (and
+    overwrite) what the run already did."""
 
 
 @dataclass
@@ -134,6 +138,7 @@ class Trainer:
         finished = checkpoint.latest_info(self.store)
         if finished and finished.get("finished") and self.store.exists(f"{ARTIFACT}/manifest.json"):
             return self._already_finished(finished)
+        self._check_resume_point(finished)
         spec = self.spec
         wise = spec.callbacks.wise_ft
         if wise is not None and wise.sweep is not None and wise.metric not in evaluate.higher_is_better():
@@ -206,11 +211,15 @@ class Trainer:
             state = LoopState(**saved["loop"])
             resumed_from = state.step
             self.info("resuming from %s (step %d, epoch %d)", info["key"], state.step, state.epoch + 1)
+            expected = self.cfg.env.resume_from
+            if expected is not None and expected != self.store.uri(str(info["key"])):
+                # the operator learns of checkpoints from the log, so it may lag behind latest.json
+                self.info("the operator last saw checkpoint %s; the store's latest is newer or different", expected)
         monitors = self._monitors(state)
 
         self.emit("started", run=self.cfg.name, namespace=self.cfg.namespace, model=spec.model.name,
                   epochs=spec.training.epochs, total_steps=total_steps, step=state.step,
-                  world_size=self.dist.world_size, attempt=int(os.environ.get("KUBETUNE_ATTEMPT", "1")),
+                  world_size=self.dist.world_size, attempt=self.cfg.env.attempt,
                   resumed_from_step=resumed_from, device=str(self.device.type), precision=self.precision,
                   train_pairs=len(data.train), skipped_rows=data.skipped() or None)
         evaluator = _Evaluator(self, bundle, data)
@@ -294,6 +303,19 @@ class Trainer:
         return result if result is not None else Result("", "", 0, {}, state.step, resumed_from)
 
     # ---------------------------------------------------------------------------------------------- pieces
+    def _check_resume_point(self, latest: dict[str, Any] | None) -> None:
+        """Fail before any work when the operator expects a checkpoint the store does not have."""
+        expected = self.cfg.env.resume_from
+        if expected is None:
+            return
+        key = latest.get("key") if latest else None
+        if not key or not self.store.exists(str(key)):
+            where = f"{checkpoint.LATEST} names {key}, which is missing" if key else f"it has no {checkpoint.LATEST}"
+            raise CheckpointMissing(f"this run resumes from {expected} (KUBETUNE_RESUME_FROM), but its store "
+                                    f"{self.store.uri()} has no checkpoint ({where}): the checkpoints were lost or "
+                                    f"spec.output points at another store, and training from scratch would "
+                                    f"overwrite the run's progress")
+
     def _monitors(self, state: LoopState) -> dict[str, Monitor]:
         monitors = {}
         callbacks = self.spec.callbacks
@@ -479,7 +501,8 @@ class _Progress:
             self.window_steps = 0
         self.window_steps += 1
         done = state.step >= self.total
-        if now - self.last_emit < PROGRESS_SECONDS and not done and state.step - self.first_step > 1:
+        throttled = now - self.last_emit < self.trainer.cfg.env.progress_seconds
+        if throttled and not done and state.step - self.first_step > 1:
             return
         rate = self.window_steps * self.samples_per_step / max(1e-9, now - self.window_start)
         steps_this_attempt = state.step - self.first_step

@@ -39,9 +39,10 @@ def tiny_spec(train: str, **overrides: Any) -> dict[str, Any]:
     return spec
 
 
-def write_run(path: Path, spec: dict[str, Any], name: str = "tiny", namespace: str = "team-a") -> Path:
-    doc = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FinetuneRun",
-           "metadata": {"name": name, "namespace": namespace}, "spec": spec}
+def write_run(path: Path, spec: dict[str, Any], name: str = "tiny", namespace: str = "team-a",
+              uid: str | None = None) -> Path:
+    metadata = {"name": name, "namespace": namespace, **({"uid": uid} if uid is not None else {})}
+    doc = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FinetuneRun", "metadata": metadata, "spec": spec}
     path.write_text(yaml.safe_dump(doc) if path.suffix != ".json" else json.dumps(doc))
     return path
 

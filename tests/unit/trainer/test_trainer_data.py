@@ -136,12 +136,12 @@ def test_val_split_is_deterministic_and_disjoint(folder: Path) -> None:
 def test_run_file_forms(tmp_path: Path) -> None:
     spec = tiny_spec("train.csv")
     run, bare = tmp_path / "run.yaml", tmp_path / "spec.json"
-    write_run(run, spec, name="shapes", namespace="ml")
+    write_run(run, spec, name="shapes", namespace="ml", uid="u-1")
     bare.write_text(json.dumps(spec))
-    parsed, name, namespace = load_run_file(run)
-    assert (name, namespace, parsed.training.batch_size) == ("shapes", "ml", 32)
-    parsed_bare, name, namespace = load_run_file(bare)
-    assert parsed_bare == parsed and name is None and namespace is None
+    parsed, name, namespace, uid = load_run_file(run)
+    assert (name, namespace, uid, parsed.training.batch_size) == ("shapes", "ml", "u-1", 32)
+    parsed_bare, name, namespace, uid = load_run_file(bare)
+    assert parsed_bare == parsed and name is None and namespace is None and uid is None
     with pytest.raises(ConfigError, match="kind must be FinetuneRun"):
         parse_run_document({"kind": "Pod", "spec": spec})
     with pytest.raises(ConfigError, match=r"training\.batchSize|batch_size"):

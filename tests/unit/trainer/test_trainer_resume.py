@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 from kt_trainer_helpers import of_type, run_trainer, tiny_spec, write_run
-from kubetune.events import EXIT_RETRYABLE, parse_line
+from kubetune.events import EXIT_RETRYABLE, parse_line, parse_termination_message
 from kubetune_trainer.sampling import EpochBatchSampler, epoch_batches
 
 pytestmark = pytest.mark.unit
 
 
-def test_sigterm_checkpoints_and_the_restart_resumes(tmp_path: Path, synthetic_data: dict[str, Path]) -> None:
+def test_sigterm_checkpoints_and_the_restart_resumes(tmp_path: Path, synthetic_data: dict[str, Path],
+                                                     termination_log: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     spec = tiny_spec(str(synthetic_data["train"]), data={"train": str(synthetic_data["train"]), "valSplit": 0.125},
                      training={"epochs": 6}, runPolicy={"checkpointEverySteps": 3, "checkpointEveryEpochs": 1},
                      callbacks={"evaluation": {"enabled": False}})
@@ -46,9 +47,13 @@ def test_sigterm_checkpoints_and_the_restart_resumes(tmp_path: Path, synthetic_d
     total = of_type(first, "started")[0].total_steps
     assert total is not None and 0 < saved_step < total
     assert not of_type(first, "artifact")
+    assert parse_termination_message(termination_log.read_text()) == [failed]  # written on the SIGTERM path too
 
+    # the operator's next attempt names the last checkpoint it saw; the store has it
+    monkeypatch.setenv("KUBETUNE_RESUME_FROM", str(checkpoints[-1].uri))
     code, second, raw = run_trainer(argv)
     assert code == 0, raw[-2000:]
+    assert parse_termination_message(termination_log.read_text()) == of_type(second, "artifact") + second[-1:]
     started = of_type(second, "started")[0]
     assert started.model_extra["resumed_from_step"] == saved_step and started.step == saved_step
     steps = [e.step for e in of_type(second, "progress")]

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 from kt_trainer_helpers import tiny_spec, write_run
-from kubetune_trainer import run as run_module
+from kubetune.trainer_env import TrainerEnv
 from kubetune_trainer.config import build_parser, resolve
 from kubetune_trainer.events import Emitter
 from kubetune_trainer.run import Preempted, StopFlag, Trainer
@@ -45,11 +45,12 @@ class StopAt(Emitter):
                 raise Preempted("SIGTERM (test)")
 
 
-def _attempt(config: Path, out: Path, when: Trigger | None) -> tuple[bool, list[tuple[str, dict[str, Any]]]]:
+def _attempt(config: Path, out: Path, when: Trigger | None,
+             env: TrainerEnv | None = None) -> tuple[bool, list[tuple[str, dict[str, Any]]]]:
     """One trainer attempt in this process; (preempted?, events)."""
     stop = StopFlag()
     emitter = StopAt(stop, when)
-    cfg = resolve(build_parser().parse_args(["--config", str(config), "--output-dir", str(out)]))
+    cfg = resolve(build_parser().parse_args(["--config", str(config), "--output-dir", str(out)]), env)
     try:
         Trainer(cfg, emitter, stop).run()
     except Preempted:
@@ -96,19 +97,18 @@ STOPS: dict[str, Trigger] = {
 
 @pytest.mark.parametrize(("moment", "workers"), [*((m, 0) for m in STOPS), ("mid-epoch", 2)])
 def test_a_run_stopped_and_resumed_ends_bit_identical(moment: str, workers: int, run_spec: dict[str, Any],
-                                                       uninterrupted: Path, tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+                                                       uninterrupted: Path, tmp_path: Path) -> None:
     # with 2 loader workers (the spec's default) against the uninterrupted run's none: the augmentation must not
     # depend on which process transforms a sample, nor on where the resumed attempt restarts the epoch
-    monkeypatch.setattr(run_module, "PROGRESS_SECONDS", 0.0)  # a progress event at every step
+    every_step = TrainerEnv(progress_seconds=0)  # a progress event at every step
     spec = {**run_spec, "training": {**run_spec["training"], "numWorkers": workers}}
     config, out = write_run(tmp_path / "run.yaml", spec), tmp_path / "out"
-    preempted, first = _attempt(config, out, STOPS[moment])
+    preempted, first = _attempt(config, out, STOPS[moment], every_step)
     assert preempted and not any(kind == "artifact" for kind, _ in first)
     saved = [f["step"] for kind, f in first if kind == "checkpoint"]
     assert saved, "a stopped attempt always leaves a checkpoint"
 
-    preempted, second = _attempt(config, out, None)
+    preempted, second = _attempt(config, out, None, every_step)
     assert not preempted
     started = next(f for kind, f in second if kind == "started")
     assert started["resumed_from_step"] == saved[-1]
