@@ -13,7 +13,11 @@ Measures, with the operator running as a subprocess (``python -m kubetune.operat
 - the operator's peak RSS (VmHWM) and CPU time;
 - duplicate Jobs (two Jobs for one run's attempt, or more Jobs than the run's recorded attempts): must be 0;
 - how many pods ran / stayed Pending (the node runs what it can; ``KUBETUNE_MAX_PODS`` raises the kubelet's
-  limit when the harness starts the cluster).
+  limit when the harness starts the cluster);
+- with ``--restart-after S``: the operator is SIGKILLed S seconds after the last create and started again; the
+  bench counts status regressions (a run's ``progress.step`` going down for the same pod, as the run watch sees
+  it: must be 0) and the status write rate after the restart (run watch events per second, max over 1 s windows,
+  against the ``--status-qps`` bucket).
 
 Uses the cluster from ``KUBECONFIG`` or the harness (``python -m tests.cluster up``). Deletes its namespace.
 """
@@ -99,6 +103,28 @@ def log_progress(text: str) -> list[tuple[float, int]]:
     return out
 
 
+def status_regressions(seen: dict[str, list[tuple[float, str | None, int]]]) -> int:
+    """Runs whose ``progress.step`` went down while the same pod was followed (a replay after a restart)."""
+    regressed = 0
+    for observations in seen.values():
+        last: dict[str | None, int] = {}
+        for _, pod, step in sorted(observations):
+            if step < last.get(pod, -1):
+                regressed += 1
+                break
+            last[pod] = step
+    return regressed
+
+
+def max_rate(times: list[float], start: float, window: float) -> int:
+    """The most events in one 1-second bucket of [start, start + window)."""
+    buckets: dict[int, int] = {}
+    for t in times:
+        if start <= t < start + window:
+            buckets[int(t - start)] = buckets.get(int(t - start), 0) + 1
+    return max(buckets.values(), default=0)
+
+
 def rss_mb(pid: int) -> tuple[float, float]:
     """(current RSS, peak RSS) in MiB."""
     fields = {}
@@ -122,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--status-qps", type=float, default=50.0)
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--keep", action="store_true", help="keep the namespace")
+    p.add_argument("--restart-after", type=float, default=None,
+                   help="SIGKILL and restart the operator this many seconds after the last create")
     args = p.parse_args(argv)
 
     from kubernetes import client, config, watch
@@ -148,10 +176,14 @@ def main(argv: list[str] | None = None) -> int:
     log_path = Path(f"/tmp/kubetune-bench-{ns}.log")
     op_env = {**env, "KUBETUNE_TRAINER_IMAGE": IMAGE, "KUBETUNE_IMAGE_PULL_POLICY": "Never",
               "KUBETUNE_S3_SECRET": "", "KUBETUNE_STATUS_QPS": str(args.status_qps)}
-    with open(log_path, "wb") as log:
-        operator = subprocess.Popen([sys.executable, "-m", "kubetune.operator", "--namespace", ns, "--standalone",
+
+    def start_operator() -> subprocess.Popen[bytes]:
+        with open(log_path, "ab") as log:
+            return subprocess.Popen([sys.executable, "-m", "kubetune.operator", "--namespace", ns, "--standalone",
                                      "--metrics-port", str(metrics_port), "--health-port", str(health_port)],
                                     stdout=log, stderr=subprocess.STDOUT, env=op_env, cwd=str(ROOT))
+
+    operator = start_operator()
     results: dict[str, Any] = {"runs": args.runs, "steps": args.steps, "pace_s": args.pace, "namespace": ns}
     job_seen: dict[str, float] = {}
     job_names: dict[str, list[str]] = {}
@@ -175,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(0.5)
 
     seen: dict[str, list[tuple[float, str | None, int]]] = {}
+    run_events: list[float] = []  # when the run watch saw each MODIFIED event (status writes, mostly)
 
     def watch_runs() -> None:
         w = watch.Watch()
@@ -184,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
                                    timeout_seconds=5):
                     now = time.time()
                     obj = ev["object"]
+                    if ev["type"] == "MODIFIED":
+                        run_events.append(now)
                     status = obj.get("status") or {}
                     step = (status.get("progress") or {}).get("step")
                     if isinstance(step, int):
@@ -198,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         deadline = time.monotonic() + 30
         while True:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{health_port}/healthz", timeout=1):
+                with urllib.request.urlopen(f"http://127.0.0.1:{health_port}/readyz", timeout=1):  # 503 until kopf runs
                     break
             except OSError:
                 if time.monotonic() > deadline or operator.poll() is not None:
@@ -219,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body)
             created[name] = time.monotonic()
         results["create_all_s"] = round(time.monotonic() - t_start, 2)
+        restarted_at: float | None = None
         samples: list[dict[str, Any]] = []
         finished = 0
         def phase_counts(response: Any) -> dict[str, int]:
@@ -232,6 +268,13 @@ def main(argv: list[str] | None = None) -> int:
             # Every 5 s, raw JSON (no client-side models): the bench must not load the machine it measures, nor
             # hold the GIL long enough to delay the watch threads' timestamps.
             time.sleep(5)
+            if args.restart_after is not None and restarted_at is None and (
+                    time.monotonic() - t_start - results["create_all_s"] >= args.restart_after):
+                operator.kill()
+                operator.wait()
+                restarted_at = time.time()
+                operator = start_operator()
+                print(json.dumps({"restart": "operator SIGKILLed and started again"}), flush=True)
             rss, peak_rss = rss_mb(operator.pid)
             phases = phase_counts(custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL,
                                                                        _preload_content=False))
@@ -282,6 +325,11 @@ def main(argv: list[str] | None = None) -> int:
             if len(names) != len(set(names)) or len(names) > max(1, attempts.get(run, 0)):
                 duplicates += 1
         results["duplicate_jobs"] = duplicates
+        results["status_regressions"] = status_regressions(seen)
+        if restarted_at is not None:
+            results["restarted_after_creates_s"] = args.restart_after
+            results["status_writes_per_s_max_after_restart"] = max_rate(run_events, restarted_at, 60.0)
+            results["status_writes_per_s_max_before_restart"] = max_rate(run_events, restarted_at - 60.0, 60.0)
         results["jobs"] = sum(len(v) for v in job_names.values())
     finally:
         stop.set()

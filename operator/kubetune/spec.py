@@ -408,6 +408,13 @@ class Artifact(_Model):
     sha256: Annotated[str | None, Field(max_length=64, description="sha256 of the artifact's manifest.")] = None
 
 
+class LogCursorStatus(_Model):
+    pod: Annotated[str, Field(max_length=253, description="The trainer pod whose log was read.")]
+    time: Annotated[str, Field(max_length=64, description=(
+        "Timestamp (RFC 3339, nanoseconds) of the last log line folded into this status."))]
+    lines: Annotated[int, Field(ge=0, description="Lines read that carry exactly that timestamp.")] = 0
+
+
 class FinetuneRunStatus(_Model):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore",
                               use_enum_values=True)
@@ -431,3 +438,9 @@ class FinetuneRunStatus(_Model):
         "The last trainer log lines (bounded)."))] = []
     artifact: Annotated[Artifact | None, Field(description="The published artifact.")] = None
     message: Annotated[str | None, Field(max_length=MESSAGE_MAX_CHARS, description="Human summary.")] = None
+    attempt_generation: Annotated[int | None, Field(ge=0, description=(
+        "The spec generation the current attempt runs with (a spec edit applies from the next attempt)."))] = None
+    suspended_seconds: Annotated[float | None, Field(ge=0, description=(
+        "Seconds spent suspended; not counted against spec.runPolicy.activeDeadlineSeconds."))] = None
+    log_cursor: Annotated[LogCursorStatus | None, Field(description=(
+        "How far the trainer's log was folded into this status; a restarted operator goes on from there."))] = None

@@ -43,6 +43,8 @@ SUCCEEDED = "Succeeded"
 FAILED = "Failed"
 CANCELLED = "Cancelled"
 CLEANED_UP = "CleanedUp"
+JOB_CREATE_FAILED = "JobCreateFailed"  # the API server refused the attempt's Job (message: its answer)
+SPEC_VALID = "SpecValid"  # False after an invalid spec edit: the run goes on with its last valid spec
 # Condition types that describe the phase: exactly the one matching the phase is True.
 _PHASE_CONDITION = {
     Phase.RUNNING.value: RUNNING,
@@ -420,10 +422,21 @@ class PodState:
     created: float | None = None
     scheduled: bool = False  # bound to a node: its log can be followed as soon as the container starts
     deleting: bool = False  # has a deletionTimestamp: deleted (by a user, a drain) and going away
+    gone: bool = False  # removed from the API server; this is the last state the watch reported
 
     @property
     def terminated(self) -> bool:
         return self.phase in {"Succeeded", "Failed"}
+
+    @property
+    def succeeded(self) -> bool:
+        """The trainer exited 0: the attempt's result is known even if the pod is deleted right after."""
+        return self.terminated and self.exit_code == 0
+
+    @property
+    def alive(self) -> bool:
+        """A trainer that may still run (and write checkpoints): neither terminated nor removed."""
+        return not self.gone and not self.terminated
 
 
 def pod_state(pod: Mapping[str, Any], container: str = "trainer") -> PodState:
@@ -463,6 +476,24 @@ class LogCursor:
     last_ts: float | None = None
     seen_at_last: int = 0  # lines read that carry exactly last_ts
     _skip: int = 0
+    last_stamp: str | None = None  # last_ts as the API server wrote it (nanoseconds), for the status
+
+    @classmethod
+    def from_status(cls, status: Mapping[str, Any], pod: str) -> LogCursor:
+        """The cursor persisted in ``status.logCursor`` when it is for ``pod`` (else a fresh one): a restarted
+        operator reads on from the last line folded into the status instead of replaying the whole log (which
+        moved progress backwards, re-timed old lines as latency and sent their urgent patches again)."""
+        saved = status.get("logCursor") or {}
+        t = parse_rfc3339(saved.get("time")) if saved.get("pod") == pod else None
+        if t is None:
+            return cls()
+        lines = int(saved.get("lines") or 0)
+        return cls(last_ts=t, seen_at_last=lines, _skip=lines, last_stamp=str(saved["time"]))
+
+    def to_status(self, pod: str) -> dict[str, Any] | None:
+        if self.last_stamp is None:
+            return None
+        return {"pod": pod, "time": self.last_stamp, "lines": self.seen_at_last}
 
     def since_time(self) -> int | None:
         return int(self.last_ts) if self.last_ts is not None else None
@@ -471,8 +502,9 @@ class LogCursor:
         """A new stream starts (from :meth:`since_time`)."""
         self._skip = self.seen_at_last
 
-    def accept(self, t: float | None) -> bool:
-        """Whether the line written at ``t`` is new (lines without a timestamp always are)."""
+    def accept(self, t: float | None, stamp: str | None = None) -> bool:
+        """Whether the line written at ``t`` (``stamp`` as the server wrote it) is new (lines without a
+        timestamp always are)."""
         if t is None:
             return True
         if self.last_ts is not None and t < self.last_ts:
@@ -483,7 +515,7 @@ class LogCursor:
                 return False
             self.seen_at_last += 1
             return True
-        self.last_ts, self.seen_at_last, self._skip = t, 1, 0
+        self.last_ts, self.seen_at_last, self._skip, self.last_stamp = t, 1, 0, stamp
         return True
 
 

@@ -3,8 +3,8 @@
 One module-scoped release (operator image built from operator.Dockerfile, stand-in trainer image) watching its
 own runs namespace; the tests run in file order against it:
 
-1. install (Helm library, waits for the operator to be Ready) and ``helm test`` (the hook pod checks /healthz);
-   without ``operator.hostAliases``: the harness has no cluster DNS, and the operator's in-cluster login
+1. install (Helm library, waits for the operator to be Ready) and ``helm test`` (the hook pod checks /healthz,
+   /readyz); without ``operator.hostAliases``: the harness has no cluster DNS, and the operator's in-cluster login
    addresses the API server by ``KUBERNETES_SERVICE_HOST``/``_PORT``;
 2. a FinetuneRun runs to Succeeded and another to Failed, run by the in-cluster operator, and a third asks for a GPU
    (none here), so it stays Pending with the chart's ``runDefaults.gpu`` node selector and toleration on its Job;
@@ -359,7 +359,6 @@ def test_uninstall_leaves_only_crds(release: Release) -> None:
     rel.timings["uninstall_s"] = time.monotonic() - t0
     selector = f"app.kubernetes.io/instance={rel.name}"
     core, apps, rbac = client.CoreV1Api(api), client.AppsV1Api(api), client.RbacAuthorizationV1Api(api)
-    custom = client.CustomObjectsApi(api)
 
     def names(items: list[Any]) -> list[str]:
         return [str(o.metadata.name) for o in items]
@@ -376,8 +375,6 @@ def test_uninstall_leaves_only_crds(release: Release) -> None:
                                  ("Role", rbac.list_namespaced_role),
                                  ("RoleBinding", rbac.list_namespaced_role_binding)):
                 found += [f"{kind} {ns}/{n}" for n in names(lister(ns, label_selector=selector).items)]
-            peerings: Any = custom.list_namespaced_custom_object("kopf.dev", "v1", ns, "kopfpeerings")
-            found += [f"KopfPeering {ns}/{o['metadata']['name']}" for o in peerings["items"]]
             found += [f"helm release {n}" for n in names(core.list_namespaced_secret(
                 ns, label_selector=f"owner=helm,name={rel.name}").items)]
         prefix = f"{rel.namespace}-{rel.fullname}"

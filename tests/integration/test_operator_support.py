@@ -121,10 +121,15 @@ class Runs:
 
 
 class OperatorProcess:
-    def __init__(self, kubeconfig: str, namespace: str, log_path: Path, env: dict[str, str] | None = None) -> None:
+    """``python -m kubetune.operator`` watching one namespace: ``--standalone`` by default, or a candidate in the
+    leader election on a Lease in ``lease_namespace``."""
+
+    def __init__(self, kubeconfig: str, namespace: str, log_path: Path, env: dict[str, str] | None = None,
+                 *, lease_namespace: str | None = None) -> None:
         self.kubeconfig = kubeconfig
         self.namespace = namespace
         self.log_path = log_path
+        self.lease_namespace = lease_namespace
         self.metrics_port = free_port()
         self.health_port = free_port()
         self.env = {
@@ -138,26 +143,42 @@ class OperatorProcess:
         }
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> OperatorProcess:
+    def start(self, *, ready: bool = True) -> OperatorProcess:
+        """Start and wait until it leads with kopf started (/readyz), or with ``ready=False`` only until it
+        answers /healthz (a standby never gets ready)."""
+        election = (["--leader-election-namespace", self.lease_namespace] if self.lease_namespace
+                    else ["--standalone"])
         log = open(self.log_path, "ab")  # noqa: SIM115 - closed with the process
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kubetune.operator", "--namespace", self.namespace, "--standalone",
+            [sys.executable, "-m", "kubetune.operator", "--namespace", self.namespace, *election,
              "--metrics-port", str(self.metrics_port), "--health-port", str(self.health_port), "--verbose"],
             stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=str(ROOT))
-        wait_for(self._healthy, 30, "the operator's health endpoint")
+        path = "/readyz" if ready else "/healthz"
+        wait_for(lambda: self._running() and self.answer(path)[0] == 200, 30, f"the operator's {path}")
         return self
 
-    def _healthy(self) -> bool:
-        import urllib.request
-
+    def _running(self) -> bool:
         assert self.proc is not None
         if self.proc.poll() is not None:
             pytest.fail(f"operator exited with {self.proc.returncode}:\n{self.log()}")
+        return True
+
+    def answer(self, path: str) -> tuple[int | None, str]:
+        """(HTTP status, body) of a health endpoint; (None, error) when it does not answer."""
+        import urllib.error
+        import urllib.request
+
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=1) as r:
-                return r.status == 200
-        except OSError:
-            return False
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}{path}", timeout=1) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+        except OSError as e:
+            return None, str(e)
+
+    def ready(self) -> bool:
+        """Leading with kopf started (/readyz 200)."""
+        return self.answer("/readyz")[0] == 200
 
     def metrics(self) -> str:
         import urllib.request
@@ -165,15 +186,16 @@ class OperatorProcess:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
             return str(r.read().decode())
 
-    def stop(self, sig: int = signal.SIGTERM) -> None:
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        """Send ``sig`` (SIGKILL after 20 s) and return the exit code; None when it was not running."""
         if self.proc is None or self.proc.poll() is not None:
-            return
+            return None
         self.proc.send_signal(sig)
         try:
-            self.proc.wait(timeout=20)
+            return self.proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            self.proc.wait()
+            return self.proc.wait()
 
     def log(self, tail: int = 80) -> str:
         try:

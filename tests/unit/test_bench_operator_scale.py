@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from kubetune.events import MARKER
 
-from bench.operator_scale import histogram_quantile, log_progress, percentile, progress_lags
+from bench.operator_scale import (
+    histogram_quantile,
+    log_progress,
+    max_rate,
+    percentile,
+    progress_lags,
+    status_regressions,
+)
 
 
 def test_progress_lag_is_first_status_at_or_past_the_step_of_the_same_pod() -> None:
@@ -32,3 +39,27 @@ def test_percentile_and_histogram_bounds() -> None:
                   'x_bucket{le="+Inf"} 100.0\n')
     assert histogram_quantile(exposition, "x", 50) == (1.0, 100)
     assert histogram_quantile(exposition, "x", 99.5) == (3.0, 100)
+
+
+def test_status_regressions_count_runs_whose_step_went_down_for_the_same_pod() -> None:
+    seen = {"replayed": [(1.0, "p1", 5), (2.0, "p1", 7), (3.0, "p1", 2), (4.0, "p1", 8)],
+            "retried": [(1.0, "p1", 5), (2.0, "p2", 3), (3.0, "p2", 4)],  # a new pod resumes lower: fine
+            "steady": [(1.0, "p1", 1), (2.0, "p1", 1), (3.0, "p1", 2)]}
+    assert status_regressions(seen) == 1
+
+
+def test_max_rate_is_the_busiest_second_in_the_window() -> None:
+    times = [100.1, 100.2, 100.9, 101.5, 103.0, 170.0]
+    assert max_rate(times, 100.0, 60.0) == 3
+    assert max_rate(times, 200.0, 60.0) == 0
+
+
+def test_restart_bench_summarizes_each_figure_as_median_min_max() -> None:
+    from bench.operator_restart import summarize
+
+    repeats = [{"status_regressions": 3, "event_to_status_p99_s": 2.0}, {"status_regressions": 0},
+               {"status_regressions": 1, "event_to_status_p99_s": 4.0}]
+    summary = summarize(repeats)
+    assert summary["status_regressions"] == {"median": 1, "min": 0, "max": 3}
+    assert summary["event_to_status_p99_s"] == {"median": 3.0, "min": 2.0, "max": 4.0}
+    assert "duplicate_jobs" not in summary  # never measured: not reported as 0

@@ -84,7 +84,7 @@ NON_DEFAULT: dict[str, Any] = {
 
 # ------------------------------------------------------------------------------------------ lint
 @pytest.mark.parametrize("values", [{}, NON_DEFAULT, {"operator": {"watchNamespaces": ["team-*"]}},
-                                    {"peering": {"enabled": False}, "rbac": {"crdScanning": False},
+                                    {"leaderElection": {"enabled": False}, "rbac": {"crdScanning": False},
                                      "grafana": {"dashboards": {"enabled": False}}}],
                          ids=["default", "non-default", "glob", "minimal"])
 def test_lint_strict_clean(values: dict[str, Any]) -> None:
@@ -111,17 +111,19 @@ def test_default_render_operator_deployment() -> None:
     assert sc["capabilities"] == {"drop": ["ALL"]}
     assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
     assert any(v["name"] == "tmp" and "emptyDir" in v for v in pod["volumes"])
-    for probe in ("livenessProbe", "readinessProbe"):
-        assert c[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}  # only the leader is Ready
     assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"metrics": 8080, "health": 8081}
     assert c["resources"]["requests"] and c["resources"]["limits"]
     assert c["args"][:3] == ["--metrics-port=8080", "--health-port=8081", "--log-format=full"]
-    assert "--all-namespaces" in c["args"] and "--peering=kt-kubetune" in c["args"]
+    assert "--all-namespaces" in c["args"] and "--leader-election-id=kt-kubetune" in c["args"]
+    assert "--standalone" not in c["args"] and not any(a.startswith("--peering") for a in c["args"])
     env = env_of(c)
     assert env["KUBETUNE_TRAINER_IMAGE"] == "kubetune/trainer:0.1.0"
     assert env["KUBETUNE_S3_BUCKET"] == "kubetune" and env["KUBETUNE_S3_SECRET"] == "kubetune-s3"
     assert env["KUBETUNE_S3_ENDPOINT"] == ""
     assert env["POD_ID"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert env["POD_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}  # the Lease's namespace
     assert "KUBETUNE_GPU_NODE_SELECTOR" not in env
 
 
@@ -165,8 +167,8 @@ def test_default_rbac_cluster_wide_and_least_privilege() -> None:
     roles = find(docs, "ClusterRole")
     names = {r["metadata"]["name"] for r in roles}
     # cluster-scoped objects carry release namespace + name: two releases never collide
-    assert names == {f"{NS}-kt-kubetune", f"{NS}-kt-kubetune-crd-scan", f"{NS}-kt-kubetune-peering"}
-    assert not find(docs, "Role")
+    assert names == {f"{NS}-kt-kubetune", f"{NS}-kt-kubetune-crd-scan"}
+    assert [r["metadata"]["name"] for r in find(docs, "Role")] == ["kt-kubetune-leader-election"]
     main = one(docs, "ClusterRole", f"{NS}-kt-kubetune")
     resources = {(g, r) for rule in main["rules"] for g in rule["apiGroups"] for r in rule["resources"]}
     assert ("", "secrets") not in resources, "the operator never reads Secrets"
@@ -178,7 +180,26 @@ def test_default_rbac_cluster_wide_and_least_privilege() -> None:
             assert set(rule["verbs"]) == {"get", "list", "watch"}
     binding = one(docs, "ClusterRoleBinding", f"{NS}-kt-kubetune")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kt-kubetune", "namespace": NS}]
-    assert one(docs, "ClusterKopfPeering")["metadata"]["name"] == "kt-kubetune"
+    assert not {(g, r) for rule in main["rules"] for g in rule["apiGroups"] for r in rule["resources"]} & {
+        ("coordination.k8s.io", "leases"), ("kopf.dev", "kopfpeerings"), ("kopf.dev", "clusterkopfpeerings")}
+    assert not {d["kind"] for d in docs} & {"KopfPeering", "ClusterKopfPeering"}
+
+
+def test_leader_election_rbac_is_namespaced_and_limited_to_the_release_lease() -> None:
+    for values in ({}, NON_DEFAULT):
+        docs = render(values)
+        role = one(docs, "Role", "kt-kubetune-leader-election")
+        assert role["metadata"]["namespace"] == NS  # the release namespace only, whatever is watched
+        grants = {(verb, tuple(rule.get("resourceNames") or ())) for rule in role["rules"]
+                  for verb in rule["verbs"]}
+        assert grants == {("create", ()), ("get", ("kt-kubetune",)), ("update", ("kt-kubetune",))}
+        assert all(rule["apiGroups"] == ["coordination.k8s.io"] and rule["resources"] == ["leases"]
+                   for rule in role["rules"])
+        binding = one(docs, "RoleBinding", "kt-kubetune-leader-election")
+        assert binding["metadata"]["namespace"] == NS
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                      "name": "kt-kubetune-leader-election"}
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kt-kubetune", "namespace": NS}]
 
 
 def test_default_optional_parts_off() -> None:
@@ -193,7 +214,7 @@ def test_helm_test_hook_checks_healthz() -> None:
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     (c,) = pod["spec"]["containers"]
     assert c["image"] == "kubetune/operator:0.1.0" and c["command"] == ["python3", "-c"]
-    assert "/healthz" in c["args"][0]
+    assert "/healthz" in c["args"][0] and "/readyz" in c["args"][0] and 'b"leader"' in c["args"][0]
     assert env_of(c)["SERVICE_HOST_VAR"] == "KT_KUBETUNE_METRICS_SERVICE_HOST"
 
 
@@ -210,6 +231,7 @@ def test_notes_tell_next_steps() -> None:
     text = notes()
     assert "helm test kt" in text and "kubectl get ftr" in text
     assert "kubectl delete crd finetuneruns.kubetune.io" in text
+    assert f"kubectl -n {NS} delete lease kt-kubetune" in text and "kopf" not in text
 
 
 # ------------------------------------------------------------------------------------------ non-default
@@ -224,12 +246,12 @@ def test_non_default_render() -> None:
     env = env_of(c)
     assert json.loads(env["KUBETUNE_GPU_NODE_SELECTOR"]) == {"nvidia.com/gpu.present": "true"}
     assert json.loads(env["KUBETUNE_GPU_TOLERATIONS"])[0]["key"] == "nvidia.com/gpu"
-    # namespaced RBAC: a Role + binding per watched namespace, no cluster-wide operator rules
+    # namespaced RBAC: a Role + binding per watched namespace, no cluster-wide operator rules; the Lease's Role
+    # in the release namespace
     roles = find(docs, "Role")
     assert {(r["metadata"]["namespace"], r["metadata"]["name"]) for r in roles} == {
-        (ns, n) for ns in ("team-a", "team-b") for n in ("kt-kubetune", "kt-kubetune-peering")}
+        ("team-a", "kt-kubetune"), ("team-b", "kt-kubetune"), (NS, "kt-kubetune-leader-election")}
     assert {r["metadata"]["name"] for r in find(docs, "ClusterRole")} == {f"{NS}-kt-kubetune-crd-scan"}
-    assert {p["metadata"]["namespace"] for p in find(docs, "KopfPeering")} == {"team-a", "team-b"}
     secrets = [d for d in find(docs, "Secret") if d["metadata"]["name"] == "s3creds"]
     assert {s["metadata"]["namespace"] for s in secrets} == {"team-a", "team-b"}
     assert secrets[0]["stringData"] == {"AWS_ACCESS_KEY_ID": "AK", "AWS_SECRET_ACCESS_KEY": "SK"}
@@ -257,16 +279,31 @@ def test_glob_namespaces_need_cluster_wide_rbac() -> None:
     docs = render({"operator": {"watchNamespaces": ["team-*"]}})
     args = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--namespace=team-*" in args and "--all-namespaces" not in args
-    assert not find(docs, "Role")
+    assert [r["metadata"]["name"] for r in find(docs, "Role")] == ["kt-kubetune-leader-election"]  # no operator Role
     rules = one(docs, "ClusterRole", f"{NS}-kt-kubetune")["rules"]
     assert any(r["resources"] == ["namespaces"] for r in rules)
 
 
-def test_peering_off_runs_standalone() -> None:
-    docs = render({"peering": {"enabled": False}})
+def test_leader_election_off_runs_standalone() -> None:
+    docs = render({"leaderElection": {"enabled": False}})
     args = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert "--standalone" in args and not any(a.startswith("--peering") for a in args)
-    assert not find(docs, "ClusterKopfPeering") and not find(docs, "ClusterRole", f"{NS}-kt-kubetune-peering")
+    assert "--standalone" in args and not any(a.startswith("--leader-election") for a in args)
+    assert not find(docs, "Role") and not find(docs, "RoleBinding")
+    assert "delete lease" not in notes({"leaderElection": {"enabled": False}})
+
+
+def test_chart_args_parse_with_the_operator() -> None:
+    """The Deployment's args are flags the operator knows, and elect on the release's Lease in the pod's
+    namespace (POD_NAMESPACE, set by the chart)."""
+    from kubetune.operator.__main__ import election_config, parse_args
+
+    for values in ({}, NON_DEFAULT):
+        args = one(render(values), "Deployment", "kt-kubetune")["spec"]["template"]["spec"]["containers"][0]["args"]
+        election = election_config(parse_args(args))
+        assert election is not None and election.name == "kt-kubetune"
+    args = one(render({"leaderElection": {"enabled": False}}), "Deployment")["spec"]["template"]["spec"][
+        "containers"][0]["args"]
+    assert election_config(parse_args(args)) is None
 
 
 def test_render_failures_explain_themselves() -> None:
@@ -274,6 +311,8 @@ def test_render_failures_explain_themselves() -> None:
         render({"runDefaults": {"s3": {"createSecret": True, "accessKey": "a", "secretKey": "b"}}})
     with pytest.raises(helm.HelmError, match=r"needs runDefaults\.s3\.accessKey"):
         render({"operator": {"watchNamespaces": ["x"]}, "runDefaults": {"s3": {"createSecret": True}}})
+    with pytest.raises(helm.HelmError, match=r"replicas > 1 needs leaderElection\.enabled"):
+        render({"operator": {"replicas": 2}, "leaderElection": {"enabled": False}})
 
 
 # ------------------------------------------------------------------------------------------ schema
@@ -288,6 +327,8 @@ def test_render_failures_explain_themselves() -> None:
     ({"operater": {}}, r"operater"),
     ({"operator": {"metricsPort": 70000}}, r"metricsPort"),
     ({"runDefaults": {"gpu": {"tolerations": [{"effect": "Sometimes"}]}}}, r"effect"),
+    ({"leaderElection": {"enabled": "yes"}}, r"enabled.*(boolean|type)"),
+    ({"peering": {"enabled": True}}, r"peering"),  # the kopf peering values are gone
 ])
 def test_schema_rejects_bad_values(values: dict[str, Any], expected: str) -> None:
     chart = helm.Chart.load(CHART)
@@ -312,8 +353,7 @@ def _crds(path: Path) -> list[dict[str, Any]]:
 
 @pytest.mark.parametrize("path", sorted((ROOT / "crds").glob("*.yaml")), ids=lambda p: p.name)
 def test_chart_crds_match_generated(path: Path) -> None:
-    """The chart's crds/ carry the same CustomResourceDefinitions as the repository's crds/ (other objects there,
-    such as a peering object, are templated by the chart with release-unique names instead)."""
+    """The chart's crds/ carry the same CustomResourceDefinitions as the repository's crds/."""
     copy = CHART / "crds" / path.name
     assert copy.exists(), f"{copy} is missing: copy the CRDs of {path}"
     assert _crds(copy) == _crds(path), f"{copy} drifted from {path}: copy its CustomResourceDefinitions again"
@@ -321,10 +361,10 @@ def test_chart_crds_match_generated(path: Path) -> None:
         assert copy.read_text() == path.read_text(), f"cp {path} {copy}"
 
 
-def test_chart_ships_kopf_peering_crds() -> None:
+def test_chart_ships_only_the_finetunerun_crd() -> None:
     names = {doc["metadata"]["name"] for crd in helm.Chart.load(CHART).crds
              for doc in yaml.safe_load_all(crd["data"]) if doc}
-    assert {"finetuneruns.kubetune.io", "kopfpeerings.kopf.dev", "clusterkopfpeerings.kopf.dev"} <= names
+    assert names == {"finetuneruns.kubetune.io"}  # leader election needs no CRD of its own (a Lease)
 
 
 # ------------------------------------------------------------------------------------------ dashboards

@@ -27,9 +27,8 @@ OPERATOR_NEEDS: dict[tuple[str, str], set[str]] = {
     ("events.k8s.io", "events"): {"create", "patch"},
     ("", "namespaces"): {"get", "list", "watch"},
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},
-    ("kopf.dev", "kopfpeerings"): {"get", "list", "watch", "patch"},
-    ("kopf.dev", "clusterkopfpeerings"): {"get", "list", "watch", "patch"},
-    ("coordination.k8s.io", "leases"): {"get", "list", "watch", "create", "update", "patch"},
+    # leader election (kubetune.operator.leader): read, create, and renew or release with a conditional PUT
+    ("coordination.k8s.io", "leases"): {"get", "create", "update"},
 }
 
 
@@ -58,6 +57,18 @@ def test_rbac_grants_only_what_the_operator_uses() -> None:
     trainer_accounts = {d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount"} - {"kubetune-operator"}
     assert not (bound & trainer_accounts), bound & trainer_accounts
 
+
+
+def test_leader_election_role_names_the_default_lease() -> None:
+    """The Lease is read and renewed by name only (a create cannot be limited to one), in the operator's own
+    namespace: the name the operator uses by default."""
+    from kubetune.operator.leader import DEFAULT_LEASE_NAME
+
+    docs = [d for d in yaml.safe_load_all((ROOT / "deploy" / "rbac.yaml").read_text()) if d]
+    (role,) = [d for d in docs if d["kind"] == "Role" and d["metadata"]["name"] == "kubetune-operator-leader-election"]
+    assert role["metadata"]["namespace"] == "kubetune-system"
+    grants = {(verb, tuple(rule.get("resourceNames") or ())) for rule in role["rules"] for verb in rule["verbs"]}
+    assert grants == {("create", ()), ("get", (DEFAULT_LEASE_NAME,)), ("update", (DEFAULT_LEASE_NAME,))}
 
 
 def test_trainer_pods_get_no_api_token() -> None:

@@ -209,6 +209,32 @@ def test_log_cursor_skips_exactly_what_a_reconnect_replays() -> None:
     assert [cursor.accept(t) for t in [11.0, 11.0, 11.5]] == [False, True, True]
 
 
+def test_log_cursor_persisted_in_status_resumes_a_restarted_reader_where_the_status_stopped() -> None:
+    stamps = ["2026-12-02T10:00:00.100000001Z", "2026-12-02T10:00:00.200000000Z",
+              "2026-12-02T10:00:00.200000000Z"]
+    cursor = st.LogCursor()
+    for stamp in stamps:
+        assert cursor.accept(st.parse_rfc3339(stamp), stamp)
+    saved = cursor.to_status("run-a1-x")
+    assert saved == {"pod": "run-a1-x", "time": stamps[-1], "lines": 2}
+    status = {"podName": "run-a1-x", "logCursor": saved}
+    restored = st.LogCursor.from_status(status, "run-a1-x")
+    assert restored.since_time() == cursor.since_time()
+    # the restarted stream replays the whole second: only what follows the persisted lines is new
+    replay = [*stamps, "2026-12-02T10:00:00.200000000Z", "2026-12-02T10:00:01.000000000Z"]
+    assert [restored.accept(st.parse_rfc3339(s), s) for s in replay] == [False] * 3 + [True, True]
+    assert st.LogCursor.from_status(status, "run-a2-y").last_ts is None  # another pod: read from the start
+    assert st.LogCursor.from_status({}, "run-a1-x").to_status("run-a1-x") is None
+
+
+def test_pod_state_tells_alive_succeeded_and_gone() -> None:
+    running = st.PodState("p", "Running", started=True)
+    done = st.PodState("p", "Succeeded", exit_code=0, started=True)
+    assert running.alive and not running.succeeded
+    assert done.succeeded and not done.alive
+    assert not st.PodState("p", "Running", gone=True).alive
+
+
 def test_epoch_evaluations_and_the_wise_ft_frontier_fold_into_status() -> None:
     f = st.StatusFolder()
     for epoch, r5 in ((1, 0.4), (2, 0.6), (2, 0.65)):  # a resumed attempt re-reports epoch 2: kept once

@@ -74,8 +74,17 @@ def test_child_index_tracks_newest_pod_per_attempt_and_wakes_waiters() -> None:
         pod1, pod2 = index.pod(("ns", "r"), 1), index.pod(("ns", "r"), 2)
         assert pod1 is not None and pod1.exit_code == 75 and pod1.terminated
         assert pod2 is not None and pod2.name == "p3" and pod2.started and pod2.scheduled
-        index.on_pod("DELETED", _pod("p3", 2, "Running", "2026-01-01T00:02:00Z"))
-        assert index.pod(("ns", "r"), 2).name == "p2"  # type: ignore[union-attr]
+        index.on_pod("DELETED", _pod("p2", 2, "Pending", "2026-01-01T00:01:00Z"))
+        assert index.pod(("ns", "r"), 2).name == "p3"  # type: ignore[union-attr]
+        index.on_pod("ADDED", _pod("p4", 2, "Pending", "2026-01-01T00:00:30Z"))
+        index.on_pod("DELETED", _pod("p3", 2, "Succeeded", "2026-01-01T00:02:00Z",
+                                     {"name": "trainer", "state": {"terminated": {
+                                         "exitCode": 0, "message": "KUBETUNE_EVENT {}"}}}))
+        assert index.pod(("ns", "r"), 2).name == "p4"  # type: ignore[union-attr]  # existing pods first
+        index.on_pod("DELETED", _pod("p4", 2, "Pending", "2026-01-01T00:00:30Z"))
+        gone = index.pod(("ns", "r"), 2)  # a removed pod's last state stays: its summary decides the attempt
+        assert gone is not None and gone.gone and gone.succeeded and gone.message == "KUBETUNE_EVENT {}"
+        assert [p.name for _, p in index.pods(("ns", "r")) if p.alive] == []
         index.on_job("ADDED", {"metadata": {"name": "r-a1", "namespace": "ns", "labels": {"kubetune.io/run": "r"}},
                                "status": {"conditions": [{"type": "Failed", "status": "True"}]}})
         assert index.job("ns", "r-a1").failed  # type: ignore[union-attr]
@@ -121,10 +130,10 @@ def test_token_bucket_limits_rate() -> None:
 
 def test_kopf_settings_use_own_prefixes() -> None:
     settings = kopf.OperatorSettings()
-    configure_kopf(settings, peering_name="kt", instance="test")
+    configure_kopf(settings, instance="test")
     assert settings.persistence.finalizer == FINALIZER == "kubetune.io/finalizer"
     assert isinstance(settings.persistence.progress_storage, kopf.AnnotationsProgressStorage)
-    assert settings.peering.name == "kt" and settings.peering.mandatory is False
+    assert settings.peering.standalone is True  # the Lease election decides which replica runs kopf
     assert settings.posting.reporting_component == "kubetune-operator"
 
 
@@ -253,11 +262,11 @@ def test_in_cluster_login_uses_service_env_not_dns(tmp_path: Any, monkeypatch: p
     token = tmp_path / "token"
     token.write_text("t")
     env = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"}
-    info = handlers._login(env=env, token_path=str(token))
+    info = handlers.connection_info(env=env, token_path=str(token))
     assert info.server == "https://10.96.0.1:443"
     assert (info.token, info.ca_path, info.default_namespace) == ("t", "/ca.crt", "ops")
-    assert handlers._login(env={}, token_path=str(token)) is kopf_info  # no variables: kopf's own URL
-    assert handlers._login(env=env, token_path=str(tmp_path / "missing")) == "kubeconfig"  # not in a pod
+    assert handlers.connection_info(env={}, token_path=str(token)) is kopf_info  # no variables: kopf's own URL
+    assert handlers.connection_info(env=env, token_path=str(tmp_path / "missing")) == "kubeconfig"  # not in a pod
 
 
 def test_quiet_watch_handlers_drops_only_the_watch_handlers_success_lines() -> None:
@@ -265,10 +274,10 @@ def test_quiet_watch_handlers_drops_only_the_watch_handlers_success_lines() -> N
         return logging.LogRecord("kopf.objects", level, __file__, 1, msg, None, None)
 
     quiet = QuietWatchHandlers()
-    assert not quiet.filter(record(logging.INFO, "Handler 'build_registry.<locals>.pod_event' succeeded."))
-    assert not quiet.filter(record(logging.INFO, "Handler 'build_registry.<locals>.run_event' succeeded."))
-    assert quiet.filter(record(logging.INFO, "Handler 'build_registry.<locals>.accept' succeeded."))
-    assert quiet.filter(record(logging.ERROR, "Handler 'build_registry.<locals>.pod_event' failed with an exception."))
+    assert not quiet.filter(record(logging.INFO, "Handler 'pod_event' succeeded."))
+    assert not quiet.filter(record(logging.INFO, "Handler 'run_event' succeeded."))
+    assert quiet.filter(record(logging.INFO, "Handler 'accept' succeeded."))
+    assert quiet.filter(record(logging.ERROR, "Handler 'pod_event' failed with an exception."))
 
 
 def test_kube_errors_tell_a_missing_object_from_a_transient_answer() -> None:

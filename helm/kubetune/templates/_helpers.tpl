@@ -62,10 +62,6 @@ app.kubernetes.io/part-of: kubetune
 {{- if $wide -}}true{{- end -}}
 {{- end -}}
 
-{{- define "kubetune.peeringName" -}}
-{{- default (include "kubetune.fullname" .) .Values.peering.name -}}
-{{- end -}}
-
 {{/* The S3 endpoint given to the operator: explicit, else the built-in MinIO's Service. */}}
 {{- define "kubetune.s3Endpoint" -}}
 {{- if .Values.runDefaults.s3.endpoint -}}
@@ -102,10 +98,4 @@ app.kubernetes.io/part-of: kubetune
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
-{{- end -}}
-
-{{- define "kubetune.peeringRules" -}}
-- apiGroups: ["kopf.dev"]
-  resources: ["kopfpeerings"]
-  verbs: ["get", "list", "watch", "patch"]
 {{- end -}}

@@ -70,12 +70,12 @@ class ChildIndex:
         key, attempt = parsed
         name = (body.get("metadata") or {}).get("name", "")
         pods = self._pods.setdefault(key, {})
-        if event_type == "DELETED":
-            pods.pop(name, None)
-            if not pods:
-                self._pods.pop(key, None)
-        else:
-            pods[name] = PodEntry(attempt, pod_state(body))
+        state = pod_state(body)
+        # A deleted pod's last state stays (gone) until the run's next resync or end: its terminated
+        # container carries the trainer's summary (termination message), which decides the attempt even
+        # when the pod was removed before its supervisor woke up.
+        pods[name] = PodEntry(attempt, dataclasses.replace(state, gone=True, deleting=True)
+                              if event_type == "DELETED" else state)
         self._notify(key)
 
     def resync(self, key: RunKey, job_name: str, job: Any | None, pods: list[Any]) -> None:
@@ -86,7 +86,13 @@ class ChildIndex:
             self._jobs.pop(jkey, None)
         else:
             self._jobs[jkey] = job_state(job)
-        fresh: dict[str, PodEntry] = {}
+        self.resync_pods(key, pods)
+        self._notify(key)
+
+    def resync_pods(self, key: RunKey, pods: list[Any]) -> None:
+        """Replace the run's pods with a fresh list (what a lagging watch has not reported yet). The last states
+        of removed pods stay: they may carry a trainer's summary nobody has read yet."""
+        fresh = {name: e for name, e in self._pods.get(key, {}).items() if e.state.gone}
         for pod in pods:
             parsed = self._run_key(pod)
             if parsed is not None and parsed[0] == key:
@@ -95,17 +101,20 @@ class ChildIndex:
             self._pods[key] = fresh
         else:
             self._pods.pop(key, None)
-        self._notify(key)
 
     def job(self, namespace: str, name: str) -> JobState | None:
         return self._jobs.get((namespace, name))
 
+    def pods(self, key: RunKey) -> list[tuple[int, PodState]]:
+        """Every known pod of the run, with its attempt."""
+        return [(e.attempt, e.state) for e in self._pods.get(key, {}).values()]
+
     def pod(self, key: RunKey, attempt: int) -> PodState | None:
-        """The newest pod of this attempt."""
+        """The newest pod of this attempt that still exists, else the last one removed."""
         entries = [e.state for e in self._pods.get(key, {}).values() if e.attempt == attempt]
         if not entries:
             return None
-        return max(entries, key=lambda p: (p.created or 0.0, p.name))
+        return max(entries, key=lambda p: (not p.gone, p.created or 0.0, p.name))
 
     def register(self, key: RunKey) -> asyncio.Event:
         return self._changed.setdefault(key, asyncio.Event())
@@ -148,7 +157,6 @@ class Context:
     kube_client: Kube | None = None
     capabilities: Capabilities | None = None
     limiter: TokenBucket | None = None
-    peering_name: str = "kubetune"
 
     @property
     def kube(self) -> Kube:

@@ -16,11 +16,13 @@ effects; the TTL timer interval comes from the settings object).
   never re-launched, not on resume nor on unsuspend), a ``Cancelled`` condition and Event;
 - ``on.field(spec.runPolicy.suspend)``: suspend deletes the attempt's Job (checkpoints stay in S3); unsuspend
   lets the daemon resume with a new attempt;
-- ``on.update(spec)``: re-validate, refresh the ConfigMap for the next attempt, observedGeneration;
+- ``on.update(spec)``: re-validate; the ``SpecValid`` condition and an Event say whether (and from when) the
+  edit applies: the running attempt keeps its spec, the next attempt's ConfigMap and Job are built from the
+  latest valid one (:mod:`kubetune.lifecycle.attempts`);
 - ``on.delete``: kopf stops the daemon (and so the log following) first; Jobs are deleted at once;
-- ``timer``: TTL after finish: delete Jobs and ConfigMap, keep the run and its artifact;
+- ``timer``: TTL after finish: delete Jobs and ConfigMap, keep the run and its artifact (once: the timer
+  stops when the run is ``CleanedUp``);
 - ``on.event`` for runs/Jobs/pods: the metrics table; the Job/pod index the supervisors wait on;
-- ``on.probe``: liveness details.
 
 Every handler's errors are counted in ``kubetune_reconcile_errors_total{handler}`` (see :mod:`.metrics`).
 """
@@ -38,16 +40,18 @@ from typing import Any
 import kopf
 
 from kubetune import manifests
+from kubetune.lifecycle.attempts import spec_edit_update, suspended_seconds
 from kubetune.operator.context import Context
 from kubetune.operator.kube import Kube, config_maps_path, jobs_path
 from kubetune.operator.supervisor import Supervisor, format_errors, validate
-from kubetune.spec import CANCEL_ANNOTATION, GROUP, PLURAL, VERSION, Phase
+from kubetune.spec import CANCEL_ANNOTATION, GROUP, PLURAL, VERSION, FinetuneRunStatus, Phase
 from kubetune.status import (
     CLEANED_UP,
     SUSPENDED,
     cancel_pending,
     cancel_request,
     cancel_update,
+    get_condition,
     is_terminal,
     set_condition,
     transition,
@@ -75,12 +79,10 @@ class ProgressStorage(kopf.AnnotationsProgressStorage):
         return cleared
 
 
-def configure_kopf(settings: kopf.OperatorSettings, *, peering_name: str = "kubetune",
-                   instance: str | None = None) -> None:
+def configure_kopf(settings: kopf.OperatorSettings, *, instance: str | None = None) -> None:
     """Apply kubetune's kopf settings (pure apart from mutating ``settings``)."""
-    # Leader election through kopf peering when its CRDs exist; a lone replica runs without them.
-    settings.peering.name = peering_name
-    settings.peering.mandatory = False
+    # kopf runs only in the replica holding the Lease (kubetune.operator.leader): its own peering stays off.
+    settings.peering.standalone = True
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = ProgressStorage(prefix=PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -107,7 +109,7 @@ class QuietWatchHandlers(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno > logging.INFO or not isinstance(record.msg, str) or "succeeded" not in record.msg:
             return True
-        return not any(f".{name}' succeeded" in record.msg for name in WATCH_HANDLERS)
+        return not any(f"'{name}' succeeded" in record.msg for name in WATCH_HANDLERS)
 
 
 def _suspended(spec: Any) -> bool:
@@ -124,174 +126,203 @@ def _cancel_pending(meta: Any, status: Any, **_: Any) -> bool:
 
 
 def _ttl_pending(spec: Any, status: Any, **_: Any) -> bool:
+    """The TTL timer runs for finished runs with a TTL whose children are not cleaned up yet."""
     ttl = ((spec or {}).get("runPolicy") or {}).get("ttlSecondsAfterFinished")
-    return ttl is not None and is_terminal(status)
+    cleaned = (get_condition((status or {}).get("conditions"), CLEANED_UP) or {}).get("status") == "True"
+    return ttl is not None and is_terminal(status) and not cleaned
+
+
+def _ctx(memo: kopf.Memo) -> Context:
+    ctx: Context = memo.ctx
+    return ctx
+
+
+def _selector(name: str) -> str:
+    return f"{manifests.RUN_LABEL}={manifests.run_label(name)}"
+
+
+# -------------------------------------------------------------------------------------------- activities
+async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+    configure_kopf(settings)
+
+
+def login(memo: kopf.Memo, **kwargs: Any) -> Any:
+    """kopf's login; the same credentials build (or refresh) the operator's own API client."""
+    ctx = _ctx(memo)
+    info = connection_info(**kwargs)
+    if info is not None:
+        if ctx.kube_client is None:
+            ctx.kube_client = Kube.from_connection_info(info, relogin=lambda: _relogin(ctx, kwargs))
+        else:
+            ctx.kube_client.update_credentials(info)
+    return info
+
+
+# -------------------------------------------------------------------------------------------- runs
+async def accept(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta, patch: kopf.Patch,
+                 memo: kopf.Memo, **_: Any) -> None:
+    """A new run (or one seen again after a restart): an invalid spec fails it at once, with the field paths;
+    a run created suspended waits. Everything else is the supervisor's."""
+    metrics = _ctx(memo).metrics
+    with metrics.timed("accept"):
+        if is_terminal(status) or status.get("phase") or cancel_request(meta) is not None:
+            return  # already handled (resume after restart), or cancelled: `cancel` takes over
+        model, errors = validate(spec)
+        now = time.time()
+        if model is None:
+            message = f"Invalid spec: {format_errors(errors)}"
+            patch.status.update(transition(status, Phase.FAILED.value, "InvalidSpec", message, now))
+            patch.status["observedGeneration"] = meta.get("generation")
+            kopf.warn(body, reason="InvalidSpec", message=message[:1024])
+            metrics.transition(None, Phase.FAILED.value)
+            return
+        if _suspended(spec):
+            update = transition(status, Phase.SUSPENDED.value, "Suspended", "Created suspended; unsuspend to start.",
+                                now)
+            patch.status.update(update)
+            patch.status["observedGeneration"] = meta.get("generation")
+            metrics.transition(None, Phase.SUSPENDED.value)
+
+
+async def supervise(body: kopf.Body, stopped: kopf.DaemonStopped, logger: kopf.Logger, memo: kopf.Memo,
+                    **_: Any) -> None:
+    ctx = _ctx(memo)
+    with ctx.metrics.counting_errors("supervisor"):
+        await Supervisor(ctx, body, stopped, logger).run()
+
+
+async def cancel(body: kopf.Body, meta: kopf.Meta, status: kopf.Status, patch: kopf.Patch, name: str | None,
+                 namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+    # kopf stops the daemon (its `when` no longer holds); the supervisor also sees the annotation and neither
+    # retries nor writes status any more. Deleting the Jobs here cannot lead to a retry.
+    ctx = _ctx(memo)
+    with ctx.metrics.timed("cancel"):
+        deleted = await ctx.kube.delete_collection(jobs_path(str(namespace)), _selector(str(name)))
+        update = cancel_update(status, meta, deleted, time.time())
+        patch.status.update(update)
+        kopf.info(body, reason="Cancelled", message=update["message"])
+        ctx.metrics.transition(status.get("phase"), Phase.CANCELLED.value)
+
+
+async def suspend_changed(body: kopf.Body, old: Any, new: Any, status: kopf.Status, meta: kopf.Meta,
+                          patch: kopf.Patch, name: str | None, namespace: str | None, memo: kopf.Memo,
+                          **_: Any) -> None:
+    if old is None or bool(old) == bool(new) or is_terminal(status) or cancel_request(meta) is not None:
+        return
+    ctx = _ctx(memo)
+    with ctx.metrics.timed("suspend"):
+        now = time.time()
+        if new:
+            deleted = await ctx.kube.delete_collection(jobs_path(str(namespace)), _selector(str(name)))
+            update = transition(status, Phase.SUSPENDED.value, "Suspended",
+                                f"Suspended: deleted {deleted} Job(s); checkpoints are kept.", now)
+            patch.status.update(update)
+            kopf.info(body, reason="Suspended", message=update["message"])
+            ctx.metrics.transition(status.get("phase"), Phase.SUSPENDED.value)
+        else:
+            conditions = set_condition(status.get("conditions") or [], SUSPENDED, "False", "Resumed",
+                                       "Resumed; continuing from the latest checkpoint.", now)
+            typed = FinetuneRunStatus.model_validate(dict(status))
+            patch.status["suspendedSeconds"] = round(suspended_seconds(typed, now), 3)
+            patch.status["conditions"] = conditions
+            kopf.info(body, reason="Resumed", message="Resumed; a new attempt continues from the latest checkpoint.")
+
+
+async def spec_updated(body: kopf.Body, diff: kopf.Diff, spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta,
+                       patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    if all(tuple(d[1]) == ("runPolicy", "suspend") or _only_suspend(d) for d in diff):
+        return  # handled by suspend_changed
+    with _ctx(memo).metrics.timed("update"):
+        if is_terminal(status):
+            kopf.info(body, reason="SpecChangeIgnored", message="The run has finished; spec changes have no effect.")
+            return
+        errors = validate(spec)[1]
+        update = spec_edit_update(FinetuneRunStatus.model_validate(dict(status)), meta.get("generation"),
+                                  format_errors(errors) if errors else None, time.time())
+        patch.status.update(update)
+        if errors:
+            kopf.warn(body, reason="InvalidSpecUpdate", message=update["message"][:1024])
+        else:
+            kopf.info(body, reason="SpecUpdated", message=update["message"])
+
+
+async def deleted(name: str | None, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+    ctx = _ctx(memo)
+    with ctx.metrics.timed("delete"):
+        # The daemon is already stopped (kopf stops it before deletion handlers); owner references would
+        # garbage-collect the Jobs too, but deleting them now frees the GPUs at once.
+        await ctx.kube.delete_collection(jobs_path(str(namespace)), _selector(str(name)))
+        ctx.metrics.table.forget(str(namespace), str(name))
+        ctx.children.forget_run((str(namespace), manifests.run_label(str(name))))
+
+
+async def ttl(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, patch: kopf.Patch, name: str | None,
+              namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+    ttl_seconds = (spec.get("runPolicy") or {}).get("ttlSecondsAfterFinished")
+    if not ttl_due(status, ttl_seconds, time.time()):
+        return
+    ctx = _ctx(memo)
+    with ctx.metrics.timed("ttl"):
+        selector = _selector(str(name))
+        jobs = await ctx.kube.delete_collection(jobs_path(str(namespace)), selector)
+        cms = await ctx.kube.delete_collection(config_maps_path(str(namespace)), selector)
+        message = f"TTL after finish expired: deleted {jobs} Job(s) and {cms} ConfigMap(s)."
+        patch.status["conditions"] = set_condition(status.get("conditions") or [], CLEANED_UP, "True", "TTLExpired",
+                                                   message, time.time())
+        kopf.info(body, reason="TTLExpired", message=message)
+
+
+# The on.event handlers are async on purpose: kopf runs sync handlers in a thread pool, one thread hop (and GIL
+# hand-over) per watch event, which is most of their cost with hundreds of runs.
+async def run_event(event: kopf.RawEvent, name: str | None, namespace: str | None, spec: kopf.Spec,
+                    status: kopf.Status, memo: kopf.Memo, **_: Any) -> None:
+    metrics = _ctx(memo).metrics
+    with metrics.counting_errors("run_event"):
+        if event.get("type") == "DELETED":
+            metrics.table.forget(str(namespace), str(name))
+        else:
+            model = (spec.get("model") or {}).get("name")
+            metrics.table.update(str(namespace), str(name), status, model=str(model) if model else None)
+
+
+# -------------------------------------------------------------------------------------------- children
+async def job_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    ctx = _ctx(memo)
+    with ctx.metrics.counting_errors("job_event"):
+        ctx.children.on_job(event.get("type"), body)
+
+
+async def pod_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    ctx = _ctx(memo)
+    with ctx.metrics.counting_errors("pod_event"):
+        ctx.children.on_pod(event.get("type"), body)
 
 
 def build_registry(ctx: Context) -> kopf.OperatorRegistry:
+    """Every handler on a fresh registry (nothing registers at import time). The handlers find ``ctx`` in
+    kopf's memo (``kopf.operator(memo=kopf.Memo(ctx=ctx))``); only the TTL timer's interval is read here."""
     registry = kopf.OperatorRegistry()
-    metrics = ctx.metrics
-
-    @kopf.on.startup(registry=registry)
-    async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
-        configure_kopf(settings, peering_name=ctx.peering_name)
-
-    @kopf.on.login(registry=registry)
-    def login(**kwargs: Any) -> Any:
-        info = _login(**kwargs)
-        if info is not None:
-            if ctx.kube_client is None:
-                ctx.kube_client = Kube.from_connection_info(info, relogin=lambda: _relogin(ctx, kwargs))
-            else:
-                ctx.kube_client.update_credentials(info)
-        return info
-
-    @kopf.on.probe(id="runs", registry=registry)
-    def probe_runs(**_: Any) -> int:
-        return len(metrics.table)
-
-    # ---------------------------------------------------------------------------------------- runs
-    @kopf.on.resume(*RUNS, registry=registry)
-    @kopf.on.create(*RUNS, registry=registry)
-    async def accept(body: kopf.Body, spec: Any, status: Any, meta: Any, patch: kopf.Patch,
-                     **_: Any) -> None:
-        with metrics.timed("accept"):
-            if is_terminal(status) or (status or {}).get("phase") or cancel_request(meta) is not None:
-                return  # already handled (resume after restart), or cancelled: `cancel` takes over
-            model, errors = validate(spec)
-            now = time.time()
-            if model is None:
-                message = f"Invalid spec: {format_errors(errors)}"
-                patch.status.update(transition(status or {}, Phase.FAILED.value, "InvalidSpec", message, now))
-                patch.status["observedGeneration"] = meta.get("generation")
-                kopf.warn(body, reason="InvalidSpec", message=message[:1024])
-                metrics.transition(None, Phase.FAILED.value)
-                return
-            if _suspended(spec):
-                update = transition(status or {}, Phase.SUSPENDED.value, "Suspended",
-                                    "Created suspended; unsuspend to start.", now)
-                patch.status.update(update)
-                patch.status["observedGeneration"] = meta.get("generation")
-                metrics.transition(None, Phase.SUSPENDED.value)
-
-    @kopf.daemon(*RUNS, id="supervisor", when=_active, cancellation_timeout=10.0, registry=registry)
-    async def supervise(body: kopf.Body, stopped: Any, logger: Any, **_: Any) -> None:
-        with metrics.counting_errors("supervisor"):
-            await Supervisor(ctx, body, stopped, logger).run()
-
-    # on.field, not on.update: kopf leaves annotations under its own prefix (kubetune.io) out of the diff
-    # base unless a handler names the field. It fires on creation too; on.resume covers a restart (and a run
+    kopf.on.startup(registry=registry)(startup)
+    kopf.on.login(registry=registry)(login)
+    kopf.on.create(*RUNS, id="accept", registry=registry)(accept)
+    kopf.on.resume(*RUNS, id="accept", registry=registry)(accept)
+    kopf.daemon(*RUNS, id="supervisor", when=_active, cancellation_timeout=10.0, registry=registry)(supervise)
+    # on.field, not on.update: kopf leaves annotations under its own prefix (kubetune.io) out of the diff base
+    # unless a handler names the field. It fires on creation too; on.resume covers a restart (and a run
     # suspended-and-annotated by an older SDK). kopf calls one function once per cause.
-    @kopf.on.resume(*RUNS, id="cancel", when=_cancel_pending, registry=registry)
-    @kopf.on.field(*RUNS, id="cancel", field=("metadata", "annotations", CANCEL_ANNOTATION), when=_cancel_pending,
-                   registry=registry)
-    async def cancel(body: kopf.Body, meta: Any, status: Any, patch: kopf.Patch, namespace: Any, name: Any,
-                     **_: Any) -> None:
-        # kopf stops the daemon (its `when` no longer holds); the supervisor also sees the annotation and
-        # neither retries nor writes status any more. Deleting the Jobs here cannot lead to a retry.
-        with metrics.timed("cancel"):
-            deleted = await ctx.kube.delete_collection(
-                jobs_path(namespace), f"{manifests.RUN_LABEL}={manifests.run_label(name)}")
-            update = cancel_update(status, meta, deleted, time.time())
-            patch.status.update(update)
-            kopf.info(body, reason="Cancelled", message=update["message"])
-            metrics.transition((status or {}).get("phase"), Phase.CANCELLED.value)
-
-    @kopf.on.field(*RUNS, field="spec.runPolicy.suspend", registry=registry)
-    async def suspend_changed(body: kopf.Body, old: Any, new: Any, status: Any, meta: Any, patch: kopf.Patch,
-                              namespace: Any, name: Any, **_: Any) -> None:
-        if old is None or bool(old) == bool(new) or is_terminal(status) or cancel_request(meta) is not None:
-            return
-        with metrics.timed("suspend"):
-            now = time.time()
-            if new:
-                deleted = await ctx.kube.delete_collection(
-                    jobs_path(namespace), f"{manifests.RUN_LABEL}={manifests.run_label(name)}")
-                update = transition(status or {}, Phase.SUSPENDED.value, "Suspended",
-                                    f"Suspended: deleted {deleted} Job(s); checkpoints are kept.", now)
-                patch.status.update(update)
-                kopf.info(body, reason="Suspended", message=update["message"])
-                metrics.transition((status or {}).get("phase"), Phase.SUSPENDED.value)
-            else:
-                conditions = set_condition((status or {}).get("conditions") or [], SUSPENDED, "False", "Resumed",
-                                           "Resumed; continuing from the latest checkpoint.", now)
-                patch.status["conditions"] = conditions
-                kopf.info(body, reason="Resumed", message="Resumed; a new attempt continues from the latest "
-                                                          "checkpoint.")
-
-    @kopf.on.update(*RUNS, field="spec", registry=registry)
-    async def spec_updated(body: kopf.Body, diff: Any, spec: Any, status: Any, meta: Any, patch: kopf.Patch,
-                           namespace: Any, **_: Any) -> None:
-        if all(tuple(d[1]) == ("runPolicy", "suspend") or _only_suspend(d) for d in diff):
-            return  # handled by suspend_changed
-        with metrics.timed("update"):
-            if is_terminal(status):
-                kopf.info(body, reason="SpecChangeIgnored", message="The run has finished; spec changes have no "
-                                                                    "effect.")
-                return
-            model, errors = validate(spec)
-            if model is None:
-                kopf.warn(body, reason="InvalidSpecUpdate",
-                          message=f"Update ignored: {format_errors(errors)}"[:1024])
-                return
-            run = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
-                   "metadata": {**dict(meta), "namespace": namespace}, "spec": dict(spec)}
-            cm = manifests.config_map(run, model, ctx.settings)
-            try:
-                await ctx.kube.merge_patch(config_maps_path(namespace, cm["metadata"]["name"]), {"data": cm["data"]})
-            except Exception as e:  # the ConfigMap may not exist yet: the next attempt creates it
-                logging.getLogger(__name__).debug(f"ConfigMap not updated: {e}")
-            patch.status["observedGeneration"] = meta.get("generation")
-            kopf.info(body, reason="SpecUpdated", message="Spec changed; it applies from the next attempt.")
-
-    @kopf.on.delete(*RUNS, registry=registry)
-    async def deleted(namespace: Any, name: Any, **_: Any) -> None:
-        with metrics.timed("delete"):
-            # The daemon is already stopped (kopf stops it before deletion handlers); owner references would
-            # garbage-collect the Jobs too, but deleting them now frees the GPUs at once.
-            await ctx.kube.delete_collection(jobs_path(namespace),
-                                             f"{manifests.RUN_LABEL}={manifests.run_label(name)}")
-            metrics.table.forget(namespace, name)
-            ctx.children.forget_run((namespace, manifests.run_label(name)))
-
-    @kopf.timer(*RUNS, id="ttl", interval=ctx.settings.ttl_check_interval, when=_ttl_pending,
-                initial_delay=1.0, registry=registry)
-    async def ttl(body: kopf.Body, spec: Any, status: Any, patch: kopf.Patch, namespace: Any, name: Any,
-                  **_: Any) -> None:
-        ttl_seconds = (spec.get("runPolicy") or {}).get("ttlSecondsAfterFinished")
-        if not ttl_due(status, ttl_seconds, time.time()):
-            return
-        with metrics.timed("ttl"):
-            selector = f"{manifests.RUN_LABEL}={manifests.run_label(name)}"
-            jobs = await ctx.kube.delete_collection(jobs_path(namespace), selector)
-            cms = await ctx.kube.delete_collection(config_maps_path(namespace), selector)
-            message = f"TTL after finish expired: deleted {jobs} Job(s) and {cms} ConfigMap(s)."
-            patch.status["conditions"] = set_condition(status.get("conditions") or [], CLEANED_UP, "True",
-                                                       "TTLExpired", message, time.time())
-            kopf.info(body, reason="TTLExpired", message=message)
-
-    # The on.event handlers are async on purpose: kopf runs sync handlers in a thread pool, one thread hop (and
-    # GIL hand-over) per watch event, which is most of their cost with hundreds of runs.
-    @kopf.on.event(*RUNS, registry=registry)
-    async def run_event(event: Any, namespace: Any, name: Any, spec: Any, status: Any, **_: Any) -> None:
-        with metrics.counting_errors("run_event"):
-            if event.get("type") == "DELETED":
-                metrics.table.forget(namespace, name)
-            else:
-                model = ((spec or {}).get("model") or {}).get("name")
-                metrics.table.update(namespace, name, status, model=str(model) if model else None)
-
-    # ---------------------------------------------------------------------------------------- children
-    @kopf.on.event("batch", "v1", "jobs", labels={manifests.RUN_LABEL: kopf.PRESENT}, registry=registry)
-    async def job_event(event: Any, body: kopf.Body, **_: Any) -> None:
-        with metrics.counting_errors("job_event"):
-            ctx.children.on_job(event.get("type"), body)
-
-    @kopf.on.event("", "v1", "pods", labels={manifests.RUN_LABEL: kopf.PRESENT}, registry=registry)
-    async def pod_event(event: Any, body: kopf.Body, **_: Any) -> None:
-        with metrics.counting_errors("pod_event"):
-            ctx.children.on_pod(event.get("type"), body)
-
+    kopf.on.field(*RUNS, id="cancel", field=("metadata", "annotations", CANCEL_ANNOTATION), when=_cancel_pending,
+                  registry=registry)(cancel)
+    kopf.on.resume(*RUNS, id="cancel", when=_cancel_pending, registry=registry)(cancel)
+    kopf.on.field(*RUNS, id="suspend", field="spec.runPolicy.suspend", registry=registry)(suspend_changed)
+    kopf.on.update(*RUNS, id="spec", field="spec", registry=registry)(spec_updated)
+    kopf.on.delete(*RUNS, id="delete", registry=registry)(deleted)
+    kopf.timer(*RUNS, id="ttl", interval=ctx.settings.ttl_check_interval, when=_ttl_pending, initial_delay=1.0,
+               registry=registry)(ttl)
+    kopf.on.event(*RUNS, id="run_event", registry=registry)(run_event)
+    kopf.on.event("batch", "v1", "jobs", id="job_event", labels={manifests.RUN_LABEL: kopf.PRESENT},
+                  registry=registry)(job_event)
+    kopf.on.event("", "v1", "pods", id="pod_event", labels={manifests.RUN_LABEL: kopf.PRESENT},
+                  registry=registry)(pod_event)
     return registry
 
 
@@ -316,7 +347,8 @@ def in_cluster_server(env: Mapping[str, str]) -> str | None:
     return f"https://{host}:{port}"
 
 
-def _login(*, env: Mapping[str, str] | None = None, token_path: str = SERVICE_ACCOUNT_TOKEN, **kwargs: Any) -> Any:
+def connection_info(*, env: Mapping[str, str] | None = None, token_path: str = SERVICE_ACCOUNT_TOKEN,
+                    **kwargs: Any) -> Any:
     """kopf's own login functions, in the order kopf uses: in-cluster service account, then kubeconfig.
 
     kopf's service-account login addresses ``https://kubernetes.default.svc``, which needs cluster DNS; in a
@@ -331,6 +363,6 @@ def _login(*, env: Mapping[str, str] | None = None, token_path: str = SERVICE_AC
 
 
 def _relogin(ctx: Context, kwargs: dict[str, Any]) -> None:
-    info = _login(**kwargs)
+    info = connection_info(**kwargs)
     if info is not None and ctx.kube_client is not None:
         ctx.kube_client.update_credentials(info)

@@ -94,10 +94,12 @@ class Kube:
         self._session: aiohttp.ClientSession | None = None
 
     @classmethod
-    def from_connection_info(cls, info: Any, relogin: Callable[[], Any] | None = None) -> Kube:
+    def from_connection_info(cls, info: Any, relogin: Callable[[], Any] | None = None, *,
+                             retry_for: float = RETRY_FOR_SECONDS) -> Kube:
         """Build from a :class:`kopf.ConnectionInfo` (what kopf's login handlers return)."""
         headers = dict(info.as_http_headers())
-        return cls(info.server, headers=headers, ssl_context=info.as_ssl_context(), relogin=relogin)
+        return cls(info.server, headers=headers, ssl_context=info.as_ssl_context(), relogin=relogin,
+                   retry_for=retry_for)
 
     def update_credentials(self, info: Any) -> None:
         self.headers = dict(info.as_http_headers())
@@ -158,29 +160,36 @@ class Kube:
                 return json.loads(text) if text else None
         raise KubeError(401, "Unauthorized", "credentials rejected twice")  # pragma: no cover
 
-    async def get(self, path: str, params: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    async def get(self, path: str, params: Mapping[str, Any] | None = None,
+                  *, timeout: float = 30.0) -> dict[str, Any] | None:
         """The object, or None when it does not exist."""
         try:
-            return await self.request("GET", path, params=params)
+            return await self.request("GET", path, params=params, timeout=timeout)
         except KubeError as e:
             if e.status == 404:
                 return None
             raise
 
-    async def create(self, collection_path: str, obj: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
+    async def create(self, collection_path: str, obj: Mapping[str, Any],
+                     *, timeout: float = 30.0) -> tuple[dict[str, Any], bool]:
         """Create; on 409 return the existing object. Returns (object, created)."""
         try:
-            return await self.request("POST", collection_path, body=obj), True
+            return await self.request("POST", collection_path, body=obj, timeout=timeout), True
         except KubeError as e:
             if e.status != 409:
                 raise
-        existing = await self.get(f"{collection_path}/{quote(obj['metadata']['name'])}")
+        existing = await self.get(f"{collection_path}/{quote(obj['metadata']['name'])}", timeout=timeout)
         if existing is None:  # deleted in between: let the caller retry
             raise KubeError(409, "Conflict", f"{obj['metadata']['name']} exists and vanished")
         return existing, False
 
     async def merge_patch(self, path: str, patch: Mapping[str, Any]) -> dict[str, Any]:
         return await self.request("PATCH", path, body=patch, content_type=MERGE_PATCH)
+
+    async def replace(self, path: str, obj: Mapping[str, Any], *, timeout: float = 30.0) -> dict[str, Any]:
+        """PUT the whole object. With ``metadata.resourceVersion`` set, the API server answers 409 Conflict
+        (a :class:`KubeError`, not retried) when the object changed since it was read: optimistic concurrency."""
+        return await self.request("PUT", path, body=obj, timeout=timeout)
 
     async def delete(self, path: str, *, propagation: str = "Background") -> bool:
         """Delete; False when it was already gone."""

@@ -18,7 +18,7 @@ Names follow Prometheus conventions (``_total`` counters, base units, ``_ratio``
 - ``kubetune_log_delivery_seconds``: the first part of that lag, from the line being written (the kubelet's
   timestamp) to the operator reading it from the log stream (the node, the container runtime and the API
   server); the rest is the operator's throttle and its status patch;
-- ``kubetune_jobs_created_total{reason}``, ``kubetune_status_patches_total``,
+- ``kubetune_jobs_created_total{reason}``, ``kubetune_job_creates_refused_total``, ``kubetune_status_patches_total``,
   ``kubetune_trainer_events_total{type}``, ``kubetune_log_streams``.
 
 The per-run and per-phase series come from a collector over :class:`RunTable`, an in-memory table fed by the
@@ -189,6 +189,8 @@ class Metrics:
                                       "Delay from a trainer log line being written to the operator reading it.",
                                       registry=r, buckets=(0.05, 0.1, 0.25, 0.5, 1, 1.5, 2, 3, 5, 10, 30, 60))
         self.jobs_created = Counter("kubetune_jobs_created_total", "Trainer Jobs created.", ["reason"], registry=r)
+        self.jobs_refused = Counter("kubetune_job_creates_refused_total",
+                                    "Trainer Job (or ConfigMap) creates the API server refused.", registry=r)
         self.status_patches = Counter("kubetune_status_patches_total", "Status patches sent by log followers.",
                                       registry=r)
         self.trainer_events = Counter("kubetune_trainer_events_total", "Structured trainer events parsed.",

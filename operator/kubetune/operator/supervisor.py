@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 import time
@@ -34,7 +35,14 @@ import kopf
 from pydantic import ValidationError
 
 from kubetune import manifests
-from kubetune.events import Event
+from kubetune.events import Event, parse_termination_message
+from kubetune.lifecycle.attempts import (
+    AttemptView,
+    create_backoff,
+    deadline_left,
+    decide_attempt,
+    suspended_seconds,
+)
 from kubetune.operator.context import Context
 from kubetune.operator.kube import (
     KubeError,
@@ -44,9 +52,10 @@ from kubetune.operator.kube import (
     runs_path,
     split_log_line,
 )
-from kubetune.spec import FinetuneRunSpec, Phase
+from kubetune.spec import FinetuneRunSpec, FinetuneRunStatus, Phase
 from kubetune.status import (
     CREATED,
+    JOB_CREATE_FAILED,
     POD_DELETED,
     RESTARTING,
     SUSPENDED,
@@ -58,6 +67,7 @@ from kubetune.status import (
     Throttle,
     attempt_outcome,
     cancel_request,
+    clip,
     get_condition,
     job_state,
     now_rfc3339,
@@ -67,6 +77,7 @@ from kubetune.status import (
     transition,
 )
 
+STREAM_BACKLOG_SECONDS = 5.0  # lines older than this when their stream opened are backlog, not live
 RESYNC_SECONDS = 120.0  # a waiting supervisor re-reads its Job and pods this often (see maybe_resync)
 URGENT_EVENTS = frozenset({"started", "finished", "failed", "artifact"})
 WAITING_PROBLEMS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",
@@ -116,7 +127,12 @@ class Supervisor:
         self.changed = ctx.children.register(self.key)
         self.gone = False
         self.retry_pending = False
-        self.cursor = LogCursor()  # how far the current attempt's log was read
+        # How far the current pod's log was read: persisted in the status, so a restart reads on from there.
+        self.cursor = LogCursor.from_status(self.status, str(self.status.get("podName") or ""))
+        self.spec: FinetuneRunSpec | None = None  # the spec decisions use (see current_spec)
+        self.spec_generation: int | None = None
+        self.create_failures = 0  # refused Job creates in a row (backoff)
+        self.stream_opened_at = 0.0
         self.waiting_reported: str | None = None
         self.stream_opened = False
         self.stream_complete = False  # the last log stream ended on the server's side (not cut, not stopped)
@@ -128,14 +144,19 @@ class Supervisor:
     def status(self) -> dict[str, Any]:
         return self.folder.status
 
+    def typed_status(self) -> FinetuneRunStatus:
+        """This process's view of the status (server state plus pending changes) as the typed model."""
+        return FinetuneRunStatus.model_validate(self.status)
+
     def cancelled(self) -> bool:
         """A cancel was requested: the ``cancel`` handler owns the run's Jobs and status from now on."""
         return cancel_request(self.body.get("metadata")) is not None
 
+    def suspended(self) -> bool:
+        return bool(((self.body.get("spec") or {}).get("runPolicy") or {}).get("suspend"))
+
     def should_stop(self) -> bool:
-        live_spec = self.body.get("spec") or {}
-        suspended = bool((live_spec.get("runPolicy") or {}).get("suspend"))
-        return self.gone or bool(self.stopped) or suspended or self.cancelled()
+        return self.gone or bool(self.stopped) or self.suspended() or self.cancelled()
 
     def run_object(self) -> dict[str, Any]:
         return {"apiVersion": self.body.get("apiVersion"), "kind": self.body.get("kind"),
@@ -200,14 +221,18 @@ class Supervisor:
             with contextlib.suppress(Exception):
                 if not self.gone:
                     await self.flush(urgent=True)
+            with contextlib.suppress(Exception):
+                if not self.gone and (self.cancelled() or self.suspended()):
+                    # The cancel/suspend handler deleted the Jobs it saw; one created concurrently is
+                    # deleted here, so a terminal or suspended run never keeps a trainer.
+                    await self.ctx.kube.delete_collection(jobs_path(self.namespace),
+                                                          f"{manifests.RUN_LABEL}={self.key[1]}")
 
     async def _run(self) -> None:
-        spec, errors = validate(self.body.get("spec") or {})
-        if spec is None:
-            # The create/resume handler marks the run Failed (InvalidSpec); nothing to run.
-            self.logger.info(f"Not starting: invalid spec: {format_errors(errors)}")
-            return
         while not self.should_stop():
+            spec = await self.current_spec()
+            if spec is None:
+                return
             job = await self.ensure_attempt(spec)
             if job is None:
                 return
@@ -221,59 +246,112 @@ class Supervisor:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.stopped.wait(), timeout=backoff)
 
-    # ------------------------------------------------------------------------------------ attempts
-    def _deadline_left(self, spec: FinetuneRunSpec, now: float) -> float | None:
-        limit = spec.run_policy.active_deadline_seconds
-        if limit is None:
+    # ------------------------------------------------------------------------------------ spec
+    async def current_spec(self) -> FinetuneRunSpec | None:
+        """The spec the next decision uses: the live one when valid; after an invalid edit, the spec the run's
+        attempts were last built from (its ConfigMap), so that supervision goes on (the ``spec_updated``
+        handler reports the invalid edit with a condition and an Event). None: nothing valid to run."""
+        live = self.body.get("spec") or {}
+        model, errors = validate(live)
+        if model is not None:
+            self.spec = model
+            self.spec_generation = (self.body.get("metadata") or {}).get("generation")
+            return model
+        if self.spec is None:
+            self.spec, self.spec_generation = await self._applied_spec()
+        if self.spec is None:
+            message = f"Invalid spec: {format_errors(errors)}"
+            self.logger.info(f"Not starting: {message}")
+            if self.status.get("attempts"):  # a run that ran once: say why it stops (else `accept` did)
+                self.set_phase(Phase.FAILED.value, "InvalidSpec", message[:1024], event="Warning")
+                await self.flush(urgent=True)
             return None
-        started = parse_rfc3339(self.status.get("startTime")) or now
-        return limit - (now - started)
+        self.logger.info(f"Spec invalid ({format_errors(errors)}); going on with generation {self.spec_generation}.")
+        return self.spec
 
+    async def _applied_spec(self) -> tuple[FinetuneRunSpec | None, int | None]:
+        """The (resolved) spec and generation in the run's ConfigMap, if it exists and is valid."""
+        cm = await self.ctx.kube.get(config_maps_path(self.namespace, manifests.config_map_name(self.name)))
+        try:
+            doc = json.loads(((cm or {}).get("data") or {})[manifests.CONFIG_KEY])
+            return FinetuneRunSpec.model_validate(doc["spec"]), (doc.get("metadata") or {}).get("generation")
+        except (KeyError, TypeError, ValueError):
+            return None, None
+
+    # ------------------------------------------------------------------------------------ attempts
     async def ensure_attempt(self, spec: FinetuneRunSpec) -> str | None:
-        """Name of the current attempt's Job, creating it when needed; None when the run ended here."""
-        attempt = int(self.status.get("attempts") or 0)
-        job_name = self.status.get("jobName")
-        created = get_condition(self.status.get("conditions"), CREATED)
-        resuming = self.status.get("phase") == Phase.SUSPENDED.value or (
-            (get_condition(self.status.get("conditions"), SUSPENDED) or {}).get("status") == "True")
-        # Restarting=True is persisted between a retryable failure and the next attempt's Job creation: a
-        # restart in that window goes on with the retry instead of re-judging (and re-counting) the failure.
-        restarting = (get_condition(self.status.get("conditions"), RESTARTING) or {}).get("status") == "True"
-        if restarting and attempt > 0:
-            self.retry_pending = True
-        need_new = attempt == 0 or not job_name or self.retry_pending or resuming
-        if not need_new and job_name == manifests.job_name(self.name, attempt):
-            if created is not None and created.get("status") == "True":
-                if self.ctx.children.job(self.namespace, job_name) is not None:
-                    return job_name
-                if await self.ctx.kube.get(jobs_path(self.namespace, job_name)) is not None:
-                    return job_name
+        """Name of the current attempt's Job, creating it when needed (see
+        :func:`kubetune.lifecycle.attempts.decide_attempt` for the rules); None when the run ended here."""
+        while not self.should_stop():
+            view = AttemptView.from_status(self.typed_status())
+            if view.restarting and view.attempts > 0:
+                # Restarting=True is persisted between a retryable failure and the next attempt's Job: a restart
+                # in that window goes on with the retry instead of re-judging (and re-counting) the failure.
+                self.retry_pending = True
+            job_exists = True
+            if view.created and view.job_name:
+                job_exists = (self.ctx.children.job(self.namespace, view.job_name) is not None
+                              or await self.ctx.kube.get(jobs_path(self.namespace, view.job_name)) is not None)
+            now = time.time()
+            left = deadline_left(spec.run_policy.active_deadline_seconds, self.typed_status(), now)
+            decision = decide_attempt(view, run_name=self.name, retry_pending=self.retry_pending,
+                                      job_exists=job_exists, alive_pods=self._alive_pods(), deadline_left=left)
+            if decision.action == "create":
+                # Before an irreversible create, the index is checked against the API server: right after an
+                # operator restart the pod watch may not have listed the previous attempt's pods yet.
+                await self._resync_pods()
+                decision = decide_attempt(view, run_name=self.name, retry_pending=self.retry_pending,
+                                          job_exists=job_exists, alive_pods=self._alive_pods(), deadline_left=left)
+            if decision.action == "follow":
+                return decision.job_name
+            if decision.action == "job_deleted":
                 self.set_phase(Phase.CANCELLED.value, "JobDeleted",
-                               f"Job {job_name} was deleted; the run is cancelled (it is never re-created).",
+                               f"Job {decision.job_name} was deleted; the run is cancelled (it is never re-created).",
                                event="Warning")
                 await self.flush(urgent=True)
                 return None
-            # The intent was recorded but the creation not confirmed (restart in between): create it now.
-            return await self.create_attempt(spec, attempt, reason="resume")
-        now = time.time()
-        left = self._deadline_left(spec, now)
-        if left is not None and left <= 0:
-            self.set_phase(Phase.FAILED.value, "DeadlineExceeded",
-                           "The run exceeded spec.runPolicy.activeDeadlineSeconds.", event="Warning")
-            await self.flush(urgent=True)
-            return None
-        reason = "initial" if attempt == 0 else ("retry" if self.retry_pending else "resume")
-        attempt += 1
-        job_name = manifests.job_name(self.name, attempt)
+            if decision.action == "fail_deadline":
+                self.set_phase(Phase.FAILED.value, "DeadlineExceeded",
+                               "The run exceeded spec.runPolicy.activeDeadlineSeconds.", event="Warning")
+                await self.flush(urgent=True)
+                return None
+            if decision.action == "wait_previous":
+                await self._stop_previous(decision.waiting_for, decision.attempt)
+                continue
+            if decision.new_attempt:
+                self._record_intent(decision.attempt, decision.job_name, decision.reason, view.resuming, now)
+                self.retry_pending = False
+            try:
+                return await self.create_attempt(spec, decision.attempt, reason=decision.reason)
+            except KubeError as e:
+                if e.status == 409 or e.transient:
+                    raise  # kopf restarts the daemon; the same attempt is adopted or created then
+                await self._create_refused(decision.job_name, e)
+        return None
+
+    def _alive_pods(self) -> list[tuple[int, str]]:
+        return [(attempt, pod.name) for attempt, pod in self.ctx.children.pods(self.key) if pod.alive]
+
+    async def _resync_pods(self) -> None:
+        pods = await self.ctx.kube.list(pods_path(self.namespace), f"{manifests.RUN_LABEL}={self.key[1]}")
+        self.ctx.children.resync_pods(self.key, pods)
+
+    def _record_intent(self, attempt: int, job_name: str, reason: str, resuming: bool, now: float) -> None:
+        """The decision to create attempt N, in the status: it goes out with the JobCreated patch (or the
+        JobCreateFailed one). No write before the Job: its name is deterministic and the decision is made from
+        persisted state only, so a restart in between re-decides the same N and adopts the Job (409)."""
         intent: dict[str, Any] = {
             "attempts": attempt,
             "jobName": job_name,
             "podName": None,
+            "logCursor": None,
+            "attemptGeneration": self.spec_generation,
             "observedGeneration": (self.body.get("metadata") or {}).get("generation"),
             "conditions": set_condition(self.status.get("conditions") or [], CREATED, "False", "Creating",
                                         f"Creating Job {job_name}.", now),
         }
         if resuming:
+            intent["suspendedSeconds"] = round(suspended_seconds(self.typed_status(), now), 3)
             intent["conditions"] = set_condition(intent["conditions"], SUSPENDED, "False", "Resumed",
                                                  "Resumed; continuing from the latest checkpoint.", now)
         self.folder.update(intent)
@@ -282,36 +360,79 @@ class Supervisor:
                        "Resuming from the latest checkpoint." if reason == "resume" else "Creating the trainer Job.")
             self.set_phase(Phase.PENDING.value, {"initial": "Accepted", "retry": "Restarting",
                                                  "resume": "Resumed"}[reason], message, event=None)
-        # No status write before the Job: its name is deterministic and the decision to create attempt N
-        # is made from persisted state only, so a restart in between re-decides the same N and adopts the Job
-        # (409). The intent goes out with the JobCreated patch below (one round trip less to a running Job).
-        self.retry_pending = False
-        return await self.create_attempt(spec, attempt, reason=reason)
+
+    async def _stop_previous(self, pods: tuple[str, ...], attempt: int) -> None:
+        """Never two trainers: the still-active Jobs of earlier attempts are deleted, and attempt ``attempt``
+        waits until their pods have stopped (a deleted pod runs on for its grace period)."""
+        message = (f"Waiting for pod(s) {', '.join(pods)} of an earlier attempt to stop before attempt {attempt} "
+                   "starts.")
+        if self.status.get("message") != message:
+            self.folder.update({"message": message})
+            await self.flush(urgent=True)
+        for job in await self.ctx.kube.list(jobs_path(self.namespace), f"{manifests.RUN_LABEL}={self.key[1]}"):
+            name = (job.get("metadata") or {}).get("name", "")
+            state = job_state(job)
+            if name != manifests.job_name(self.name, attempt) and not (state.failed or state.complete):
+                self.logger.info(f"Deleting the still-active Job {name} before attempt {attempt}.")
+                await self.ctx.kube.delete(jobs_path(self.namespace, name))
+        self.changed.clear()
+        await self.wait_change(5.0)
+        if not self.changed.is_set():
+            await self._resync_pods()  # a missed watch event must not keep the run waiting
+
+    async def _create_refused(self, job_name: str, error: KubeError) -> None:
+        """The API server refused the attempt's ConfigMap or Job (a missing PriorityClass, an invalid
+        toleration, a quota): say so on the run and retry with backoff; the recorded intent keeps the attempt
+        number, so the retry (or a restarted operator) creates the same attempt."""
+        self.create_failures += 1
+        delay = create_backoff(self.create_failures)
+        message = clip(f"The API server refused to create Job {job_name}: {error.message} "
+                       f"(retrying in {delay:.0f} s).") or ""
+        cond = get_condition(self.status.get("conditions"), JOB_CREATE_FAILED) or {}
+        first = cond.get("status") != "True" or cond.get("reason") != error.reason or self.create_failures == 1
+        self.folder.update({
+            "message": message,
+            "conditions": set_condition(self.status.get("conditions") or [], JOB_CREATE_FAILED, "True",
+                                        error.reason or "Refused", message, time.time()),
+        })
+        if first:
+            kopf.event(self.body, type="Warning", reason="JobCreateFailed", message=message[:1024])
+        await self.flush(urgent=True)
+        self.ctx.metrics.jobs_refused.inc()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.stopped.wait(), timeout=delay)
 
     async def create_attempt(self, spec: FinetuneRunSpec, attempt: int, *, reason: str) -> str | None:
         ctx = self.ctx
         run = self.run_object()
         capabilities = await ctx.server_capabilities()
         cm = manifests.config_map(run, spec, ctx.settings)
-        left = self._deadline_left(spec, time.time())
+        left = deadline_left(spec.run_policy.active_deadline_seconds, self.typed_status(), time.time())
         job = manifests.job(run, spec, ctx.settings, attempt=attempt, resume_from=self.status.get("checkpoint"),
                             active_deadline_seconds=int(left) if left is not None else None,
                             capabilities=capabilities)
-        # Concurrently: the pod waits for its ConfigMap volume if the Job happens to be first.
         with ctx.metrics.timed("create_attempt"):
-            _, created = await asyncio.gather(self._create_owned(config_maps_path(self.namespace), cm),
-                                              self._create_owned(jobs_path(self.namespace), job))
+            # The ConfigMap first: it carries this attempt's spec (earlier attempts' pods are gone by now, so
+            # none of them sees it change), and the pod would wait for it otherwise.
+            await self._apply_config_map(cm)
+            created = await self._create_owned(jobs_path(self.namespace), job)
         job_name = job["metadata"]["name"]
-        if self.should_stop():  # suspended or deleted while creating: do not leave a Job running
-            if created and not self.gone:
+        if self.should_stop():
+            if not self.gone and (self.cancelled() or self.suspended()):
+                # Cancelled or suspended while creating: the handler may have deleted the Jobs before this
+                # one existed. (An operator shutting down keeps it: the next leader follows it.)
                 await ctx.kube.delete(jobs_path(self.namespace, job_name))
             return None
         now = time.time()
+        self.create_failures = 0
         conditions = set_condition(self.status.get("conditions") or [], CREATED, "True", "JobCreated",
                                    f"Job {job_name} created (attempt {attempt}).", now)
         if (get_condition(conditions, RESTARTING) or {}).get("status") == "True":
             conditions = set_condition(conditions, RESTARTING, "False", "JobCreated",
                                        f"Attempt {attempt} started as Job {job_name}.", now)
+        if (get_condition(conditions, JOB_CREATE_FAILED) or {}).get("status") == "True":
+            conditions = set_condition(conditions, JOB_CREATE_FAILED, "False", "JobCreated",
+                                       f"Job {job_name} created (attempt {attempt}).", now)
         update: dict[str, Any] = {"conditions": conditions}
         if not self.status.get("startTime"):
             update["startTime"] = now_rfc3339(now)
@@ -330,15 +451,28 @@ class Supervisor:
         self.folder.last_failed = None
         return job_name
 
+    async def _apply_config_map(self, cm: dict[str, Any]) -> None:
+        collection = config_maps_path(self.namespace)
+        existing, created = await self.ctx.kube.create(collection, cm)
+        if created:
+            return
+        self._check_owner(cm, existing)
+        if existing.get("data") != cm["data"]:
+            await self.ctx.kube.merge_patch(config_maps_path(self.namespace, cm["metadata"]["name"]),
+                                            {"data": cm["data"]})
+
     async def _create_owned(self, collection: str, obj: dict[str, Any]) -> bool:
         existing, created = await self.ctx.kube.create(collection, obj)
         if not created:
-            owners = {ref.get("uid") for ref in (existing.get("metadata") or {}).get("ownerReferences") or ()}
-            if self.uid not in owners:
-                raise kopf.TemporaryError(
-                    f"{obj['kind']} {obj['metadata']['name']} exists and belongs to someone else "
-                    "(an earlier run of the same name being deleted?)", delay=5)
+            self._check_owner(obj, existing)
         return created
+
+    def _check_owner(self, obj: Mapping[str, Any], existing: Mapping[str, Any]) -> None:
+        owners = {ref.get("uid") for ref in (existing.get("metadata") or {}).get("ownerReferences") or ()}
+        if self.uid not in owners:
+            raise kopf.TemporaryError(
+                f"{obj['kind']} {obj['metadata']['name']} exists and belongs to someone else "
+                "(an earlier run of the same name being deleted?)", delay=5)
 
     # ------------------------------------------------------------------------------------ following
     async def follow_attempt(self, job_name: str) -> Outcome | None:
@@ -347,13 +481,15 @@ class Supervisor:
             self.changed.clear()
             pod = self.ctx.children.pod(self.key, attempt)
             job = self.ctx.children.job(self.namespace, job_name)
-            if pod is not None and pod.deleting and not (job is not None and (job.failed or job.complete)):
+            if (pod is not None and pod.deleting and not pod.succeeded
+                    and not (job is not None and (job.failed or job.complete))):
                 # A deleted pod (kubectl delete, a drain) does not decide the attempt: Kubernetes 1.20's Job
                 # controller either starts a replacement (followed below once it exists) or counts a failure
                 # and fails the Job (then: retry from the latest checkpoint). Which one depends on timing.
+                # A trainer that exited 0 has told its result (termination message) whatever happens next.
                 pod = None
-            followable = pod is not None and (pod.started or (pod.scheduled and not pod.terminated
-                                                              and pod.waiting_reason not in WAITING_PROBLEMS))
+            followable = pod is not None and not pod.gone and (
+                pod.started or (pod.scheduled and not pod.terminated and pod.waiting_reason not in WAITING_PROBLEMS))
             if pod is not None and followable:
                 # Follow as soon as the pod is on a node: the stream opens the moment the container starts
                 # (the pod watch reports "running" only after the kubelet's next status sync).
@@ -364,6 +500,10 @@ class Supervisor:
                                    "which resumes from the latest checkpoint.")
                         kopf.event(self.body, type="Warning", reason="TrainerPodReplaced", message=message)
                         self.folder.update({"message": message})
+                        # The replacement's log starts afresh; nothing the lost pod said decides its attempt.
+                        self.cursor = LogCursor()
+                        self.folder.started = self.folder.finished = False
+                        self.folder.last_failed = None
                     self.pod_attempt = attempt
                     self.folder.update({"podName": pod.name})
                 opened = await self.follow_log(pod.name)
@@ -373,7 +513,15 @@ class Supervisor:
                     await self.wait_change(0.5)  # the container is not running yet
                     continue
                 fresh = await self.ctx.kube.get(pods_path(self.namespace, pod.name))
-                state = pod_state(fresh) if fresh is not None else None
+                last = self.ctx.children.pod(self.key, attempt)
+                # A pod removed meanwhile: its last state from the watch (it may carry the trainer's summary).
+                state = pod_state(fresh) if fresh is not None else (last if last and last.name == pod.name
+                                                                    and last.gone else None)
+                if state is not None and state.succeeded:
+                    if not state.gone:
+                        await self._drain_log(pod.name)
+                    self._fold_summary(state)
+                    return self._outcome(state, await self._job_state(job_name))
                 if state is not None and state.deleting:
                     job_now = await self._job_state(job_name)
                     if job_now is not None and job_now.failed:
@@ -382,6 +530,7 @@ class Supervisor:
                     continue
                 if state is not None and state.terminated:
                     await self._drain_log(pod.name)
+                    self._fold_summary(state)
                     return self._outcome(state, await self._job_state(job_name))
                 if state is None:
                     job_now = await self._job_state(job_name)
@@ -391,7 +540,8 @@ class Supervisor:
                         continue  # ensure_attempt's caller sees the Job gone on the next round
                 await self.wait_change(1.0)  # stream dropped while running: reconnect
                 continue
-            if pod is not None and pod.terminated:  # failed before the container started (e.g. evicted)
+            if pod is not None and pod.terminated:  # not followed (exited before that, evicted, removed)
+                self._fold_summary(pod)
                 return self._outcome(pod, await self._job_state(job_name))
             if job is not None and (job.failed or job.complete):
                 return self._outcome(None, job)
@@ -435,6 +585,17 @@ class Supervisor:
             if self.stream_complete:
                 return
 
+    def _fold_summary(self, pod: PodState) -> None:
+        """The trainer's final summary from its termination message, when its log did not deliver it (the
+        stream cut, the operator down, the pod removed before its log was read): the result never depends on
+        the log."""
+        if self.folder.finished or self.folder.last_failed is not None:
+            return
+        for event in parse_termination_message(pod.message):
+            self.folder.fold_event(event, event.time)
+            if event.type == "failed":
+                self.folder.update({"message": (f"{event.reason or 'Failed'}: {event.message or ''}")[:1024]})
+
     async def _job_state(self, job_name: str) -> JobState | None:
         raw = await self.ctx.kube.get(jobs_path(self.namespace, job_name))
         return job_state(raw) if raw is not None else None
@@ -448,14 +609,14 @@ class Supervisor:
             kopf.event(self.body, type="Warning", reason=reason, message=message[:1024])
 
     def _outcome(self, pod: PodState | None, job: JobState | None) -> Outcome:
-        spec = FinetuneRunSpec.model_validate(self.body.get("spec") or {})
+        backoff_limit = self.spec.run_policy.backoff_limit if self.spec is not None else 0
         pod_reason = pod.reason if pod else None
         if (pod is None or pod.deleting) and (pod is None or pod.exit_code is None) and job is not None:
             pod_reason = POD_DELETED  # the Job ended with its pod gone before it told an exit code: lost
         return attempt_outcome(exit_code=pod.exit_code if pod else None, pod_reason=pod_reason,
                                job=job, failed_event=self.folder.last_failed,
                                retries=int(self.status.get("retries") or 0),
-                               backoff_limit=spec.run_policy.backoff_limit)
+                               backoff_limit=backoff_limit)
 
     async def follow_log(self, pod_name: str) -> bool:
         """Follow the trainer's log until the stream ends or the run must stop. False when the stream could
@@ -501,6 +662,7 @@ class Supervisor:
 
     async def _on_stream_open(self, pod_name: str) -> None:
         self.stream_opened = True
+        self.stream_opened_at = time.time()
         if self.cursor.last_ts is None:
             self.folder.tail.clear()  # the whole log replays: rebuild the tail from it, without duplicates
         if self.phase != Phase.RUNNING.value and self.status.get("phase") != Phase.RUNNING.value:
@@ -515,10 +677,15 @@ class Supervisor:
                                                     on_open=opened):
             stamp, text = split_log_line(raw)
             t = parse_rfc3339(stamp) if stamp else None
-            if not self.cursor.accept(t):
-                continue  # replayed after a reconnect: already folded
-            if t is not None:
+            if not self.cursor.accept(t, stamp):
+                continue  # replayed after a reconnect or a restart: already folded
+            if t is not None and t >= self.stream_opened_at - STREAM_BACKLOG_SECONDS:
+                # Delivery latency of live lines only: a backlog written while no stream was open (the
+                # operator restarting, the API server away) is not what this histogram measures.
                 self.ctx.metrics.log_delivery.observe(max(0.0, time.time() - t))
+            cursor = self.cursor.to_status(pod_name)
+            if cursor is not None:
+                self.folder.update({"logCursor": cursor})
             event = self.folder.feed_line(text, t if t is not None else time.time())
             if event is not None:
                 await self._on_event(event)
@@ -547,7 +714,9 @@ class Supervisor:
     async def finish_attempt(self, outcome: Outcome) -> None:
         if outcome.action == "succeed":
             artifact = (self.status.get("artifact") or {}).get("uri")
-            message = outcome.message + (f" Artifact: {artifact}" if artifact else "")
+            message = outcome.message + (f" Artifact: {artifact}" if artifact else (
+                " Its summary was not received (the pod was removed before the operator could read it); the "
+                "artifact is in the run's output location."))
             self.set_phase(Phase.SUCCEEDED.value, outcome.reason, message)
         elif outcome.action == "retry":
             now = time.time()
