@@ -33,6 +33,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
@@ -101,6 +102,21 @@ def log_progress(text: str) -> list[tuple[float, int]]:
         if event is not None and event.type == "progress" and t is not None and isinstance(event.step, int):
             out.append((t, event.step))
     return out
+
+
+def operator_ready(port: int) -> bool:
+    """``/readyz`` answers 200 once kopf runs; an operator without it (a reference revision from before leader
+    election: 404) is ready when kopf's own ``/healthz`` answers."""
+    for path in ("/readyz", "/healthz"):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=1):
+                return True
+        except urllib.error.HTTPError as e:
+            if e.code != 404:
+                return False
+        except OSError:
+            return False
+    return False
 
 
 def status_regressions(seen: dict[str, list[tuple[float, str | None, int]]]) -> int:
@@ -231,14 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     peak_rss = 0.0
     try:
         deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{health_port}/readyz", timeout=1):  # 503 until kopf runs
-                    break
-            except OSError:
-                if time.monotonic() > deadline or operator.poll() is not None:
-                    raise SystemExit(f"operator did not start; see {log_path}") from None
-                time.sleep(0.2)
+        while not operator_ready(health_port):
+            if time.monotonic() > deadline or operator.poll() is not None:
+                raise SystemExit(f"operator did not start; see {log_path}")
+            time.sleep(0.2)
         for target in (watch_jobs, watch_runs):
             threading.Thread(target=target, daemon=True).start()
         time.sleep(1)

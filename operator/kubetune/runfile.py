@@ -16,6 +16,7 @@ from typing import Any
 
 from .errors import ConfigInvalid
 from .spec import API_VERSION, KIND, FinetuneRunSpec
+from .validation import format_errors, validate_spec
 
 DATA_FIELDS = ("train", "eval", "query", "index", "reference", "zero_shot")
 REMOTE_PREFIXES = ("s3://", "http://", "https://")
@@ -31,6 +32,7 @@ class RunFile:
     base_dir: Path  # the directory relative data paths are resolved against
     labels: dict[str, str]
     annotations: dict[str, str]
+    uid: str | None = None  # metadata.uid: set in the config the operator mounts for a trainer pod
 
     def document(self, name: str | None = None, namespace: str | None = None) -> dict[str, Any]:
         """The FinetuneRun object (camelCase) for the Kubernetes API or the trainer's ``--config``."""
@@ -45,9 +47,8 @@ class RunFile:
 
 
 def parse_document(doc: Any, source: str = "run file", base_dir: str | os.PathLike[str] = ".") -> RunFile:
-    """Validate a parsed document with the shared spec model; :class:`ConfigInvalid` says what is wrong."""
-    from pydantic import ValidationError
-
+    """Validate a parsed document with the shared spec model; :class:`ConfigInvalid` says what is wrong. The one
+    reader of run files: local mode, submit and the trainer (its mounted config) all come through here."""
     if not isinstance(doc, dict):
         raise ConfigInvalid(f"{source}: expected a mapping, got {type(doc).__name__}",
                             "write a FinetuneRun object (see examples/quickstart.yaml)")
@@ -61,16 +62,14 @@ def parse_document(doc: Any, source: str = "run file", base_dir: str | os.PathLi
         body = doc.get("spec")
         if not isinstance(metadata, dict) or not isinstance(body, dict):
             raise ConfigInvalid(f"{source}: metadata and spec must be mappings")
-    try:
-        spec = FinetuneRunSpec.model_validate(body)
-    except ValidationError as exc:
-        details = "; ".join(f"spec.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}".replace("spec.: ", "spec: ")
-                            for err in exc.errors())
-        raise ConfigInvalid(f"{source}: invalid spec: {details}",
-                            "`kubectl explain finetunerun.spec` or docs/sdk.md list the fields") from None
+    spec, errors = validate_spec(body)
+    if spec is None:
+        raise ConfigInvalid(f"{source}: invalid spec: {format_errors(errors)}",
+                            "`kubectl explain finetunerun.spec` or docs/sdk.md list the fields")
+    uid = metadata.get("uid")
     return RunFile(spec=spec, name=metadata.get("name"), namespace=metadata.get("namespace"),
                    base_dir=Path(base_dir).resolve(), labels=dict(metadata.get("labels") or {}),
-                   annotations=dict(metadata.get("annotations") or {}))
+                   annotations=dict(metadata.get("annotations") or {}), uid=None if uid is None else str(uid))
 
 
 def load(path: str | os.PathLike[str]) -> RunFile:

@@ -24,6 +24,9 @@ CRD_FILE = ROOT / "crds" / "finetunerun.yaml"
 STANDIN_DIR = ROOT / "tests" / "images" / "standin"
 STANDIN_IMAGE = "kubetune/standin:test"
 GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetuneruns"
+# What the stand-in trainer reports from its evaluations (tests/images/standin/standin.py).
+STANDIN_BEFORE = {"recall_at_k": 0.25, "mrr": 0.1}
+STANDIN_AFTER = {"recall_at_k": 0.75, "mrr": 0.5, "R@5": 0.75}
 
 
 def wait_for(fn: Callable[[], Any], timeout: float = 30.0, what: str = "condition", interval: float = 0.2) -> Any:

@@ -21,6 +21,8 @@ from kubetune.spec import GROUP, PLURAL, VERSION
 from typer.testing import CliRunner
 
 from tests.integration.test_operator_support import (
+    STANDIN_AFTER,
+    STANDIN_BEFORE,
     crd_installed,
     operator,
     runs,
@@ -97,12 +99,12 @@ def test_fit_stream_logs_wait_metrics_and_save_artifact(standin_image: str, oper
     assert not any(line.startswith("KUBETUNE_EVENT") for line in lines)
     status = run.wait(timeout=60, poll=0.5)
     assert status.phase == "Succeeded" and status.artifact is not None
-    assert run.metrics() == {"before": {"recall_at_k": 0.25, "mrr": 0.1}, "after": {"recall_at_k": 0.75, "mrr": 0.5}}
+    assert run.metrics() == {"before": STANDIN_BEFORE, "after": STANDIN_AFTER}
     assert "stand-in trainer: done" in run.logs()
     assert "KUBETUNE_EVENT" in run.logs(include_events=True)
 
     again = kubetune.get_run("fit1", client=client)
-    assert again.phase == "Succeeded" and again.summary()["after"] == {"recall_at_k": 0.75, "mrr": 0.5}
+    assert again.phase == "Succeeded" and again.summary()["after"] == STANDIN_AFTER
     assert [r.name for r in kubetune.list_runs(client=client)] == ["fit1"]
     with pytest.raises(errors.RunNotFound):
         kubetune.get_run("nope", client=client)

@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kubetune import status as kst
 from kubetune.events import MARKER, format_event
-from kubetune.operator.supervisor import validate
 from kubetune.spec import FinetuneRunSpec, FinetuneRunStatus
+from kubetune.validation import validate_spec
 
 from tests.invalid_specs import BASE_SPEC, Case, invalid_specs, schema_errors
 
@@ -29,7 +29,7 @@ def _parent(path: str) -> str:
 
 
 def check_rejected(case: Case) -> None:
-    model, errors = validate(case.spec)
+    model, errors = validate_spec(case.spec)
     assert model is None, f"the model accepted {case.what} at {case.path}: {case.spec}"
     paths = [p for p, _ in errors]
     assert case.path in paths, f"{case.what}: expected {case.path} in {errors}"
@@ -44,7 +44,7 @@ def check_rejected(case: Case) -> None:
 
 
 def test_base_spec_is_valid() -> None:
-    assert validate(BASE_SPEC) == (FinetuneRunSpec.model_validate(BASE_SPEC), [])
+    assert validate_spec(BASE_SPEC) == (FinetuneRunSpec.model_validate(BASE_SPEC), [])
     assert list(schema_errors(BASE_SPEC)) == []
 
 
@@ -78,7 +78,7 @@ def test_invalid_specs_are_rejected_with_path_and_reason() -> None:
 def test_booleans_are_not_numbers_and_list_paths_use_brackets(spec: dict[str, Any], path: str) -> None:
     # The API server rejects a boolean where a number is due; the model must agree (pydantic's lax mode would
     # read true as 1). List elements are named the API server's way: tolerations[0].
-    _, errors = validate(spec)
+    _, errors = validate_spec(spec)
     assert path in [p for p, _ in errors], errors
     assert path in [p for p, _ in schema_errors(spec)]
 

@@ -14,19 +14,19 @@ from kubetune.operator.context import ChildIndex, TokenBucket
 from kubetune.operator.handlers import FINALIZER, QuietWatchHandlers, configure_kopf
 from kubetune.operator.kube import split_log_line
 from kubetune.operator.metrics import Metrics
-from kubetune.operator.supervisor import format_errors, validate
+from kubetune.validation import format_errors, validate_spec
 
 pytestmark = pytest.mark.unit
 
 
 def test_validate_reports_field_and_cross_field_paths() -> None:
-    model, errors = validate({"data": {"train": "s3://b/t.csv"}})
+    model, errors = validate_spec({"data": {"train": "s3://b/t.csv"}})
     assert model is not None and errors == []
-    _, errors = validate({"data": {"train": "s3://b/t.csv", "eval": "s3://b/e.csv", "valSplit": 0.2},
+    _, errors = validate_spec({"data": {"train": "s3://b/t.csv", "eval": "s3://b/e.csv", "valSplit": 0.2},
                           "training": {"lockImage": True, "lockText": True}})
     paths = [p for p, _ in errors]
     assert paths == ["spec.data.valSplit", "spec.training.lockText"]
-    _, errors = validate({"data": {"train": ""}, "training": {"epochs": 0}})
+    _, errors = validate_spec({"data": {"train": ""}, "training": {"epochs": 0}})
     assert {p for p, _ in errors} == {"spec.data.train", "spec.training.epochs"}
     assert "spec.training.epochs" in format_errors(errors)
 

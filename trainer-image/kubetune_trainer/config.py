@@ -8,17 +8,16 @@ Validated with the same :class:`kubetune.spec.FinetuneRunSpec` the operator and 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
 
-import yaml
-from kubetune.spec import API_VERSION, DNS_LABEL, KIND, FinetuneRunSpec
+from kubetune import runfile
+from kubetune.errors import ConfigInvalid
+from kubetune.runfile import RunFile
+from kubetune.spec import DNS_LABEL, FinetuneRunSpec
 from kubetune.trainer_env import DEFAULT_CONFIG, TrainerEnv, variable
-from pydantic import ValidationError
 
 DEFAULT_NAMESPACE = "default"
 DEFAULT_NAME = "local"
@@ -38,51 +37,13 @@ class RunConfig:
     env: TrainerEnv = field(default_factory=TrainerEnv)
 
 
-class RunDocument(NamedTuple):
-    spec: FinetuneRunSpec
-    name: str | None  # metadata.name, metadata.namespace, metadata.uid (None for a bare spec)
-    namespace: str | None
-    uid: str | None
-
-
-def parse_run_document(doc: Any, source: str = "config") -> RunDocument:
-    """Validate a parsed document: the spec and what its metadata says, if it has any."""
-    if not isinstance(doc, dict):
-        raise ConfigError(f"{source}: expected a mapping, got {type(doc).__name__}")
-    name = namespace = uid = None
-    body: Any = doc
-    if "spec" in doc or "kind" in doc or "apiVersion" in doc:
-        if doc.get("kind", KIND) != KIND:
-            raise ConfigError(f"{source}: kind must be {KIND}, got {doc.get('kind')!r}")
-        if doc.get("apiVersion", API_VERSION) != API_VERSION:
-            raise ConfigError(f"{source}: apiVersion must be {API_VERSION}, got {doc.get('apiVersion')!r}")
-        metadata = doc.get("metadata") or {}
-        if not isinstance(metadata, dict):
-            raise ConfigError(f"{source}: metadata must be a mapping")
-        name, namespace, uid = metadata.get("name"), metadata.get("namespace"), metadata.get("uid")
-        body = doc.get("spec")
-        if not isinstance(body, dict):
-            raise ConfigError(f"{source}: spec must be a mapping")
+def load_run_file(path: str | os.PathLike[str]) -> RunFile:
+    """The run config, read by the same parser as local mode and submit (:func:`kubetune.runfile.load`); any
+    problem is a :class:`ConfigError`."""
     try:
-        spec = FinetuneRunSpec.model_validate(body)
-    except ValidationError as exc:
-        details = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'spec'}: {err['msg']}"
-                            for err in exc.errors())
-        raise ConfigError(f"{source}: invalid spec: {details}") from None
-    return RunDocument(spec, name, namespace, None if uid is None else str(uid))
-
-
-def load_run_file(path: str | os.PathLike[str]) -> RunDocument:
-    """Read a YAML or JSON run file (YAML is a superset of JSON, so one parser reads both)."""
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read the run config {path}: {exc.strerror}") from None
-    try:
-        doc = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
-    except (ValueError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: not valid YAML/JSON: {str(exc)[:300]}") from None
-    return parse_run_document(doc, str(path))
+        return runfile.load(path)
+    except ConfigInvalid as exc:
+        raise ConfigError(exc.message) from None
 
 
 def build_parser(env: TrainerEnv | None = None) -> argparse.ArgumentParser:
@@ -111,7 +72,8 @@ def resolve(args: argparse.Namespace, env: TrainerEnv | None = None) -> RunConfi
     run uid the operator passed is refused: it is left from an earlier run of the same name (a ConfigMap not yet
     replaced), and training its spec would write into the new run's store."""
     env = env or TrainerEnv()
-    spec, meta_name, meta_namespace, meta_uid = load_run_file(args.config)
+    run = load_run_file(args.config)
+    spec, meta_name, meta_namespace, meta_uid = run.spec, run.name, run.namespace, run.uid
     if env.run_uid is not None and meta_uid != env.run_uid:
         owner = f"run uid {meta_uid}" if meta_uid else "no run uid (metadata.uid is missing)"
         raise ConfigError(f"{args.config} is not this run's config: it names {owner}, but this run is "

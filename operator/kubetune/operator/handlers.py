@@ -43,7 +43,7 @@ from kubetune import manifests
 from kubetune.lifecycle.attempts import spec_edit_update, suspended_seconds
 from kubetune.operator.context import Context
 from kubetune.operator.kube import Kube, config_maps_path, jobs_path
-from kubetune.operator.supervisor import Supervisor, format_errors, validate
+from kubetune.operator.supervisor import Supervisor
 from kubetune.spec import CANCEL_ANNOTATION, GROUP, PLURAL, VERSION, FinetuneRunStatus, Phase
 from kubetune.status import (
     CLEANED_UP,
@@ -57,6 +57,7 @@ from kubetune.status import (
     transition,
     ttl_due,
 )
+from kubetune.validation import format_errors, validate_spec
 
 SERVICE_ACCOUNT_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 PREFIX = "kubetune.io"
@@ -167,7 +168,7 @@ async def accept(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, meta: ko
     with metrics.timed("accept"):
         if is_terminal(status) or status.get("phase") or cancel_request(meta) is not None:
             return  # already handled (resume after restart), or cancelled: `cancel` takes over
-        model, errors = validate(spec)
+        model, errors = validate_spec(spec)
         now = time.time()
         if model is None:
             message = f"Invalid spec: {format_errors(errors)}"
@@ -236,7 +237,7 @@ async def spec_updated(body: kopf.Body, diff: kopf.Diff, spec: kopf.Spec, status
         if is_terminal(status):
             kopf.info(body, reason="SpecChangeIgnored", message="The run has finished; spec changes have no effect.")
             return
-        errors = validate(spec)[1]
+        errors = validate_spec(spec)[1]
         update = spec_edit_update(FinetuneRunStatus.model_validate(dict(status)), meta.get("generation"),
                                   format_errors(errors) if errors else None, time.time())
         patch.status.update(update)

@@ -32,7 +32,6 @@ from typing import Any
 
 import aiohttp
 import kopf
-from pydantic import ValidationError
 
 from kubetune import manifests
 from kubetune.events import Event, parse_termination_message
@@ -76,37 +75,13 @@ from kubetune.status import (
     set_condition,
     transition,
 )
+from kubetune.validation import format_errors, validate_spec
 
 STREAM_BACKLOG_SECONDS = 5.0  # lines older than this when their stream opened are backlog, not live
 RESYNC_SECONDS = 120.0  # a waiting supervisor re-reads its Job and pods this often (see maybe_resync)
 URGENT_EVENTS = frozenset({"started", "finished", "failed", "artifact"})
 WAITING_PROBLEMS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",
                               "CreateContainerError", "CrashLoopBackOff"})
-
-
-def validate(spec: Mapping[str, Any]) -> tuple[FinetuneRunSpec | None, list[tuple[str, str]]]:
-    """(model, []) for a valid spec, (None, [(field path, reason), ...]) otherwise. Pure.
-
-    Field errors carry their camelCase path (``spec.training.epochs``); cross-field errors come from
-    :func:`kubetune.spec.cross_field_errors` through the model validator, with their own paths."""
-    try:
-        return FinetuneRunSpec.model_validate(dict(spec)), []
-    except ValidationError as e:
-        errors: list[tuple[str, str]] = []
-        for err in e.errors():
-            loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err.get("loc", ())).lstrip(".")
-            msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
-            if not loc:  # the model-level (cross-field) validator: "path: reason; path: reason"
-                for part in msg.split("; "):
-                    path, sep, reason = part.partition(": ")
-                    errors.append((path, reason) if sep and path.startswith("spec.") else ("spec", part))
-            else:
-                errors.append((f"spec.{loc}", msg))
-        return None, errors
-
-
-def format_errors(errors: list[tuple[str, str]]) -> str:
-    return "; ".join(f"{path}: {reason}" for path, reason in errors)
 
 
 class Supervisor:
@@ -252,7 +227,7 @@ class Supervisor:
         attempts were last built from (its ConfigMap), so that supervision goes on (the ``spec_updated``
         handler reports the invalid edit with a condition and an Event). None: nothing valid to run."""
         live = self.body.get("spec") or {}
-        model, errors = validate(live)
+        model, errors = validate_spec(live)
         if model is not None:
             self.spec = model
             self.spec_generation = (self.body.get("metadata") or {}).get("generation")

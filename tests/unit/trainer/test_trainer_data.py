@@ -15,7 +15,7 @@ from docarray.typing import ImageBytes, ImageUrl, NdArray
 from kt_trainer_helpers import tiny_spec, write_run
 from kubetune.spec import DataSpec
 from kubetune.storage import RetryPolicy
-from kubetune_trainer.config import ConfigError, load_run_file, parse_run_document
+from kubetune_trainer.config import ConfigError, load_run_file
 from kubetune_trainer.data import DataError, Fetcher, FetchUnavailable, load_datasets, load_set, split
 from PIL import Image
 
@@ -138,16 +138,19 @@ def test_run_file_forms(tmp_path: Path) -> None:
     run, bare = tmp_path / "run.yaml", tmp_path / "spec.json"
     write_run(run, spec, name="shapes", namespace="ml", uid="u-1")
     bare.write_text(json.dumps(spec))
-    parsed, name, namespace, uid = load_run_file(run)
-    assert (name, namespace, uid, parsed.training.batch_size) == ("shapes", "ml", "u-1", 32)
-    parsed_bare, name, namespace, uid = load_run_file(bare)
-    assert parsed_bare == parsed and name is None and namespace is None and uid is None
-    with pytest.raises(ConfigError, match="kind must be FinetuneRun"):
-        parse_run_document({"kind": "Pod", "spec": spec})
-    with pytest.raises(ConfigError, match=r"training\.batchSize|batch_size"):
-        parse_run_document({**spec, "training": {"batchSize": 1}})
-    with pytest.raises(ConfigError, match="valSplit"):
-        parse_run_document({**spec, "data": {"train": "a.csv", "eval": "b.csv", "valSplit": 0.1}})
+    parsed = load_run_file(run)
+    assert (parsed.name, parsed.namespace, parsed.uid, parsed.spec.training.batch_size) == ("shapes", "ml", "u-1", 32)
+    parsed_bare = load_run_file(bare)
+    assert parsed_bare.spec == parsed.spec and parsed_bare.name is None and parsed_bare.uid is None
+    for doc, error in (({"kind": "Pod", "spec": spec}, "kind FinetuneRun; got .*'Pod'"),
+                       ({**spec, "training": {"batchSize": 1}}, r"spec\.training\.batchSize"),
+                       ({**spec, "data": {"train": "a.csv", "eval": "b.csv", "valSplit": 0.1}}, "spec.data.valSplit")):
+        (tmp_path / "bad.yaml").write_text(json.dumps(doc))
+        with pytest.raises(ConfigError, match=error):
+            load_run_file(tmp_path / "bad.yaml")
+    (tmp_path / "broken.yaml").write_text("spec: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_run_file(tmp_path / "broken.yaml")
 
 
 def test_image_references_resolve_against_remote_csvs() -> None:
