@@ -90,9 +90,9 @@ def progress_lags(seen: dict[str, list[tuple[float, str | None, int]]],
 
 def log_progress(text: str) -> list[tuple[float, int]]:
     """(kubelet timestamp, step) of each progress event in a ``timestamps=true`` pod log."""
-    from kubetune.events import parse_line
+    from kubetune.api.events import parse_line
+    from kubetune.lifecycle.formats import parse_rfc3339
     from kubetune.operator.kube import split_log_line
-    from kubetune.status import parse_rfc3339
 
     out: list[tuple[float, int]] = []
     for raw in text.splitlines():

@@ -1,14 +1,14 @@
 """Hypothesis strategies for invalid FinetuneRun specs, each with the field path that must be blamed (no tests).
 
 The catalogue of fields, types and bounds is read from the generated CRD (``crds/finetunerun.yaml``), so a new
-field in ``kubetune/spec.py`` is covered without editing this file. Each generated case is a *valid* base spec
+field in ``kubetune/api/spec.py`` is covered without editing this file. Each generated case is a *valid* base spec
 with exactly one thing broken:
 
 - ``schema`` cases break one field against its OpenAPI schema (a bound, a length, a pattern, an enum, the type,
   ``maxItems``, or a required field missing); the API server must reject them naming ``path``, and so must the
   pydantic model (SDK, operator, trainer);
 - ``cross`` cases are individually valid fields that break a rule a schema cannot express
-  (:func:`kubetune.spec.cross_field_errors`); the API server accepts them and the operator must fail the run
+  (:func:`kubetune.api.spec.cross_field_errors`); the API server accepts them and the operator must fail the run
   naming ``path``.
 
 Unknown fields are not generated: the API server prunes them from a structural schema (Kubernetes 1.20 has no
@@ -217,7 +217,7 @@ _uri = st.from_regex(r"\As3://data/[a-z]{1,12}\.csv\Z")
 
 
 def cross_cases() -> st.SearchStrategy[Case]:
-    """Valid fields, invalid combination (the rules in kubetune.spec.cross_field_errors)."""
+    """Valid fields, invalid combination (the rules in kubetune.api.spec.cross_field_errors)."""
     def with_(**parts: Any) -> dict[str, Any]:
         spec = copy.deepcopy(BASE_SPEC)
         for key, value in parts.items():

@@ -7,6 +7,10 @@
     text_model = kubetune.get_model(artifact, select_model="clip-text")
     kubetune.encode(text_model, ["a red dress"])
 
+Layout: :mod:`kubetune.api` (the contract: spec, events, trainer environment), :mod:`kubetune.lifecycle` (the
+run's rules, pure), :mod:`kubetune.storage` (S3 and artifacts), :mod:`kubetune.operator` (kopf),
+:mod:`kubetune.sdk` (SDK and CLI).
+
 Importing this package is cheap: the SDK's names are loaded on first use (no torch, no Kubernetes client
 at import time).
 """
@@ -18,21 +22,18 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-# public name → the module that defines it
-_LAZY = {
-    "fit": "client", "submit": "client", "get_run": "client", "list_runs": "client", "Run": "client",
-    "Client": "client", "configure": "client",
-    "EvaluationCallback": "callbacks", "WiSEFTCallback": "callbacks", "EarlyStopping": "callbacks",
-    "BestModelCheckpoint": "callbacks",
-    "get_model": "models", "encode": "models", "describe_models": "models", "verify_artifact": "models",
-    "Model": "models",
-    "run_local": "local", "LocalRun": "local",
-    "write_report": "report",
-    "KubetuneError": "errors", "ConfigInvalid": "errors", "RunNotFound": "errors", "RunAlreadyExists": "errors",
-    "RunNotFinished": "errors", "RunFailed": "errors", "ArtifactMissing": "errors", "ArtifactCorrupt": "errors",
-    "ClusterUnavailable": "errors", "StorageUnavailable": "errors", "MissingExtra": "errors",
-    "LocalRunFailed": "errors",
+# the module that defines them → public names
+_EXPORTS = {
+    "sdk.client": ("fit", "submit", "get_run", "list_runs", "Run", "Client", "configure"),
+    "sdk.callbacks": ("EvaluationCallback", "WiSEFTCallback", "EarlyStopping", "BestModelCheckpoint"),
+    "sdk.models": ("get_model", "encode", "describe_models", "verify_artifact", "Model"),
+    "sdk.local": ("run_local", "LocalRun"),
+    "sdk.report": ("write_report",),
+    "api.errors": ("KubetuneError", "ConfigInvalid", "RunNotFound", "RunAlreadyExists", "RunNotFinished", "RunFailed",
+                   "ArtifactMissing", "ArtifactCorrupt", "ClusterUnavailable", "StorageUnavailable", "MissingExtra",
+                   "LocalRunFailed"),
 }
+_LAZY = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = [  # noqa: RUF022
     "__version__",
     "ArtifactCorrupt", "ArtifactMissing", "BestModelCheckpoint", "Client", "ClusterUnavailable",
@@ -43,9 +44,7 @@ __all__ = [  # noqa: RUF022
 ]
 
 if TYPE_CHECKING:
-    from .callbacks import BestModelCheckpoint, EarlyStopping, EvaluationCallback, WiSEFTCallback
-    from .client import Client, Run, configure, fit, get_run, list_runs, submit
-    from .errors import (
+    from .api.errors import (
         ArtifactCorrupt,
         ArtifactMissing,
         ClusterUnavailable,
@@ -59,9 +58,11 @@ if TYPE_CHECKING:
         RunNotFound,
         StorageUnavailable,
     )
-    from .local import LocalRun, run_local
-    from .models import Model, describe_models, encode, get_model, verify_artifact
-    from .report import write_report
+    from .sdk.callbacks import BestModelCheckpoint, EarlyStopping, EvaluationCallback, WiSEFTCallback
+    from .sdk.client import Client, Run, configure, fit, get_run, list_runs, submit
+    from .sdk.local import LocalRun, run_local
+    from .sdk.models import Model, describe_models, encode, get_model, verify_artifact
+    from .sdk.report import write_report
 
 
 def __getattr__(name: str) -> Any:

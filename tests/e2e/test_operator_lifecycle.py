@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from kubetune.events import parse_termination_message
+from kubetune.api.events import parse_termination_message
 
 from tests.integration.test_operator_support import (
     Runs,

@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 import pytest
-from kubetune.spec import CANCEL_ANNOTATION, CANCEL_BY_ANNOTATION, GROUP, PLURAL, VERSION
+from kubetune.api.spec import CANCEL_ANNOTATION, CANCEL_BY_ANNOTATION, GROUP, PLURAL, VERSION
 
 from tests.integration.test_operator_support import (
     Runs,

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kubetune.cli import app
+from kubetune.sdk.cli import app
 from typer.testing import CliRunner
 
 from tests.cluster.s3 import S3Server

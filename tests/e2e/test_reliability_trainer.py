@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kubetune.events import parse_line
+from kubetune.api.events import parse_line
 
 from tests.cluster.s3 import S3Server
 from tests.e2e.test_operator_trainer import TINY_CONFIG, dataset_in_s3, start_real_trainer_operator

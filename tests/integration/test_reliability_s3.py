@@ -137,7 +137,7 @@ def test_data_read_during_an_outage_is_ridden_out(proxy: TcpProxy, s3_server: Pr
                                                   caplog: pytest.LogCaptureFixture) -> None:
     # The trainer's data reads (CSV, images, weights files: kubetune_trainer.data.Fetcher) retry like its store
     # for spec.output.retrySeconds, so an outage while the data loads costs seconds, not a trainer attempt.
-    from kubetune.spec import OutputSpec
+    from kubetune.api.spec import OutputSpec
     from kubetune_trainer.data import Fetcher, FetchUnavailable
 
     for key, value in _env(s3_server).items():

@@ -14,10 +14,10 @@ from typing import Any
 
 import kubetune
 import pytest
-from kubetune import errors
-from kubetune.cli import app
-from kubetune.client import Client
-from kubetune.spec import GROUP, PLURAL, VERSION
+from kubetune.api import errors
+from kubetune.api.spec import GROUP, PLURAL, VERSION
+from kubetune.sdk.cli import app
+from kubetune.sdk.client import Client
 from typer.testing import CliRunner
 
 from tests.integration.test_operator_support import (

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kubetune.spec import OutputSpec
-from kubetune.storage import ObjectNotFound, run_store, s3_store
+from kubetune.api.spec import OutputSpec
+from kubetune.storage import ObjectNotFound, run_store, s3_store, sha256_file, verify_manifest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit" / "trainer"))
 from kt_trainer_helpers import of_type, run_trainer, tiny_spec, write_run
@@ -82,8 +82,8 @@ def test_training_with_s3_data_checkpoints_artifact_and_resume(
                       "team-b", "s3-run")
     local = tmp_path / "downloaded"
     store.get_dir("artifact", local)
-    assert export.verify_manifest(local) == []
-    assert export.sha256_file(local / "manifest.json") == artifact.sha256
+    assert verify_manifest(local) == []
+    assert sha256_file(local / "manifest.json") == artifact.sha256
     assert export.load_tower(local / "clip-vision") is not None
 
     # a new run whose checkpoint history is in S3 resumes from it: drop the finished mark and the artifact

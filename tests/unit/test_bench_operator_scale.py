@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kubetune.events import MARKER
+from kubetune.api.events import MARKER
 
 from bench.operator_scale import (
     histogram_quantile,

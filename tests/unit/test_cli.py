@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kubetune import errors, local
-from kubetune.cli import app
+from kubetune.api import errors
+from kubetune.sdk import local
+from kubetune.sdk.cli import app
 from typer.testing import CliRunner
 
 pytestmark = pytest.mark.unit
@@ -217,7 +218,7 @@ def test_cluster_commands_without_a_cluster_exit_5(tmp_path: Path) -> None:
 
 
 def test_namespace_comes_from_the_kubeconfig_context(tmp_path: Path) -> None:
-    from kubetune.client import Client
+    from kubetune.sdk.client import Client
 
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(json.dumps({

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 import yaml
-from kubetune import crd
-from kubetune.spec import FinetuneRunSpec
+from kubetune.api import crd
+from kubetune.api.spec import FinetuneRunSpec
 
 pytestmark = pytest.mark.unit
 
@@ -32,7 +32,8 @@ def _schema() -> dict[str, Any]:
 
 def test_checked_in_crd_matches_the_model() -> None:
     assert CHECKED_IN.read_text() == crd.render(), (
-        "crds/finetunerun.yaml drifted from kubetune/spec.py: run `python -m kubetune.crd > crds/finetunerun.yaml`")
+        "crds/finetunerun.yaml drifted from kubetune/api/spec.py: "
+        "run `python -m kubetune.api.crd > crds/finetunerun.yaml`")
 
 
 def test_crd_identity() -> None:

@@ -140,16 +140,19 @@ def test_default_env_is_what_the_operator_reads() -> None:
     assert dict(settings.gpu_node_selector) == {"nvidia.com/gpu.present": "true"}
     assert [dict(t) for t in settings.gpu_tolerations] == [{"key": "nvidia.com/gpu", "operator": "Exists",
                                                             "effect": "NoSchedule"}]
-    known = {ENV_PREFIX + f.upper() for f in OperatorSettings.__dataclass_fields__}
+    known = {ENV_PREFIX + f.upper() for f in OperatorSettings.model_fields}
     unknown = {k for k in env if k.startswith(ENV_PREFIX)} - known
     assert not unknown, f"the chart sets variables the operator does not read: {unknown}"
+    default_env = {k: v for k, v in env_of(one(render(), "Deployment", "kt-kubetune")["spec"]["template"]["spec"]
+                                           ["containers"][0]).items() if isinstance(v, str)}
+    assert OperatorSettings.from_env(default_env) == OperatorSettings()  # the chart's defaults are the operator's
 
 
 def test_gpu_defaults_reach_gpu_jobs() -> None:
     """The chart's runDefaults.gpu, read by the operator, end up on the Jobs of runs that request GPUs."""
-    from kubetune import manifests
+    from kubetune.api.spec import FinetuneRunSpec
+    from kubetune.operator import manifests
     from kubetune.operator.settings import OperatorSettings
-    from kubetune.spec import FinetuneRunSpec
 
     env = {k: v for k, v in env_of(one(render(NON_DEFAULT), "Deployment", "kt-kubetune")["spec"]["template"]["spec"]
                                    ["containers"][0]).items() if isinstance(v, str)}

@@ -10,6 +10,7 @@ from typing import Any, cast
 
 import aiohttp
 import pytest
+from kubetune.lifecycle.formats import parse_rfc3339
 from kubetune.operator.__main__ import election_config, parse_args
 from kubetune.operator.health import Readiness, start_health_server
 from kubetune.operator.kube import Kube, KubeError
@@ -25,7 +26,6 @@ from kubetune.operator.leader import (
     lease_path,
     release_body,
 )
-from kubetune.status import parse_rfc3339
 
 pytestmark = pytest.mark.unit
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from kubetune.api.spec import FinetuneRunStatus
 from kubetune.lifecycle.attempts import (
     CREATE_BACKOFF_MAX_SECONDS,
     AttemptView,
@@ -14,8 +15,8 @@ from kubetune.lifecycle.attempts import (
     spec_edit_update,
     suspended_seconds,
 )
-from kubetune.spec import FinetuneRunStatus
-from kubetune.status import CREATED, RESTARTING, SPEC_VALID, SUSPENDED, get_condition, now_rfc3339, set_condition
+from kubetune.lifecycle.conditions import CREATED, RESTARTING, SPEC_VALID, SUSPENDED, get_condition, set_condition
+from kubetune.lifecycle.formats import now_rfc3339
 
 T0 = 1_800_000_000.0
 typed = FinetuneRunStatus.model_validate

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 import yaml
-from kubetune import manifests
+from kubetune.api.spec import FinetuneRunSpec
+from kubetune.operator import manifests
 from kubetune.operator.settings import Capabilities, OperatorSettings
-from kubetune.spec import FinetuneRunSpec
 
 pytestmark = pytest.mark.unit
 
@@ -209,7 +209,7 @@ def test_settings_gpu_defaults_from_env() -> None:
         s.gpu_node_selector["x"] = "y"  # type: ignore[index]
     for bad, match in [({"KUBETUNE_GPU_NODE_SELECTOR": "{nope"}, "not JSON"),
                        ({"KUBETUNE_GPU_NODE_SELECTOR": '["a"]'}, "JSON object"),
-                       ({"KUBETUNE_GPU_NODE_SELECTOR": '{"a": 1}'}, "labels are strings"),
+                       ({"KUBETUNE_GPU_NODE_SELECTOR": '{"a": 1}'}, r'SELECTOR\["a"\]: .*valid string'),
                        ({"KUBETUNE_GPU_TOLERATIONS": '{"key": "a"}'}, "array of objects"),
                        ({"KUBETUNE_GPU_TOLERATIONS": '[{"key": "a", "effect": "Sometimes"}]'},
                         r"KUBETUNE_GPU_TOLERATIONS\[0\]")]:

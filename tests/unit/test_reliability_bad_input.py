@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kubetune import status as kst
-from kubetune.events import MARKER, format_event
-from kubetune.spec import FinetuneRunSpec, FinetuneRunStatus
-from kubetune.validation import validate_spec
+from kubetune.api.events import MARKER, format_event
+from kubetune.api.spec import FinetuneRunSpec, FinetuneRunStatus
+from kubetune.api.validation import validate_spec
+from kubetune.lifecycle.fold import StatusFolder, status_size
 
 from tests.invalid_specs import BASE_SPEC, Case, invalid_specs, schema_errors
 
@@ -121,7 +121,7 @@ def _lines(draw: st.DrawFn) -> str:
           suppress_health_check=list(HealthCheck))
 @given(st.lists(_lines(), min_size=1, max_size=40))
 def test_malformed_trainer_output_keeps_status_small_and_valid(lines: list[str]) -> None:
-    folder = kst.StatusFolder()
+    folder = StatusFolder()
     for i, line in enumerate(lines):
         folder.feed_line(line, 1000.0 + i)
     patch, _ = folder.take_patch()
@@ -133,7 +133,7 @@ def test_malformed_trainer_output_keeps_status_small_and_valid(lines: list[str])
 
 def test_event_flood_is_coalesced_and_bounded() -> None:
     # 20,000 events, interleaved partial events and a 1 MB line: one patch, small, with the latest values.
-    folder = kst.StatusFolder()
+    folder = StatusFolder()
     folder.feed_line(format_event("started", run="r", epochs=10, total_steps=N_FLOOD), 0.0)
     started = time.monotonic()
     for step in range(1, N_FLOOD + 1):
@@ -147,7 +147,7 @@ def test_event_flood_is_coalesced_and_bounded() -> None:
     assert patch["progress"]["step"] == N_FLOOD and patch["progress"]["percent"] == 100.0
     assert len(times) <= 10_000  # lag samples are bounded too
     assert patch["logTail"].count(patch["logTail"][0]) >= 1 and len(patch["logTail"]) == 30
-    assert kst.status_size(patch) < 8_000
+    assert status_size(patch) < 8_000
     assert max(len(line) for line in patch["logTail"]) <= 500
     print(f"folded {N_FLOOD:,} events in {elapsed:.2f}s ({N_FLOOD / elapsed:,.0f} events/s)")
 
@@ -169,7 +169,7 @@ def test_a_later_evaluation_replaces_an_earlier_one_on_the_server() -> None:
     # Found by the e2e garbage test: merge patches merged the metric dicts, so a bogus 500-metric "after"
     # followed by the real one became 66 keys, over the schema's maxProperties 64: the API server refused the
     # patch and the run ended with the bogus metrics.
-    folder = kst.StatusFolder({"metrics": {"before": {"old": 1.0}}})
+    folder = StatusFolder({"metrics": {"before": {"old": 1.0}}})
     server: dict[str, Any] = {"metrics": {"before": {"old": 1.0}}}
     folder.feed_line(format_event("evaluation", stage="after", metrics={f"m{i}": float(i) for i in range(500)}), 1.0)
     server = _apply_merge_patch(server, folder.take_patch()[0])

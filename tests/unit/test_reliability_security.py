@@ -72,9 +72,9 @@ def test_leader_election_role_names_the_default_lease() -> None:
 
 
 def test_trainer_pods_get_no_api_token() -> None:
-    from kubetune import manifests
+    from kubetune.api.spec import FinetuneRunSpec
+    from kubetune.operator import manifests
     from kubetune.operator.settings import OperatorSettings
-    from kubetune.spec import FinetuneRunSpec
 
     run = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FinetuneRun",
            "metadata": {"name": "r", "namespace": "ns", "uid": "u-1", "generation": 1},

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kubetune import errors, runfile
-from kubetune.callbacks import BestModelCheckpoint, EarlyStopping, EvaluationCallback, WiSEFTCallback
-from kubetune.client import build_spec, download_artifact, generate_name, upload_dataset, validate_spec
-from kubetune.spec import DNS_LABEL
-from kubetune.storage import LocalStore
+from kubetune.api import errors, runfile
+from kubetune.api.spec import DNS_LABEL
+from kubetune.sdk.callbacks import BestModelCheckpoint, EarlyStopping, EvaluationCallback, WiSEFTCallback
+from kubetune.sdk.client import build_spec, generate_name, upload_dataset, validate_spec
+from kubetune.storage import LocalStore, download_artifact
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,6 +25,15 @@ QUICKSTART = ROOT / "examples" / "quickstart.yaml"
 def test_import_kubetune_is_cheap() -> None:
     code = ("import sys, kubetune; kubetune.ConfigInvalid; "
             "heavy = [m for m in ('torch', 'kubernetes', 'open_clip', 'minio', 'numpy') if m in sys.modules]; "
+            "print(heavy); sys.exit(1 if heavy else 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_sdk_and_cli_import_neither_the_trainer_nor_the_operator() -> None:
+    code = ("import sys, kubetune.sdk.client, kubetune.sdk.cli, kubetune.sdk.local; "
+            "loaded = {m.split('.')[0] for m in sys.modules}; "
+            "heavy = sorted(loaded & {'torch', 'open_clip', 'kubetune_trainer', 'kopf', 'pydantic_settings'}); "
             "print(heavy); sys.exit(1 if heavy else 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -214,7 +223,7 @@ def test_download_verifies_every_file(tmp_path: Path) -> None:
     sha = _fake_artifact(source)
     out = download_artifact(LocalStore(source), tmp_path / "model", sha, "s3://b/a")
     assert (out / "clip-text" / "model.safetensors").read_bytes() == b"text-weights"
-    from kubetune.models import verify_artifact
+    from kubetune.sdk.models import verify_artifact
 
     assert verify_artifact(out) == []
     # downloading again replaces the earlier copy
@@ -249,7 +258,7 @@ def test_download_refuses_a_non_empty_foreign_directory(tmp_path: Path) -> None:
 
 def test_fit_turns_a_doclist_into_a_protobuf_file_the_trainer_reads(tmp_path: Path) -> None:
     from docarray import BaseDoc, DocList
-    from kubetune.client import _materialise
+    from kubetune.sdk.client import _materialise
 
     class PairDoc(BaseDoc):
         text: str

@@ -13,7 +13,7 @@ import kubetune
 import numpy as np
 import pytest
 import yaml
-from kubetune import errors
+from kubetune.api import errors
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]
@@ -148,7 +148,7 @@ def test_get_model_errors(tiny_run: Any, tmp_path: Path) -> None:
 def test_cli_encode(tiny_run: Any, tmp_path: Path) -> None:
     import json
 
-    from kubetune.cli import app
+    from kubetune.sdk.cli import app
     from typer.testing import CliRunner
 
     runner = CliRunner()

@@ -10,11 +10,11 @@ from typing import Any
 
 import kopf
 import pytest
+from kubetune.api.validation import format_errors, validate_spec
 from kubetune.operator.context import ChildIndex, TokenBucket
 from kubetune.operator.handlers import FINALIZER, QuietWatchHandlers, configure_kopf
 from kubetune.operator.kube import split_log_line
 from kubetune.operator.metrics import Metrics
-from kubetune.validation import format_errors, validate_spec
 
 pytestmark = pytest.mark.unit
 

@@ -12,7 +12,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from kubetune.events import (
+from kubetune.api.events import (
     MARKER,
     TERMINATION_MESSAGE_MAX_BYTES,
     TERMINATION_METRICS,

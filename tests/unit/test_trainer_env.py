@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kubetune import manifests
+from kubetune.api.spec import FinetuneRunSpec
+from kubetune.api.trainer_env import DEFAULT_TERMINATION_LOG, TrainerEnv, variable
+from kubetune.operator import manifests
 from kubetune.operator.settings import OperatorSettings
-from kubetune.spec import FinetuneRunSpec
-from kubetune.trainer_env import DEFAULT_TERMINATION_LOG, TrainerEnv, variable
 
 pytestmark = pytest.mark.unit
 
@@ -59,7 +59,7 @@ def test_the_contract_lists_each_variable_once_with_a_docstring() -> None:
                                       "KUBETUNE_RUN_UID", "KUBETUNE_ATTEMPT", "KUBETUNE_RESUME_FROM",
                                       "KUBETUNE_WORK_DIR", "KUBETUNE_PROGRESS_SECONDS", "KUBETUNE_LOG_LEVEL",
                                       "KUBETUNE_TERMINATION_LOG")
-    module = ast.parse((ROOT / "operator" / "kubetune" / "trainer_env.py").read_text())
+    module = ast.parse((ROOT / "operator" / "kubetune" / "api" / "trainer_env.py").read_text())
     body = next(n for n in module.body if isinstance(n, ast.ClassDef) and n.name == "TrainerEnv").body
     documented = {}
     for field, doc in itertools.pairwise(body):
@@ -124,7 +124,7 @@ def test_the_real_trainer_reads_only_the_contract_and_only_through_it() -> None:
         reads = list(_env_reads(source))
         assert not [r for r in reads if r is None or r.startswith("KUBETUNE_")], path.name  # only via TrainerEnv
         assert _kubetune_literals(source) <= CONTRACT, path.name
-    local = (ROOT / "operator" / "kubetune" / "local.py").read_text()  # local mode sets trainer variables too
+    local = (ROOT / "operator" / "kubetune" / "sdk" / "local.py").read_text()  # local mode sets trainer variables too
     assert _kubetune_literals(local) <= CONTRACT
     image_env = set(re.findall(r"\b(KUBETUNE_[A-Z0-9_]+)=", (ROOT / "trainer-image" / "Dockerfile").read_text()))
     assert image_env and image_env <= CONTRACT

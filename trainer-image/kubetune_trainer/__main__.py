@@ -1,12 +1,12 @@
 """``python -m kubetune_trainer --config run.yaml [--output-dir DIR] [--run-name NAME]``.
 
-Exit codes (see :mod:`kubetune.events`): 0 done; 75 retryable (store or data source unreachable, SIGTERM:
+Exit codes (see :mod:`kubetune.api.events`): 0 done; 75 retryable (store or data source unreachable, SIGTERM:
 preemption, eviction, suspend — the latest checkpoint is kept); 78 bad config (also a stale config or a missing
-checkpoint, see :mod:`kubetune.trainer_env`); 65 bad data; 1 anything else. Every failure also emits a
+checkpoint, see :mod:`kubetune.api.trainer_env`); 65 bad data; 1 anything else. Every failure also emits a
 ``failed`` event with a CamelCase reason before the process exits, and on every exit rank 0 writes the final
 events to the termination log (``KUBETUNE_TERMINATION_LOG``).
 
-The ``KUBETUNE_*`` environment is read once, here, into a :class:`kubetune.trainer_env.TrainerEnv`.
+The ``KUBETUNE_*`` environment is read once, here, into a :class:`kubetune.api.trainer_env.TrainerEnv`.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import subprocess
 import sys
 from types import FrameType
 
-from kubetune.events import EXIT_BAD_CONFIG, EXIT_BAD_DATA, EXIT_FAILED, EXIT_OK, EXIT_RETRYABLE
+from kubetune.api.events import EXIT_BAD_CONFIG, EXIT_BAD_DATA, EXIT_FAILED, EXIT_OK, EXIT_RETRYABLE
+from kubetune.api.trainer_env import TrainerEnv
 from kubetune.storage import StoreError, StoreUnavailable
-from kubetune.trainer_env import TrainerEnv
 
 from .config import ConfigError, build_parser, resolve
 from .data import DataError, FetchUnavailable

@@ -1,8 +1,8 @@
 """The run config: a FinetuneRun object (apiVersion, kind, metadata, spec) or a bare spec, YAML or JSON.
 
-Validated with the same :class:`kubetune.spec.FinetuneRunSpec` the operator and SDK use; any problem is a
+Validated with the same :class:`kubetune.api.spec.FinetuneRunSpec` the operator and SDK use; any problem is a
 :class:`ConfigError` (permanent failure, exit code 78). The ``KUBETUNE_*`` environment comes in as one
-:class:`kubetune.trainer_env.TrainerEnv`, read once by ``__main__``; command-line flags win over it.
+:class:`kubetune.api.trainer_env.TrainerEnv`, read once by ``__main__``; command-line flags win over it.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kubetune import runfile
-from kubetune.errors import ConfigInvalid
-from kubetune.runfile import RunFile
-from kubetune.spec import DNS_LABEL, FinetuneRunSpec
-from kubetune.trainer_env import DEFAULT_CONFIG, TrainerEnv, variable
+from kubetune.api import runfile
+from kubetune.api.errors import ConfigInvalid
+from kubetune.api.runfile import RunFile
+from kubetune.api.spec import DNS_LABEL, FinetuneRunSpec
+from kubetune.api.trainer_env import DEFAULT_CONFIG, TrainerEnv, variable
 
 DEFAULT_NAMESPACE = "default"
 DEFAULT_NAME = "local"
@@ -38,7 +38,7 @@ class RunConfig:
 
 
 def load_run_file(path: str | os.PathLike[str]) -> RunFile:
-    """The run config, read by the same parser as local mode and submit (:func:`kubetune.runfile.load`); any
+    """The run config, read by the same parser as local mode and submit (:func:`kubetune.api.runfile.load`); any
     problem is a :class:`ConfigError`."""
     try:
         return runfile.load(path)

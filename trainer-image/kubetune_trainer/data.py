@@ -17,7 +17,6 @@ import io
 import logging
 import posixpath
 import random
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -27,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from kubetune.spec import DataSpec, OutputSpec
+from kubetune.api.spec import DataSpec, OutputSpec
 from kubetune.storage import ObjectNotFound, RetryPolicy, StoreError, minio_client, parse_s3_uri
 from PIL import Image, UnidentifiedImageError
 
@@ -123,22 +122,12 @@ class Fetcher:
     def read(self, uri: str) -> bytes:
         """The bytes at ``uri``; FileNotFoundError when it does not exist, FetchUnavailable when it stayed
         unreachable for the whole retry window."""
-        delays = self.retry.delays()
-        started = time.monotonic()
-        for attempt in range(self.retry.attempts):
-            try:
-                data = self._read_once(uri)
-            except FetchUnavailable as exc:
-                if attempt == len(delays):
-                    tries = "1 try" if attempt == 0 else f"{attempt + 1} tries"
-                    raise FetchUnavailable(f"{exc} (unreachable after {tries})") from None
-                log.warning("fetch: %s, retry %d/%d in %.1fs", exc, attempt + 1, len(delays), delays[attempt])
-                self.retry.sleep(delays[attempt])
-                continue
-            if attempt:
-                log.warning("fetch: %s succeeded on try %d after %.1fs", uri, attempt + 1, time.monotonic() - started)
-            return data
-        raise AssertionError("unreachable")  # the loop returns or raises
+
+        def unavailable(error: Exception, tries: int) -> FetchUnavailable:
+            return FetchUnavailable(f"{error} (unreachable after {tries} {'try' if tries == 1 else 'tries'})")
+
+        return self.retry.run(lambda: self._read_once(uri), what=uri, transient=FetchUnavailable,
+                              give_up=unavailable, log=log, label="fetch", describe=str)
 
     def _read_once(self, uri: str) -> bytes:
         if uri.startswith("s3://"):

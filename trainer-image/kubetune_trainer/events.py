@@ -1,4 +1,4 @@
-"""Emitting the structured events of :mod:`kubetune.events` (the operator's and local mode's contract).
+"""Emitting the structured events of :mod:`kubetune.api.events` (the operator's and local mode's contract).
 
 Events go to stdout, one per line, flushed at once; human log lines go to stderr. Only rank 0 emits.
 The emitter also keeps the events of the run's final summary (artifact, ``after`` evaluation, finished or
@@ -14,7 +14,7 @@ import sys
 import threading
 from typing import Any, TextIO
 
-from kubetune.events import MARKER, Event, EventType, format_event, termination_message
+from kubetune.api.events import MARKER, Event, EventType, format_event, termination_message
 
 # the event types termination_message picks from; evaluations only of this stage
 _SUMMARY_TYPES = frozenset({"artifact", "evaluation", "finished", "failed"})

@@ -14,7 +14,8 @@
       clip-vision/preprocessing.json image size, mean, std, interpolation, resize mode
       clip-vision/visual.onnx        (export.onnx) pixel_values float32 [batch, 3, H, W] → embeddings
 
-The artifact event's ``sha256`` is the sha256 of ``manifest.json``, which in turn pins every other file.
+The artifact event's ``sha256`` is the sha256 of ``manifest.json``, which in turn pins every other file
+(:mod:`kubetune.storage.artifact` writes and verifies it, for the trainer and the SDK alike).
 Each tower directory loads on its own, offline, wherever it is copied: a Hugging Face text tower's
 ``hf_model_name`` and ``hf_tokenizer_name`` name its own ``hf/`` directory (relative to the tower), never the
 hub or a path of the machine that trained it.
@@ -28,7 +29,6 @@ the embedding, unnormalised (cosine ranking is unaffected). ``metadata.json["onn
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -38,11 +38,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from kubetune.storage.artifact import FORMAT, write_manifest
 from torch import nn
 
 from .tokenization import make_tokenizer, tokenizer_info
 
-FORMAT = "kubetune-artifact/v1"
 TEXT_DIR = "clip-text"
 VISION_DIR = "clip-vision"
 WEIGHTS = "model.safetensors"
@@ -75,42 +75,6 @@ def split_state_dict(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch
         else:  # CLIP keeps its text tower's modules at the top level
             text[key] = tensor
     return text, vision, rest
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_manifest(root: Path) -> tuple[str, int, int]:
-    """Write manifest.json for every file under ``root``; returns (sha256 of it, total bytes, file count)."""
-    files: dict[str, dict[str, Any]] = {}
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != "manifest.json"):
-        files[path.relative_to(root).as_posix()] = {"sha256": sha256_file(path), "size": path.stat().st_size}
-    manifest = root / "manifest.json"
-    manifest.write_text(json.dumps({"format": FORMAT, "files": files}, indent=1, sort_keys=True) + "\n")
-    total = sum(f["size"] for f in files.values()) + manifest.stat().st_size
-    return sha256_file(manifest), total, len(files) + 1
-
-
-def verify_manifest(root: Path) -> list[str]:
-    """Problems found (missing, extra or changed files); empty when the artifact is intact."""
-    manifest = json.loads((root / "manifest.json").read_text())
-    problems = []
-    listed = manifest.get("files", {})
-    present = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != "manifest.json"}
-    for name in sorted(present - set(listed)):
-        problems.append(f"{name}: not in the manifest")
-    for name, entry in sorted(listed.items()):
-        path = root / name
-        if not path.is_file():
-            problems.append(f"{name}: missing")
-        elif path.stat().st_size != entry["size"] or sha256_file(path) != entry["sha256"]:
-            problems.append(f"{name}: size or sha256 differs")
-    return problems
 
 
 def _json(path: Path, payload: Any) -> None:

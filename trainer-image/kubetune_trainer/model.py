@@ -21,7 +21,7 @@ from typing import Any
 
 import open_clip
 import torch
-from kubetune.spec import ModelSpec
+from kubetune.api.spec import ModelSpec
 from torch import nn
 
 from .tokenization import TokenizerUnavailable, make_tokenizer, tokenizer_info

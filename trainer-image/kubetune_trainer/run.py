@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from kubetune.spec import FinetuneRunSpec
+from kubetune.api.spec import FinetuneRunSpec
 from kubetune.storage import ARTIFACT, RetryPolicy, Store, run_store, store_from_uri
 from torch import nn
 

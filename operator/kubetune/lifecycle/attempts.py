@@ -18,9 +18,10 @@ import dataclasses
 from collections.abc import Iterable
 from typing import Any, Literal
 
-from kubetune.manifests import job_name as attempt_job_name
-from kubetune.spec import Condition, FinetuneRunStatus, Phase
-from kubetune.status import CREATED, RESTARTING, SPEC_VALID, SUSPENDED, parse_rfc3339, set_condition
+from kubetune.api.spec import Condition, FinetuneRunStatus, Phase
+from kubetune.lifecycle.conditions import CREATED, RESTARTING, SPEC_VALID, SUSPENDED, set_condition
+from kubetune.lifecycle.formats import parse_rfc3339
+from kubetune.operator.manifests import job_name as attempt_job_name
 
 Action = Literal["follow", "create", "wait_previous", "fail_deadline", "job_deleted"]
 Reason = Literal["initial", "retry", "resume"]

@@ -86,7 +86,6 @@ def election_config(args: argparse.Namespace) -> ElectionConfig | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    settings = OperatorSettings.from_env()
     kopf.configure(debug=args.debug, verbose=args.verbose,
                    log_format={"plain": kopf.LogFormat.PLAIN, "full": kopf.LogFormat.FULL,
                                "json": kopf.LogFormat.JSON}[args.log_format])
@@ -95,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.peering is not None or args.priority is not None:
         log.warning("--peering and --priority are deprecated and ignored: replicas elect a leader on a Lease.")
     try:
+        # A bad KUBETUNE_* value is the deployer's to fix: one line naming the variable, no traceback.
+        settings = OperatorSettings.from_env()
         election = election_config(args)
     except ValueError as e:
         log.error(str(e))

@@ -8,11 +8,11 @@ import dataclasses
 import time
 from typing import Any
 
-from kubetune.manifests import ATTEMPT_LABEL, RUN_LABEL
+from kubetune.lifecycle.observed import JobState, PodState, job_state, pod_state
 from kubetune.operator.kube import Kube
+from kubetune.operator.manifests import ATTEMPT_LABEL, RUN_LABEL
 from kubetune.operator.metrics import Metrics
 from kubetune.operator.settings import Capabilities, OperatorSettings
-from kubetune.status import JobState, PodState, job_state, pod_state
 
 RunKey = tuple[str, str]  # (namespace, run label value)
 

@@ -39,25 +39,15 @@ from typing import Any
 
 import kopf
 
-from kubetune import manifests
+from kubetune.api.spec import CANCEL_ANNOTATION, GROUP, PLURAL, VERSION, FinetuneRunStatus, Phase
+from kubetune.api.validation import format_errors, validate_spec
 from kubetune.lifecycle.attempts import spec_edit_update, suspended_seconds
+from kubetune.lifecycle.conditions import CLEANED_UP, SUSPENDED, get_condition, is_terminal, set_condition, transition
+from kubetune.lifecycle.policy import cancel_pending, cancel_request, cancel_update, ttl_due
+from kubetune.operator import manifests
 from kubetune.operator.context import Context
 from kubetune.operator.kube import Kube, config_maps_path, jobs_path
 from kubetune.operator.supervisor import Supervisor
-from kubetune.spec import CANCEL_ANNOTATION, GROUP, PLURAL, VERSION, FinetuneRunStatus, Phase
-from kubetune.status import (
-    CLEANED_UP,
-    SUSPENDED,
-    cancel_pending,
-    cancel_request,
-    cancel_update,
-    get_condition,
-    is_terminal,
-    set_condition,
-    transition,
-    ttl_due,
-)
-from kubetune.validation import format_errors, validate_spec
 
 SERVICE_ACCOUNT_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 PREFIX = "kubetune.io"

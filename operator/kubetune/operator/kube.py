@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 import aiohttp
 
-from kubetune.spec import GROUP, PLURAL, VERSION
+from kubetune.api.spec import GROUP, PLURAL, VERSION
 
 log = logging.getLogger(__name__)
 

@@ -38,8 +38,8 @@ from urllib.parse import quote
 
 import aiohttp
 
+from kubetune.lifecycle.formats import parse_rfc3339
 from kubetune.operator.kube import Kube, KubeError, sleep_or_stop
-from kubetune.status import parse_rfc3339
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ Names follow Prometheus conventions (``_total`` counters, base units, ``_ratio``
   ``kubetune_run_val_loss`` / ``kubetune_run_samples_per_second`` ``{namespace,name}``: per-run gauges, mirrored
   from each run's status;
 - ``kubetune_run_evaluation{namespace,name,stage,metric}``: evaluation before/after fine-tuning (stage), one
-  series per metric the trainer reports (at most ``kubetune.spec.MAX_METRICS`` per stage);
+  series per metric the trainer reports (at most ``kubetune.api.spec.MAX_METRICS`` per stage);
 - ``process_*``: CPU, memory, file descriptors of the operator process (prometheus_client's ProcessCollector);
 - ``kubetune_status_lag_seconds``: from a trainer log line being written to its status patch being accepted;
 - ``kubetune_log_delivery_seconds``: the first part of that lag, from the line being written (the kubelet's
@@ -46,7 +46,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from kubetune.spec import MAX_METRICS, TERMINAL_PHASES, ModelSpec, Phase
+from kubetune.api.spec import MAX_METRICS, TERMINAL_PHASES, ModelSpec, Phase
 
 PHASES = [p.value for p in Phase]
 #: ``from_phase`` of a run seen for the first time (no phase yet).

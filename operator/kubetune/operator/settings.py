@@ -1,7 +1,13 @@
 """The operator's settings: one explicit object, read from environment variables (a Helm chart sets them).
 
 Pure: no Kubernetes access, no kopf import. :func:`OperatorSettings.from_env` is the only place that reads
-the environment; everything else receives the object.
+the environment; everything else receives the object. Constructing :class:`OperatorSettings` directly reads
+nothing but its arguments, so a test or a caller gets the same object whatever the process environment holds.
+
+Field ``name`` is read from ``KUBETUNE_<NAME>`` (``trainer_image`` → ``KUBETUNE_TRAINER_IMAGE``) by
+pydantic-settings and typed by the field's annotation: ``int``/``float``/``str`` parse as such, the mapping and
+the tuple are JSON, an empty value means none for optional fields and "no defaults" for the JSON ones. An invalid
+value is a ``ValueError`` naming the variable and the reason, on one line.
 """
 
 from __future__ import annotations
@@ -11,113 +17,174 @@ import json
 import os
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from kubetune.spec import Toleration
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_core import ErrorDetails
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+
+from kubetune.api.spec import QUANTITY_PATTERN, Toleration
 
 ENV_PREFIX = "KUBETUNE_"
-#: Fields read from JSON (``KUBETUNE_GPU_NODE_SELECTOR='{"nvidia.com/gpu.present": "true"}'``).
-JSON_FIELDS = frozenset({"gpu_node_selector", "gpu_tolerations"})
 
 
-@dataclasses.dataclass(frozen=True)
-class OperatorSettings:
+def variable(field_name: str) -> str:
+    """The environment variable of an :class:`OperatorSettings` field (``s3_bucket`` → ``KUBETUNE_S3_BUCKET``)."""
+    return ENV_PREFIX + field_name.upper()
+
+
+def _empty_is_none(value: Any) -> Any:
+    # The chart renders an unset optional value as "" (e.g. KUBETUNE_S3_SECRET="": pass no credentials).
+    return None if isinstance(value, str) and not value.strip() else value
+
+
+def _json_object(value: Any) -> Any:
+    if value is None:  # JSON null
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValueError(f"expected a JSON object, got {_json_kind(value)}")
+    return value
+
+
+def _json_array(value: Any) -> Any:
+    if value is None:  # JSON null
+        return ()
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"expected a JSON array of objects, got {_json_kind(value)}")
+    return value
+
+
+def _json_kind(value: Any) -> str:
+    for kind, name in ((bool, "a boolean"), (str, "a string"), ((int, float), "a number"), (Mapping, "an object"),
+                       ((list, tuple), "an array")):
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
+
+
+def _node_labels(value: Mapping[str, str]) -> Mapping[str, str]:
+    if any(not key for key in value):
+        raise ValueError("a node label key must not be empty")
+    return MappingProxyType(dict(value))  # read-only, like the other (frozen) fields
+
+
+def _toleration(value: Mapping[str, Any]) -> Mapping[str, Any]:
+    # Kept in the Kubernetes form the chart passes (camelCase, only the keys given), validated like a run's own
+    # spec.resources.tolerations so that a bad default fails at startup, not on every GPU run's Job.
+    try:
+        Toleration.model_validate(dict(value))
+    except ValidationError as e:
+        reasons = [_message(error, ".".join(map(str, error["loc"]))) for error in e.errors()]
+        raise ValueError("; ".join(reasons)) from None
+    return MappingProxyType(dict(value))
+
+
+OptionalStr = Annotated[str | None, BeforeValidator(_empty_is_none)]
+PositiveNumber = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+class OperatorSettings(BaseSettings):
     """Defaults applied to runs and knobs of the operator itself."""
 
-    #: Trainer image used when a run does not set ``spec.resources.image``.
-    trainer_image: str = "kubetune/trainer:0.1.0"
-    #: Pull policy used when a run does not set ``spec.resources.imagePullPolicy``.
-    image_pull_policy: str = "IfNotPresent"
-    #: S3/MinIO endpoint used when a run does not set ``spec.output.endpoint``.
-    s3_endpoint: str | None = None
-    #: Bucket used when a run does not set ``spec.output.bucket``.
-    s3_bucket: str = "kubetune"
-    #: Secret (in the run's namespace) with S3 credentials, used when a run sets no credentialsSecret.
-    #: Empty: no credentials are passed (e.g. IAM roles for service accounts).
-    s3_secret: str | None = "kubetune-s3"
-    #: Service account of trainer pods (its token is never mounted). Empty: the namespace's default.
-    trainer_service_account: str | None = None
-    #: UID/GID the trainer runs as (non-root).
-    run_as_user: int = 10001
-    #: Size limit of the memory-backed /dev/shm (PyTorch DataLoader workers share tensors through it).
-    shm_size: str = "1Gi"
-    #: Grace period for the trainer to checkpoint on SIGTERM (suspend, preemption).
-    termination_grace_seconds: int = 60
-    #: Minimum seconds between two status patches of one run (events in between are coalesced).
-    status_interval: float = 1.0
-    #: Status patches per second across all runs (token bucket); keeps the API server safe at scale.
-    status_qps: float = 50.0
-    #: Seconds between TTL checks of finished runs.
-    ttl_check_interval: float = 30.0
-    #: Node labels required by pods of runs that request GPUs, merged under the run's own
-    #: ``spec.resources.nodeSelector`` (the run's value wins for a key both set).
-    gpu_node_selector: Mapping[str, str] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
-    #: Tolerations (Kubernetes form, camelCase) added after the run's own ``spec.resources.tolerations`` to pods
-    #: of runs that request GPUs (e.g. for the ``nvidia.com/gpu`` NoSchedule taint).
-    gpu_tolerations: tuple[Mapping[str, Any], ...] = ()
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
 
-    def __post_init__(self) -> None:  # read-only, like the other (frozen) fields
-        object.__setattr__(self, "gpu_node_selector", MappingProxyType(dict(self.gpu_node_selector)))
-        object.__setattr__(self, "gpu_tolerations",
-                           tuple(MappingProxyType(dict(t)) for t in self.gpu_tolerations))
+    trainer_image: Annotated[str, Field(min_length=1, description=(
+        "Trainer image used when a run does not set spec.resources.image."))] = "kubetune/trainer:0.1.0"
+    image_pull_policy: Annotated[Literal["Always", "IfNotPresent", "Never"], Field(description=(
+        "Pull policy used when a run does not set spec.resources.imagePullPolicy."))] = "IfNotPresent"
+    s3_endpoint: Annotated[OptionalStr, Field(description=(
+        "S3/MinIO endpoint used when a run does not set spec.output.endpoint."))] = None
+    s3_bucket: Annotated[str, Field(min_length=1, description=(
+        "Bucket used when a run does not set spec.output.bucket."))] = "kubetune"
+    s3_secret: Annotated[OptionalStr, Field(description=(
+        "Secret (in the run's namespace) with S3 credentials, used when a run sets no credentialsSecret. "
+        "Empty: no credentials are passed (e.g. IAM roles for service accounts)."))] = "kubetune-s3"
+    trainer_service_account: Annotated[OptionalStr, Field(description=(
+        "Service account of trainer pods (its token is never mounted). Empty: the namespace's default."))] = None
+    run_as_user: Annotated[int, Field(ge=0, description="UID/GID the trainer runs as (non-root).")] = 10001
+    shm_size: Annotated[str, Field(pattern=QUANTITY_PATTERN, description=(
+        "Size limit (a Kubernetes quantity) of the memory-backed /dev/shm (PyTorch DataLoader workers share "
+        "tensors through it)."))] = "1Gi"
+    termination_grace_seconds: Annotated[int, Field(ge=0, description=(
+        "Grace period for the trainer to checkpoint on SIGTERM (suspend, preemption)."))] = 60
+    status_interval: Annotated[PositiveNumber, Field(description=(
+        "Minimum seconds between two status patches of one run (events in between are coalesced)."))] = 1.0
+    status_qps: Annotated[PositiveNumber, Field(description=(
+        "Status patches per second across all runs (token bucket); keeps the API server safe at scale."))] = 50.0
+    ttl_check_interval: Annotated[PositiveNumber, Field(description=(
+        "Seconds between TTL checks of finished runs."))] = 30.0
+    gpu_node_selector: Annotated[
+        Mapping[str, str], BeforeValidator(_json_object), AfterValidator(_node_labels),
+    ] = Field(default_factory=lambda: MappingProxyType({}), description=(
+        "Node labels (a JSON object) required by pods of runs that request GPUs, merged under the run's own "
+        "spec.resources.nodeSelector (the run's value wins for a key both set)."))
+    gpu_tolerations: Annotated[
+        tuple[Annotated[Mapping[str, Any], AfterValidator(_toleration)], ...], BeforeValidator(_json_array),
+    ] = Field(default=(), description=(
+        "Tolerations (a JSON array, Kubernetes form, camelCase) added after the run's own "
+        "spec.resources.tolerations to pods of runs that request GPUs (e.g. for the nvidia.com/gpu NoSchedule "
+        "taint)."))
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Only the constructor's arguments: from_env is the one reader of the environment (see the module doc).
+        return (init_settings,)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorSettings:
-        """Read ``KUBETUNE_<FIELD>`` variables (e.g. ``KUBETUNE_TRAINER_IMAGE``); unset ones keep defaults.
-        An empty value means "none" for optional fields."""
-        env = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        for field in dataclasses.fields(cls):
-            name = ENV_PREFIX + field.name.upper()
-            raw = env.get(name)
-            if raw is None:
-                continue
-            default = field.default
-            if field.name in JSON_FIELDS:
-                values[field.name] = _json_value(name, raw, dict if field.name == "gpu_node_selector" else list)
-            elif isinstance(default, bool):
-                values[field.name] = raw.strip().lower() in {"1", "true", "yes", "on"}
-            elif isinstance(default, int):
-                values[field.name] = int(raw)
-            elif isinstance(default, float):
-                values[field.name] = float(raw)
-            else:
-                values[field.name] = raw or None
-        settings = cls(**values)
-        settings.validate()
-        return settings
-
-    def validate(self) -> None:
-        if self.image_pull_policy not in {"Always", "IfNotPresent", "Never"}:
-            raise ValueError(f"KUBETUNE_IMAGE_PULL_POLICY: invalid {self.image_pull_policy!r}")
-        if self.status_interval <= 0 or self.status_qps <= 0 or self.ttl_check_interval <= 0:
-            raise ValueError("KUBETUNE_STATUS_INTERVAL, KUBETUNE_STATUS_QPS, KUBETUNE_TTL_CHECK_INTERVAL must be > 0")
-        if not self.trainer_image:
-            raise ValueError("KUBETUNE_TRAINER_IMAGE must not be empty")
-        for key, value in self.gpu_node_selector.items():
-            if not isinstance(key, str) or not key or not isinstance(value, str):
-                raise ValueError(f"KUBETUNE_GPU_NODE_SELECTOR: labels are strings, got {key!r}: {value!r}")
-        for i, toleration in enumerate(self.gpu_tolerations):
-            try:
-                Toleration.model_validate(dict(toleration))  # keys, operators, effects
-            except ValueError as e:
-                raise ValueError(f"KUBETUNE_GPU_TOLERATIONS[{i}]: {e}") from None
+        """Read ``KUBETUNE_<FIELD>`` variables from ``env`` (default: ``os.environ``); unset ones keep defaults.
+        Raises ``ValueError`` naming each invalid variable and why."""
+        try:
+            return cls(**_Environment(cls, os.environ if env is None else env)())
+        except ValidationError as e:
+            raise ValueError("; ".join(_message(error, _variable_path(error)) for error in e.errors())) from None
+        except ValueError as e:  # pydantic-settings' SettingsError: a JSON value that did not decode
+            raise ValueError(str(e.__cause__ or e)) from None
 
 
-def _json_value(name: str, raw: str, kind: type[dict[str, Any]] | type[list[Any]]) -> Any:
-    """A JSON object (``kind=dict``) or array of objects (``kind=list``) from an environment variable; an empty
-    value or ``null`` means empty."""
-    try:
-        value = json.loads(raw) if raw.strip() else None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{name}: not JSON: {e}") from None
-    if value is None:
-        return {} if kind is dict else []
-    if kind is dict and isinstance(value, dict):
-        return value
-    if kind is list and isinstance(value, list) and all(isinstance(v, dict) for v in value):
-        return value
-    raise ValueError(f"{name}: expected a JSON {'object' if kind is dict else 'array of objects'}")
+class _Environment(EnvSettingsSource):
+    """pydantic-settings' environment source (prefix, typed JSON decoding of complex fields) over an explicit
+    mapping, so that callers and tests can pass their own environment."""
+
+    def __init__(self, settings_cls: type[BaseSettings], env: Mapping[str, str]) -> None:
+        self._env = env
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        # The hook pydantic-settings' own dotenv source overrides to read somewhere other than os.environ.
+        return {name if self.case_sensitive else name.lower(): value for name, value in self._env.items()}
+
+    def decode_complex_value(self, field_name: str, field: FieldInfo, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            return None  # empty: no defaults (the field keeps its empty default)
+        try:
+            return super().decode_complex_value(field_name, field, value)
+        except ValueError as e:
+            raise ValueError(f"{variable(field_name)}: not JSON: {e}") from None
+
+
+def _variable_path(error: ErrorDetails) -> str:
+    """``KUBETUNE_GPU_TOLERATIONS[0]`` for an error at ``("gpu_tolerations", 0)``."""
+    field, *path = error["loc"]
+    return variable(str(field)) + "".join(f"[{p}]" if isinstance(p, int) else f"[{json.dumps(p)}]" for p in path)
+
+
+def _message(error: ErrorDetails, where: str) -> str:
+    ctx = error.get("ctx") or {}
+    message = str(ctx["error"]) if error["type"] == "value_error" and "error" in ctx else error["msg"]
+    value = error.get("input")
+    if isinstance(value, (str, int, float)):  # scalars only: the reader sees what was wrong
+        shown = repr(value)
+        message += f" (got {shown if len(shown) <= 80 else shown[:77] + '...'})"
+    return f"{where}: {message}" if where else message
 
 
 @dataclasses.dataclass(frozen=True)

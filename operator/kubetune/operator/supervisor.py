@@ -8,11 +8,15 @@ when that changes, when the run is deleted, or when the operator exits):
    same attempt instead of starting another: no duplicate Jobs, ever);
 2. wait for the attempt's pod (from the Job/pod watch index, no polling);
 3. follow the trainer container's log (``follow=true&timestamps=true``; reconnects resume after the last
-   line seen), fold each line into the status with :class:`kubetune.status.StatusFolder`, and patch the
+   line seen), fold each line into the status with :class:`kubetune.lifecycle.fold.StatusFolder`, and patch the
    status at most every ``status_interval`` seconds (coalesced; phase changes go out at once), within a
    global token bucket (``status_qps``) that keeps the API server safe with hundreds of runs;
-4. when the pod ends, decide with :func:`kubetune.status.attempt_outcome`: succeed, retry from the latest
-   checkpoint (a new attempt Job), or fail fast.
+4. when the pod ends, judge it with :func:`kubetune.lifecycle.outcome.outcome_of`: succeed, retry from the
+   latest checkpoint (a new attempt Job), or fail fast.
+
+What an observation means, and what to do about it, is decided by the pure rules of :mod:`kubetune.lifecycle`
+(:func:`~kubetune.lifecycle.attempts.decide_attempt`, :func:`~kubetune.lifecycle.follow.next_step`,
+:func:`~kubetune.lifecycle.outcome.finish_update`, ...); this module observes, and carries out their steps.
 
 A finished run's daemon is never started again, so children of a finished run are never re-created. A run
 annotated ``kubetune.io/cancel-requested`` stops at once: no new attempt, no retry, no more status writes (the
@@ -33,8 +37,9 @@ from typing import Any
 import aiohttp
 import kopf
 
-from kubetune import manifests
-from kubetune.events import Event, parse_termination_message
+from kubetune.api.events import Event, parse_termination_message
+from kubetune.api.spec import FinetuneRunSpec, FinetuneRunStatus, Phase
+from kubetune.api.validation import format_errors, validate_spec
 from kubetune.lifecycle.attempts import (
     AttemptView,
     create_backoff,
@@ -42,6 +47,22 @@ from kubetune.lifecycle.attempts import (
     decide_attempt,
     suspended_seconds,
 )
+from kubetune.lifecycle.conditions import (
+    CREATED,
+    JOB_CREATE_FAILED,
+    RESTARTING,
+    SUSPENDED,
+    get_condition,
+    set_condition,
+    transition,
+)
+from kubetune.lifecycle.fold import LogCursor, StatusFolder, Throttle
+from kubetune.lifecycle.follow import NOT_READ, WAITING_PROBLEMS, NotRead, Step, after_stream, last_known, next_step
+from kubetune.lifecycle.formats import clip, now_rfc3339, parse_rfc3339
+from kubetune.lifecycle.observed import JobState, PodState, job_state, pod_state
+from kubetune.lifecycle.outcome import FINISH_FIELDS, Outcome, finish_message, finish_update, outcome_of
+from kubetune.lifecycle.policy import cancel_request
+from kubetune.operator import manifests
 from kubetune.operator.context import Context
 from kubetune.operator.kube import (
     KubeError,
@@ -51,37 +72,10 @@ from kubetune.operator.kube import (
     runs_path,
     split_log_line,
 )
-from kubetune.spec import FinetuneRunSpec, FinetuneRunStatus, Phase
-from kubetune.status import (
-    CREATED,
-    JOB_CREATE_FAILED,
-    POD_DELETED,
-    RESTARTING,
-    SUSPENDED,
-    JobState,
-    LogCursor,
-    Outcome,
-    PodState,
-    StatusFolder,
-    Throttle,
-    attempt_outcome,
-    cancel_request,
-    clip,
-    get_condition,
-    job_state,
-    now_rfc3339,
-    parse_rfc3339,
-    pod_state,
-    set_condition,
-    transition,
-)
-from kubetune.validation import format_errors, validate_spec
 
 STREAM_BACKLOG_SECONDS = 5.0  # lines older than this when their stream opened are backlog, not live
 RESYNC_SECONDS = 120.0  # a waiting supervisor re-reads its Job and pods this often (see maybe_resync)
 URGENT_EVENTS = frozenset({"started", "finished", "failed", "artifact"})
-WAITING_PROBLEMS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",
-                              "CreateContainerError", "CrashLoopBackOff"})
 
 
 class Supervisor:
@@ -451,89 +445,82 @@ class Supervisor:
 
     # ------------------------------------------------------------------------------------ following
     async def follow_attempt(self, job_name: str) -> Outcome | None:
+        """Follow the attempt's pod(s) until the attempt ends (its outcome) or the run must stop (None). Each
+        round observes the watch index and carries out :func:`kubetune.lifecycle.follow.next_step`."""
         attempt = int(self.status.get("attempts") or 1)
+        job_gone = False
         while not self.should_stop():
             self.changed.clear()
-            pod = self.ctx.children.pod(self.key, attempt)
-            job = self.ctx.children.job(self.namespace, job_name)
-            if (pod is not None and pod.deleting and not pod.succeeded
-                    and not (job is not None and (job.failed or job.complete))):
-                # A deleted pod (kubectl delete, a drain) does not decide the attempt: Kubernetes 1.20's Job
-                # controller either starts a replacement (followed below once it exists) or counts a failure
-                # and fails the Job (then: retry from the latest checkpoint). Which one depends on timing.
-                # A trainer that exited 0 has told its result (termination message) whatever happens next.
-                pod = None
-            followable = pod is not None and not pod.gone and (
-                pod.started or (pod.scheduled and not pod.terminated and pod.waiting_reason not in WAITING_PROBLEMS))
-            if pod is not None and followable:
-                # Follow as soon as the pod is on a node: the stream opens the moment the container starts
-                # (the pod watch reports "running" only after the kubelet's next status sync).
-                previous = self.status.get("podName")
-                if previous != pod.name:
-                    if previous and self.pod_attempt == attempt:  # the Job controller replaced a deleted pod
-                        message = (f"Trainer pod {previous} of attempt {attempt} is gone; the Job started {pod.name}, "
-                                   "which resumes from the latest checkpoint.")
-                        kopf.event(self.body, type="Warning", reason="TrainerPodReplaced", message=message)
-                        self.folder.update({"message": message})
-                        # The replacement's log starts afresh; nothing the lost pod said decides its attempt.
-                        self.cursor = LogCursor()
-                        self.folder.started = self.folder.finished = False
-                        self.folder.last_failed = None
-                    self.pod_attempt = attempt
-                    self.folder.update({"podName": pod.name})
-                opened = await self.follow_log(pod.name)
-                if self.should_stop():
-                    return None
-                if not opened and not pod.started:
-                    await self.wait_change(0.5)  # the container is not running yet
-                    continue
-                fresh = await self.ctx.kube.get(pods_path(self.namespace, pod.name))
-                last = self.ctx.children.pod(self.key, attempt)
-                # A pod removed meanwhile: its last state from the watch (it may carry the trainer's summary).
-                state = pod_state(fresh) if fresh is not None else (last if last and last.name == pod.name
-                                                                    and last.gone else None)
-                if state is not None and state.succeeded:
-                    if not state.gone:
-                        await self._drain_log(pod.name)
-                    self._fold_summary(state)
-                    return self._outcome(state, await self._job_state(job_name))
-                if state is not None and state.deleting:
-                    job_now = await self._job_state(job_name)
-                    if job_now is not None and job_now.failed:
-                        return self._outcome(state, job_now)
-                    await self.wait_change(1.0)  # the replacement pod, or the Job's failure, shows up next
-                    continue
-                if state is not None and state.terminated:
-                    await self._drain_log(pod.name)
-                    self._fold_summary(state)
-                    return self._outcome(state, await self._job_state(job_name))
-                if state is None:
-                    job_now = await self._job_state(job_name)
-                    if job_now is not None and (job_now.failed or job_now.complete):
-                        return self._outcome(None, job_now)
-                    if job_now is None:
-                        continue  # ensure_attempt's caller sees the Job gone on the next round
-                await self.wait_change(1.0)  # stream dropped while running: reconnect
-                continue
-            if pod is not None and pod.terminated:  # not followed (exited before that, evicted, removed)
-                self._fold_summary(pod)
-                return self._outcome(pod, await self._job_state(job_name))
-            if job is not None and (job.failed or job.complete):
-                return self._outcome(None, job)
-            if pod is not None:
-                await self._report_waiting(pod)
-            await self.maybe_flush()
-            await self.wait_change(5.0)
-            await self.maybe_resync(job_name)
-            if (job is None and self.ctx.children.job(self.namespace, job_name) is None
-                    and await self.ctx.kube.get(jobs_path(self.namespace, job_name)) is None):
-                if self.should_stop():
-                    return None
+            step = next_step(self.ctx.children.pod(self.key, attempt), self.ctx.children.job(self.namespace, job_name),
+                             followed_pod=self.status.get("podName"), same_attempt_pod=self.pod_attempt == attempt,
+                             job_gone=job_gone)
+            if step.action == "job_deleted":
                 self.set_phase(Phase.CANCELLED.value, "JobDeleted",
                                f"Job {job_name} was deleted; the run is cancelled.", event="Warning")
                 await self.flush(urgent=True)
                 return None
+            if step.action == "finish":
+                return await self._finish_step(step, job_name)
+            if step.action == "wait":
+                if step.pod is not None:
+                    await self._report_waiting(step.pod)
+                await self.maybe_flush()
+                await self.wait_change(step.timeout)
+                await self.maybe_resync(job_name)
+                job_gone = (step.check_job_gone and self.ctx.children.job(self.namespace, job_name) is None
+                            and await self.ctx.kube.get(jobs_path(self.namespace, job_name)) is None)
+                continue
+            pod = step.pod
+            assert pod is not None  # follow_log / replaced
+            previous = self.status.get("podName")
+            if previous != pod.name:
+                if step.action == "replaced":
+                    message = (f"Trainer pod {previous} of attempt {attempt} is gone; the Job started {pod.name}, "
+                               "which resumes from the latest checkpoint.")
+                    kopf.event(self.body, type="Warning", reason="TrainerPodReplaced", message=message)
+                    self.folder.update({"message": message})
+                    self.cursor = LogCursor()
+                    self.folder.started = self.folder.finished = False
+                    self.folder.last_failed = None
+                self.pod_attempt = attempt
+                self.folder.update({"podName": pod.name})
+            opened = await self.follow_log(pod.name)
+            if self.should_stop():
+                return None
+            step = await self._after_stream(pod, opened, attempt, job_name)
+            if step.action == "finish":
+                return await self._finish_step(step, job_name)
+            if step.timeout:
+                await self.wait_change(step.timeout)
         return None
+
+    async def _after_stream(self, pod: PodState, opened: bool, attempt: int, job_name: str) -> Step:
+        """:func:`kubetune.lifecycle.follow.after_stream`, reading the pod and the Job when (and in the order)
+        it asks for them."""
+        state: PodState | NotRead | None = NOT_READ
+        job: JobState | NotRead | None = NOT_READ
+        while True:
+            step = after_stream(pod, opened=opened, state=state, job=job)
+            if step.action == "read_pod":
+                fresh = await self.ctx.kube.get(pods_path(self.namespace, pod.name))
+                state = last_known(pod.name, pod_state(fresh) if fresh is not None else None,
+                                   self.ctx.children.pod(self.key, attempt))
+            elif step.action == "read_job":
+                job = await self._job_state(job_name)
+            else:
+                return step
+
+    async def _finish_step(self, step: Step, job_name: str) -> Outcome:
+        """The attempt ended: what the trainer wrote last (its log's rest, its termination message), then the
+        outcome of its pod with its Job."""
+        if step.drain_log and step.pod is not None:
+            await self._drain_log(step.pod.name)
+        if step.fold_summary and step.pod is not None:
+            self._fold_summary(step.pod)
+        job = await self._job_state(job_name) if step.read_job else step.job
+        backoff_limit = self.spec.run_policy.backoff_limit if self.spec is not None else 0
+        return outcome_of(step.pod, job, failed_event=self.folder.last_failed,
+                          retries=int(self.status.get("retries") or 0), backoff_limit=backoff_limit)
 
     async def maybe_resync(self, job_name: str) -> None:
         """Safety net for a missed watch event: while waiting for the attempt's pod, re-read its Job and pods
@@ -582,16 +569,6 @@ class Supervisor:
             message = f"Trainer pod {pod.name}: {reason}: {pod.message or ''}".strip()
             self.folder.update({"message": message[:1024]})
             kopf.event(self.body, type="Warning", reason=reason, message=message[:1024])
-
-    def _outcome(self, pod: PodState | None, job: JobState | None) -> Outcome:
-        backoff_limit = self.spec.run_policy.backoff_limit if self.spec is not None else 0
-        pod_reason = pod.reason if pod else None
-        if (pod is None or pod.deleting) and (pod is None or pod.exit_code is None) and job is not None:
-            pod_reason = POD_DELETED  # the Job ended with its pod gone before it told an exit code: lost
-        return attempt_outcome(exit_code=pod.exit_code if pod else None, pod_reason=pod_reason,
-                               job=job, failed_event=self.folder.last_failed,
-                               retries=int(self.status.get("retries") or 0),
-                               backoff_limit=backoff_limit)
 
     async def follow_log(self, pod_name: str) -> bool:
         """Follow the trainer's log until the stream ends or the run must stop. False when the stream could
@@ -687,22 +664,15 @@ class Supervisor:
             await self.ctx.kube.delete(jobs_path(self.namespace, job_name))
 
     async def finish_attempt(self, outcome: Outcome) -> None:
-        if outcome.action == "succeed":
-            artifact = (self.status.get("artifact") or {}).get("uri")
-            message = outcome.message + (f" Artifact: {artifact}" if artifact else (
-                " Its summary was not received (the pod was removed before the operator could read it); the "
-                "artifact is in the run's output location."))
-            self.set_phase(Phase.SUCCEEDED.value, outcome.reason, message)
-        elif outcome.action == "retry":
-            now = time.time()
-            self.folder.update({
-                "retries": int(self.status.get("retries") or 0) + 1,
-                "conditions": set_condition(self.status.get("conditions") or [], RESTARTING, "True",
-                                            outcome.reason, outcome.message, now),
-            })
-            self.set_phase(Phase.PENDING.value, outcome.reason, outcome.message, event="Warning")
+        """Record the attempt's outcome (:func:`kubetune.lifecycle.outcome.finish_update`); before a retry, stop
+        the attempt's Job if it is still active."""
+        # Only the fields finish_update reads are typed: a progress field the fold took from a malformed trainer
+        # event (one the API server refused) must not keep the attempt's end from being recorded.
+        status = FinetuneRunStatus.model_validate({k: v for k, v in self.status.items() if k in FINISH_FIELDS})
+        self.folder.update(finish_update(outcome, status, time.time()))
+        kopf.event(self.body, type="Normal" if outcome.action == "succeed" else "Warning", reason=outcome.reason,
+                   message=finish_message(outcome, status)[:1024])
+        if outcome.action == "retry":
             self.retry_pending = True
             await self._stop_previous_attempt()
-        else:
-            self.set_phase(Phase.FAILED.value, outcome.reason, outcome.message, event="Warning")
         await self.flush(urgent=True)

@@ -17,7 +17,7 @@ behaviour from ``spec.model.config.standin`` (all optional):
     term_delay: 0        on SIGTERM, go on this many seconds (printing) before exiting: a trainer writing its
                          checkpoint in the grace period
 
-It reads the same ``KUBETUNE_*`` variables as the real trainer (a subset of ``kubetune.trainer_env``, which it
+It reads the same ``KUBETUNE_*`` variables as the real trainer (a subset of ``kubetune.api.trainer_env``, which it
 cannot import; a unit test compares the names) and does what the trainer does with them:
 
 - ``$KUBETUNE_CONFIG``: the run config.
@@ -26,7 +26,7 @@ cannot import; a unit test compares the names) and does what the trainer does wi
 - ``$KUBETUNE_RESUME_FROM``: the stand-in has no store, so the checkpoint URI stands for it: ending in
   ``step-N`` the attempt continues from step N; naming anything else it fails (exit 78, ``CheckpointMissing``),
   as the trainer does when its store has no checkpoint.
-- ``$KUBETUNE_TERMINATION_LOG``: the final events (``kubetune.events.termination_message``'s format, copied
+- ``$KUBETUNE_TERMINATION_LOG``: the final events (``kubetune.api.events.termination_message``'s format, copied
   below) are written there on every exit; unset, to ``/dev/termination-log`` when that file exists.
 
 SIGTERM ends the run with exit 143 after a retryable ``failed`` event, as the real trainer does.
@@ -46,7 +46,7 @@ from collections.abc import Callable
 MARKER = "KUBETUNE_EVENT "
 EXIT_BAD_CONFIG = 78
 DEFAULT_TERMINATION_LOG = "/dev/termination-log"
-# kubetune.events.termination_message, in small: the same picks, order, trimming and bound
+# kubetune.api.events.termination_message, in small: the same picks, order, trimming and bound
 TERMINATION_MESSAGE_MAX_BYTES = 4096
 TERMINATION_METRICS = ("R@1", "R@5", "R@10", "reciprocal_rank", "ndcg_at_k", "image_to_text_R@1")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from kubetune.events import Event, parse_line
+from kubetune.api.events import Event, parse_line
 
 # ~0.2M trainable parameters besides the token embedding: trains in seconds on one CPU core.
 TINY_CONFIG: dict[str, Any] = {

@@ -168,7 +168,7 @@ def test_wise_ft_sweep_reports_the_frontier_and_builds_the_chosen_alpha(tmp_path
     assert 0 <= after["zero_shot_top5"] <= 1
     saved = json.loads((out / "artifact" / "metrics.json").read_text())["wise_ft"]
     assert saved == {"metric": "R@5", "keep_reference": 0.9, "alpha": chosen.alpha, "frontier": frontier}
-    from kubetune.report import svg_chart, wise_ft_frontier
+    from kubetune.sdk.report import svg_chart, wise_ft_frontier
 
     curves, title = wise_ft_frontier({"wise_ft": saved})
     assert curves["R@5 target"] == [(p["alpha"], p["target"]) for p in frontier]

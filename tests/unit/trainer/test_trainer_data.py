@@ -13,7 +13,7 @@ import pytest
 from docarray import BaseDoc, DocList
 from docarray.typing import ImageBytes, ImageUrl, NdArray
 from kt_trainer_helpers import tiny_spec, write_run
-from kubetune.spec import DataSpec
+from kubetune.api.spec import DataSpec
 from kubetune.storage import RetryPolicy
 from kubetune_trainer.config import ConfigError, load_run_file
 from kubetune_trainer.data import DataError, Fetcher, FetchUnavailable, load_datasets, load_set, split

@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 from kt_trainer_helpers import of_type, tiny_spec, write_run
-from kubetune.events import MARKER, parse_line
-from kubetune_trainer import export
+from kubetune.api.events import MARKER, parse_line
+from kubetune.storage import verify_manifest
 
 pytestmark = pytest.mark.unit
 REPO = Path(__file__).resolve().parents[3]
@@ -78,7 +78,7 @@ def test_only_rank_0_emits_events_and_artifacts(ddp_run: dict[str, Any]) -> None
     steps = [e.step for e in of_type(events, "progress")]
     assert steps == sorted(set(steps))  # one progress event per step, not one per rank
     out: Path = ddp_run["out"]
-    assert export.verify_manifest(out / "artifact") == []
+    assert verify_manifest(out / "artifact") == []
     work = out / ".work"
     assert (work / "rank1").is_dir() and not (work / "rank1" / "artifact").exists()  # rank 1 wrote nothing
     assert not any(p.name == "manifest.json" for p in (work / "rank1").rglob("*"))

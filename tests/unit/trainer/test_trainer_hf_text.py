@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 from kt_trainer_helpers import TINY_CONFIG, of_type, run_trainer, tiny_spec, write_run
+from kubetune.storage import verify_manifest
 from kubetune_trainer import export
 
 pytestmark = pytest.mark.unit
@@ -119,7 +120,7 @@ def test_hf_text_tower_exports_to_onnx(hf_run: dict[str, Any]) -> None:
     artifact: Path = hf_run["artifact"]
     report = json.loads((artifact / "metadata.json").read_text())["onnx"]
     assert report["clip-text"]["max_abs_diff"] <= export.ONNX_TOLERANCE
-    assert export.verify_manifest(artifact) == []
+    assert verify_manifest(artifact) == []
 
 
 
@@ -162,7 +163,7 @@ def test_hf_artifact_moved_to_a_machine_without_network_or_sources_encodes_ident
 
 def test_hf_text_tower_without_clip_weights_must_say_how_to_start(tmp_path: Path,
                                                                   synthetic_data: dict[str, Path]) -> None:
-    from kubetune.spec import ModelSpec
+    from kubetune.api.spec import ModelSpec
     from kubetune_trainer.model import ModelError, build
 
     config = hf_config(tmp_path / "tok", tmp_path / "enc")
@@ -174,7 +175,7 @@ def test_hf_text_tower_without_clip_weights_must_say_how_to_start(tmp_path: Path
 def test_hf_text_tower_asked_to_start_from_its_weights_loads_them(tmp_path: Path,
                                                                    synthetic_data: dict[str, Path],
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    from kubetune.spec import ModelSpec
+    from kubetune.api.spec import ModelSpec
     from kubetune_trainer.model import build
     from transformers import XLMRobertaModel
 
@@ -196,7 +197,7 @@ def test_an_artifact_naming_an_unreachable_tokenizer_is_a_clear_sdk_error(hf_run
     import shutil
 
     import kubetune
-    from kubetune.errors import ArtifactCorrupt
+    from kubetune.api.errors import ArtifactCorrupt
 
     assert hf_run["code"] == 0, hf_run["raw"][-3000:]
     old = tmp_path / "old-artifact"

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import torch
 from kt_trainer_helpers import TINY_CONFIG, of_type, run_trainer, tiny_spec, write_run
-from kubetune.events import EXIT_BAD_CONFIG, parse_line
-from kubetune.spec import ModelSpec
+from kubetune.api.events import EXIT_BAD_CONFIG, parse_line
+from kubetune.api.spec import ModelSpec
 from kubetune_trainer import loop
 from kubetune_trainer import model as model_lib
 from open_clip.tokenizer import SimpleTokenizer

@@ -18,6 +18,7 @@ import open_clip
 import pytest
 import torch
 from kt_trainer_helpers import TINY_CONFIG, of_type, run_trainer, tiny_spec, write_run
+from kubetune.storage import verify_manifest
 from kubetune_trainer import export
 from PIL import Image
 
@@ -56,7 +57,7 @@ def test_run_writes_both_onnx_files_in_the_manifest(onnx_run: dict[str, Any]) ->
     assert (artifact / "clip-vision" / "visual.onnx").is_file()
     manifest = json.loads((artifact / "manifest.json").read_text())["files"]
     assert {"clip-text/textual.onnx", "clip-vision/visual.onnx"} <= set(manifest)
-    assert export.verify_manifest(artifact) == []
+    assert verify_manifest(artifact) == []
     (event,) = of_type(onnx_run["events"], "artifact")
     assert event.files == len(manifest) + 1
     report = json.loads((artifact / "metadata.json").read_text())["onnx"]

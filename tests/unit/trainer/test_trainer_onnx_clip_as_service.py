@@ -27,6 +27,7 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+from kubetune.storage import sha256_file
 from kubetune_trainer import export
 from open_clip.transform import PreprocessCfg
 from PIL import Image
@@ -190,7 +191,7 @@ def test_clip_as_service_dir(cas_artifact: tuple[Path, nn.Module], tmp_path: Pat
     root, _ = cas_artifact
     model_dir = export.clip_as_service_dir(root, tmp_path / "model")
     assert sorted(p.name for p in model_dir.iterdir()) == ["textual.onnx", "visual.onnx"]
-    assert export.sha256_file(model_dir / "textual.onnx") == export.sha256_file(root / "clip-text" / "textual.onnx")
+    assert sha256_file(model_dir / "textual.onnx") == sha256_file(root / "clip-text" / "textual.onnx")
     with pytest.raises(export.ExportError, match="missing"):
         export.clip_as_service_dir(tmp_path / "nowhere", tmp_path / "other")
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from kubetune.spec import DataSpec
+from kubetune.api.spec import DataSpec
 from kubetune.storage import LocalStore
 from kubetune_trainer.data import DataError, Fetcher, load_set
 from kubetune_trainer.model import ModelError, load_weights
@@ -120,7 +120,7 @@ def test_sigkilled_trainer_resumes_from_the_latest_checkpoint(tmp_path: Path,
     import sys
 
     from kt_trainer_helpers import of_type, run_trainer, tiny_spec, write_run
-    from kubetune.events import parse_line
+    from kubetune.api.events import parse_line
 
     every = 3
     spec = tiny_spec(str(synthetic_data["train"]), training={"epochs": 3},

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from kt_trainer_helpers import of_type, run_trainer, tiny_spec, write_run
-from kubetune.events import EXIT_RETRYABLE, parse_line, parse_termination_message
+from kubetune.api.events import EXIT_RETRYABLE, parse_line, parse_termination_message
 from kubetune_trainer.sampling import EpochBatchSampler, epoch_batches
 
 pytestmark = pytest.mark.unit

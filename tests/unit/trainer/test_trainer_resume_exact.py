@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 from kt_trainer_helpers import tiny_spec, write_run
-from kubetune.trainer_env import TrainerEnv
+from kubetune.api.trainer_env import TrainerEnv
 from kubetune_trainer.config import build_parser, resolve
 from kubetune_trainer.events import Emitter
 from kubetune_trainer.run import Preempted, StopFlag, Trainer

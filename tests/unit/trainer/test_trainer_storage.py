@@ -7,7 +7,7 @@ import socket
 from pathlib import Path
 
 import pytest
-from kubetune.spec import OutputSpec
+from kubetune.api.spec import OutputSpec
 from kubetune.storage import (
     LocalStore,
     ObjectNotFound,

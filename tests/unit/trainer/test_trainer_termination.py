@@ -1,4 +1,4 @@
-"""The real trainer's termination message and its ``KUBETUNE_*`` contract (:mod:`kubetune.trainer_env`)."""
+"""The real trainer's termination message and its ``KUBETUNE_*`` contract (:mod:`kubetune.api.trainer_env`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from kt_trainer_helpers import of_type, run_trainer, tiny_spec, write_run
-from kubetune.events import TERMINATION_MESSAGE_MAX_BYTES, TERMINATION_METRICS, parse_termination_message
+from kubetune.api.events import TERMINATION_MESSAGE_MAX_BYTES, TERMINATION_METRICS, parse_termination_message
 
 pytestmark = pytest.mark.unit
 

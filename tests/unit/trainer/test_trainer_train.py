@@ -11,7 +11,8 @@ import open_clip
 import pytest
 import torch
 from kt_trainer_helpers import TINY_CONFIG, of_type, run_trainer, tiny_spec, write_run
-from kubetune.events import EXIT_BAD_CONFIG, EXIT_BAD_DATA, MARKER, Event, parse_line
+from kubetune.api.events import EXIT_BAD_CONFIG, EXIT_BAD_DATA, MARKER, Event, parse_line
+from kubetune.storage import sha256_file, verify_manifest
 from kubetune_trainer import export
 from safetensors.torch import load_file
 
@@ -77,13 +78,13 @@ def test_after_metrics_beat_before(trained: dict[str, Any]) -> None:
 
 def test_artifact_manifest_and_event(trained: dict[str, Any]) -> None:
     root = trained["out"] / "artifact"
-    assert export.verify_manifest(root) == []
+    assert verify_manifest(root) == []
     (artifact,) = of_type(trained["events"], "artifact")
-    assert artifact.sha256 == export.sha256_file(root / "manifest.json")
+    assert artifact.sha256 == sha256_file(root / "manifest.json")
     assert artifact.size == sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
     assert artifact.uri == str(root)
     (root / "metadata.json").write_text((root / "metadata.json").read_text() + " ")
-    assert export.verify_manifest(root) == ["metadata.json: size or sha256 differs"]
+    assert verify_manifest(root) == ["metadata.json: size or sha256 differs"]
 
 
 def test_towers_hold_only_their_own_weights_and_load_back(trained: dict[str, Any]) -> None:

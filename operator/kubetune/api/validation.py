@@ -1,6 +1,6 @@
 """Validating a spec, and the one way its errors are written: ``spec.<camelCase path>: <reason>``, joined by
 ``; `` — the same text in a run's InvalidSpec condition and Event, the CLI's ``error:`` line, the SDK's
-:class:`kubetune.errors.ConfigInvalid` and the trainer's exit-78 message."""
+:class:`kubetune.api.errors.ConfigInvalid` and the trainer's exit-78 message."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from kubetune.spec import FinetuneRunSpec
+from kubetune.api.spec import FinetuneRunSpec
 
 FieldError = tuple[str, str]  # (field path, reason)
 

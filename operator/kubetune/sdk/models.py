@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ArtifactCorrupt, ArtifactMissing, ConfigInvalid, MissingExtra
+from kubetune.api.errors import ArtifactCorrupt, ArtifactMissing, ConfigInvalid, MissingExtra
 
 TEXT = "clip-text"
 VISION = "clip-vision"
@@ -54,23 +54,11 @@ def artifact_root(artifact: str | os.PathLike[str]) -> Path:
 
 def verify_artifact(artifact: str | os.PathLike[str]) -> list[str]:
     """Problems with the artifact's files against its manifest (sha256 + size); empty when intact."""
-    import hashlib
+    from kubetune.storage import listed_files, mismatches
 
     root = artifact_root(artifact)
-    manifest = json.loads((root / "manifest.json").read_text())
-    problems = []
-    for name, entry in sorted(manifest.get("files", {}).items()):
-        path = root / name
-        if not path.is_file():
-            problems.append(f"{name}: missing")
-            continue
-        digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        if path.stat().st_size != entry.get("size") or digest.hexdigest() != entry.get("sha256"):
-            problems.append(f"{name}: size or sha256 differs from the manifest")
-    return problems
+    return [f"{name}: missing" if missing else f"{name}: size or sha256 differs from the manifest"
+            for name, missing in mismatches(root, listed_files(root))]
 
 
 @dataclass
@@ -167,7 +155,7 @@ def _open_image(item: Any) -> Any:
         return Image.fromarray(array).convert("RGB")
     uri = str(item)
     if uri.startswith(("http://", "https://", "s3://")):
-        from .storage import store_from_uri
+        from kubetune.storage import store_from_uri
 
         if uri.startswith("s3://"):
             bucket_store = store_from_uri(uri.rsplit("/", 1)[0])

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ArtifactMissing
-from .models import artifact_root
+from kubetune.api.errors import ArtifactMissing
+from kubetune.sdk.models import artifact_root
 
 CURVE_METRICS = ("R@1", "R@5", "reciprocal_rank", "image_to_text_R@1")
 KEY_METRICS = ("R@1", "R@5", "R@10", "reciprocal_rank", "ndcg_at_k", "average_precision", "precision_at_k",
@@ -105,7 +105,7 @@ def compute(artifact: str | os.PathLike[str], queries: list[str] | None = None, 
     import torch.nn.functional as F
     from kubetune_trainer import evaluate, export
 
-    from .spec import FinetuneRunSpec
+    from kubetune.api.spec import FinetuneRunSpec
 
     root = artifact_root(artifact)
     metadata = json.loads((root / "metadata.json").read_text())
@@ -219,7 +219,7 @@ def _curves(root: Path, metadata: dict[str, Any], metrics: dict[str, Any]) -> tu
     metric_curves: dict[str, list[tuple[float, float]]] = {}
     events_path = root.parent / "events.jsonl"
     if events_path.is_file():
-        from .events import Event
+        from kubetune.api.events import Event
 
         for line in events_path.read_text().splitlines():
             try:

@@ -8,9 +8,10 @@ A run's keys, relative to its store (see :func:`run_store`)::
     checkpoints/latest.json, checkpoints/step-000123.pt, ...
     artifact/manifest.json, artifact/clip-text/..., artifact/clip-vision/...
 
-Connection problems are retried with exponential backoff and end in :class:`StoreUnavailable`, which the
-trainer maps to a retryable exit code. Credentials come from the environment (``AWS_ACCESS_KEY_ID`` /
-``AWS_SECRET_ACCESS_KEY``) and are never logged, printed or put into an exception or ``repr``.
+Connection problems are retried with exponential backoff (:class:`~kubetune.storage.retry.RetryPolicy`) and end
+in :class:`StoreUnavailable`, which the trainer maps to a retryable exit code. Credentials come from the
+environment (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``) and are never logged, printed or put into an
+exception or ``repr``.
 """
 
 from __future__ import annotations
@@ -20,20 +21,21 @@ import io
 import logging
 import os
 import shutil
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlparse
 
+from .retry import RetryPolicy
+
 if TYPE_CHECKING:
     from minio import Minio
 
-    from .spec import OutputSpec
+    from kubetune.api.spec import OutputSpec
 
-log = logging.getLogger(__name__)
+# the package's name, not this module's: the trainer's log lines show it, and a log filter selects the store by it
+log = logging.getLogger("kubetune.storage")
 T = TypeVar("T")
 
 ACCESS_KEY_ENV = "AWS_ACCESS_KEY_ID"
@@ -54,43 +56,6 @@ class StoreUnavailable(StoreError):
 
 class ObjectNotFound(StoreError):
     """The key does not exist."""
-
-
-DEFAULT_RETRY_SECONDS = 120
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Exponential backoff: ``base_delay * 2**i`` capped at ``max_delay``, ``attempts`` tries in all.
-
-    The default sleeps ≈ 120 s in all between 13 tries (0.5, 1, 2, 4, 8, then 15 s apart), so a trainer rides
-    out an S3 outage of a minute or more in-process; :meth:`for_window` sizes a policy for another window
-    (``spec.output.retrySeconds``). Each try is bounded by the client's connect/read timeouts
-    (:func:`minio_client`), so a blackholed endpoint adds at most ``attempts`` × those timeouts.
-    """
-
-    attempts: int = 13  # = for_window(DEFAULT_RETRY_SECONDS)
-    base_delay: float = 0.5
-    max_delay: float = 15.0
-    sleep: Callable[[float], None] = time.sleep
-
-    def delays(self) -> list[float]:
-        return [min(self.max_delay, self.base_delay * 2**i) for i in range(self.attempts - 1)]
-
-    @property
-    def window(self) -> float:
-        """Seconds slept between the first and the last try."""
-        return sum(self.delays())
-
-    @classmethod
-    def for_window(cls, seconds: float, base_delay: float = 0.5, max_delay: float = 15.0,
-                   sleep: Callable[[float], None] = time.sleep) -> RetryPolicy:
-        """The fewest tries whose backoff sleeps add up to at least ``seconds`` (0: one try, no retry)."""
-        attempts, total = 1, 0.0
-        while total < seconds:
-            total += min(max_delay, base_delay * 2 ** (attempts - 1))
-            attempts += 1
-        return cls(attempts=attempts, base_delay=base_delay, max_delay=max_delay, sleep=sleep)
 
 
 def _clean_key(key: str) -> str:
@@ -253,30 +218,23 @@ class S3Store(Store):
         from minio.error import S3Error, ServerError
         from urllib3.exceptions import HTTPError
 
-        delays = self.retry.delays()
-        started = time.monotonic()
-        for attempt in range(self.retry.attempts):
+        # S3 answers a missing key or a refusal with an S3Error too: only its server-side codes are worth retrying
+        def once() -> T:
             try:
-                result = fn()
+                return fn()
             except S3Error as exc:
                 if exc.code in ("NoSuchKey", "NoSuchObject"):
                     raise ObjectNotFound(what) from None
                 if exc.code not in _TRANSIENT_S3_CODES:
                     raise StoreError(f"{what}: {exc.code}: {exc.message}") from None
-                error: Exception = exc
-            except (ServerError, HTTPError, OSError) as exc:
-                error = exc
-            else:
-                if attempt:
-                    log.warning("store: %s succeeded on try %d after %.1fs", what, attempt + 1,
-                                time.monotonic() - started)
-                return result
-            if attempt < len(delays):
-                log.warning("store: %s failed (%s), retry %d/%d in %.1fs", what, type(error).__name__,
-                            attempt + 1, len(delays), delays[attempt])
-                self.retry.sleep(delays[attempt])
-        raise StoreUnavailable(f"{what}: unreachable after {self.retry.attempts} attempts "
-                               f"({type(error).__name__}: {str(error)[:200]})")
+                raise
+
+        def unavailable(error: Exception, tries: int) -> StoreUnavailable:
+            return StoreUnavailable(f"{what}: unreachable after {tries} attempts "
+                                    f"({type(error).__name__}: {str(error)[:200]})")
+
+        return self.retry.run(once, what=what, transient=(S3Error, ServerError, HTTPError, OSError),
+                              give_up=unavailable, log=log, label="store")
 
     def put_file(self, key: str, path: str | os.PathLike[str]) -> None:
         self._call(f"put {self.uri(key)}", lambda: self.client.fput_object(self.bucket, self._key(key), str(path)))

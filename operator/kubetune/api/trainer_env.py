@@ -1,7 +1,7 @@
 """The trainer's environment contract: every ``KUBETUNE_*`` variable a trainer container reads, in one place.
 
 The operator builds a trainer pod's ``KUBETUNE_*`` variables with :meth:`TrainerEnv.to_env`
-(:mod:`kubetune.manifests`); the trainer reads them once, with :meth:`TrainerEnv.from_env`, and nowhere else.
+(:mod:`kubetune.operator.manifests`); the trainer reads them once, with :meth:`TrainerEnv.from_env`, and nowhere else.
 The stand-in test image (``tests/images/standin/standin.py``, stdlib only, so it cannot import this module)
 reads a subset of the same names; a unit test holds the trainer, the stand-in and the manifests to this list.
 Variables the trainer reads that are not kubetune's own (``RANK``/``WORLD_SIZE`` from torchrun, ``AWS_*``,
@@ -31,7 +31,7 @@ KUBETUNE_PROGRESS_SECONDS   operator (the default), local mode     at most one `
 KUBETUNE_LOG_LEVEL          operator (the default), the user's     level of the human log on stderr
                             shell in local mode
 KUBETUNE_TERMINATION_LOG    operator (= the pod's                  where rank 0 writes the final summary
-                            ``terminationMessagePath``)            (:func:`kubetune.events.termination_message`)
+                            ``terminationMessagePath``)            (:func:`kubetune.api.events.termination_message`)
                                                                    on every exit
 ==========================  =====================================  ==============================================
 

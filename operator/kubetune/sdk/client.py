@@ -29,7 +29,6 @@ import io
 import json
 import os
 import secrets
-import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -37,10 +36,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from . import runfile
-from .callbacks import Callback
-from .errors import (
-    ArtifactCorrupt,
+from kubetune.api import runfile
+from kubetune.api.errors import (
     ArtifactMissing,
     ClusterUnavailable,
     ConfigInvalid,
@@ -51,8 +48,9 @@ from .errors import (
     RunNotFound,
     StorageUnavailable,
 )
-from .events import MARKER
-from .spec import (
+from kubetune.api.events import MARKER
+from kubetune.api.names import RUN_LABEL, run_label
+from kubetune.api.spec import (
     API_VERSION,
     CANCEL_ANNOTATION,
     CANCEL_BY_ANNOTATION,
@@ -65,8 +63,8 @@ from .spec import (
     FinetuneRunStatus,
     Phase,
 )
+from kubetune.sdk.callbacks import Callback
 
-RUN_LABEL = "kubetune.io/run"  # = kubetune.manifests.RUN_LABEL
 DEFAULT_BUCKET = "kubetune"
 INPUTS = "inputs"
 
@@ -86,12 +84,6 @@ def _local_user() -> str:
         return getpass.getuser()[:63] or "unknown"
     except Exception:  # no user name (e.g. a container without a passwd entry)
         return "unknown"
-
-
-def _label_value(name: str) -> str:
-    from .manifests import run_label
-
-    return run_label(name)
 
 
 # ------------------------------------------------------------------------------------------------ client
@@ -116,7 +108,7 @@ class Client:
             try:
                 from kubernetes import config
             except ImportError:
-                from .errors import MissingExtra
+                from kubetune.api.errors import MissingExtra
 
                 raise MissingExtra("talking to a cluster", "sdk", "kubernetes") from None
             try:
@@ -256,7 +248,7 @@ class Client:
     # ---- S3
     def store_for(self, spec: FinetuneRunSpec) -> Any:
         """The bucket store the run's data and artifact go to, as seen from this machine."""
-        from .storage import s3_store
+        from kubetune.storage import s3_store
 
         endpoint = self.s3_endpoint or spec.output.endpoint
         if not endpoint:
@@ -267,7 +259,7 @@ class Client:
 
     def upload_inputs(self, spec: FinetuneRunSpec, name: str, namespace: str, base_dir: Path) -> FinetuneRunSpec:
         """Upload local data (and starting weights) and point the spec at the uploaded copies."""
-        from .storage import StoreError, StoreUnavailable, join_key, run_key
+        from kubetune.storage import StoreError, StoreUnavailable, join_key, run_key
 
         local_fields = [f for f in runfile.DATA_FIELDS
                         if getattr(spec.data, f) and runfile.is_local(getattr(spec.data, f))]
@@ -321,7 +313,7 @@ def upload_dataset(store: Any, prefix: str, path: Path, image_column: str = "ima
     """
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
-    from .storage import join_key
+    from kubetune.storage import join_key
 
     is_csv = fmt == "csv" or (fmt == "auto" and path.suffix.lower() in (".csv", ".tsv"))
     key = join_key(prefix, path.name)
@@ -501,7 +493,7 @@ class Run:
     # ---- logs
     def _pods(self) -> list[Any]:
         core = self.client._core()
-        selector = f"{RUN_LABEL}={_label_value(self.name)}"
+        selector = f"{RUN_LABEL}={run_label(self.name)}"
         pods = self.client._call("list pods", lambda: core.list_namespaced_pod(
             self.namespace, label_selector=selector)).items
         return sorted(pods, key=lambda p: (p.metadata.creation_timestamp or datetime.min.replace(tzinfo=timezone.utc),
@@ -653,20 +645,18 @@ class Run:
         if st.artifact is None or not st.artifact.uri:
             raise ArtifactMissing(f"run {self.name} succeeded but its status names no artifact",
                                   "check the operator's log; `kubectl describe ftr " + self.name + "`")
+        from kubetune.storage import LocalStore, Store, download_artifact, parse_s3_uri, s3_store
+
         uri = st.artifact.uri
         if uri.startswith("s3://"):
-            from .storage import parse_s3_uri, s3_store
-
             spec = self.spec
             bucket, key = parse_s3_uri(uri)
             endpoint = self.client.s3_endpoint or spec.output.endpoint
             if not endpoint:
                 raise ConfigInvalid("no S3 endpoint known on this machine to download the artifact from",
                                     "set KUBETUNE_S3_ENDPOINT (or Client(s3_endpoint=...))")
-            store: Any = s3_store(endpoint, bucket, spec.output.region).child(key)
+            store: Store = s3_store(endpoint, bucket, spec.output.region).child(key)
         else:
-            from .storage import LocalStore
-
             store = LocalStore(uri.removeprefix("file://"))
         return download_artifact(store, Path(directory), st.artifact.sha256, uri)
 
@@ -709,60 +699,6 @@ def _iter_lines(response: Any) -> Iterator[str]:
             yield line.decode("utf-8", "replace").rstrip("\r")
     if buffer:
         yield buffer.decode("utf-8", "replace")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def download_artifact(store: Any, directory: Path, expected_sha256: str | None, uri: str) -> Path:
-    """Fetch manifest.json then every file it lists, verifying sha256 and size; atomic into ``directory``."""
-    from .storage import ObjectNotFound, StoreError, StoreUnavailable
-
-    directory = directory.expanduser().resolve()
-    if directory.exists() and any(directory.iterdir()):
-        if (directory / "manifest.json").is_file():
-            shutil.rmtree(directory)  # an earlier download: replace it
-        else:
-            raise ConfigInvalid(f"{directory} exists and is not empty", "choose an empty or new directory")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".kubetune-artifact-", dir=directory.parent))
-    try:
-        try:
-            manifest_bytes = store.get_bytes("manifest.json")
-        except ObjectNotFound:
-            raise ArtifactMissing(f"{uri}/manifest.json does not exist",
-                                  "the artifact is incomplete or was deleted; re-run the fine-tune") from None
-        if expected_sha256 and hashlib.sha256(manifest_bytes).hexdigest() != expected_sha256:
-            raise ArtifactCorrupt(f"{uri}/manifest.json: sha256 differs from the run's status",
-                                  "the artifact was changed after the run; re-run the fine-tune")
-        manifest = json.loads(manifest_bytes)
-        (staging / "manifest.json").write_bytes(manifest_bytes)
-        for rel, entry in sorted(manifest.get("files", {}).items()):
-            target = staging / rel
-            try:
-                store.get_file(rel, target)
-            except ObjectNotFound:
-                raise ArtifactMissing(f"{uri}/{rel} is listed in the manifest but missing",
-                                      "the artifact is incomplete; re-run the fine-tune") from None
-            if _sha256(target) != entry.get("sha256") or target.stat().st_size != entry.get("size"):
-                raise ArtifactCorrupt(f"{uri}/{rel}: sha256 or size differs from the manifest",
-                                      "download again; if it persists the stored artifact is damaged")
-        if directory.exists():
-            directory.rmdir()
-        staging.rename(directory)
-    except StoreUnavailable as exc:
-        raise StorageUnavailable(f"downloading {uri}: {exc}", "is the S3 endpoint reachable?") from None
-    except StoreError as exc:
-        raise StorageUnavailable(f"downloading {uri}: {exc}", "check the credentials (AWS_ACCESS_KEY_ID...)") from None
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return directory
 
 
 # ------------------------------------------------------------------------------------------------ module API

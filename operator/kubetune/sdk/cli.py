@@ -1,5 +1,5 @@
-"""``kubetune``: the command line. Every command is a thin shell over :mod:`kubetune.client`,
-:mod:`kubetune.local`, :mod:`kubetune.models` and :mod:`kubetune.report`.
+"""``kubetune``: the command line. Every command is a thin shell over :mod:`kubetune.sdk.client`,
+:mod:`kubetune.sdk.local`, :mod:`kubetune.sdk.models` and :mod:`kubetune.sdk.report`.
 
 Exit codes: 0 ok · 1 the run failed · 2 bad usage or config · 3 not found · 4 not finished yet ·
 5 cluster or store unreachable · 6 artifact missing or corrupt · 7 an optional extra is missing ·
@@ -23,12 +23,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import __version__
-from .errors import EXIT_INTERRUPTED, EXIT_USAGE, KubetuneError
+from kubetune import __version__
+from kubetune.api.errors import EXIT_INTERRUPTED, EXIT_USAGE, KubetuneError
 
 if TYPE_CHECKING:
-    from .client import Run
-    from .events import Event
+    from kubetune.api.events import Event
+    from kubetune.sdk.client import Run
 
 app = typer.Typer(name="kubetune", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Fine-tune CLIP for text-to-image search, locally or on Kubernetes.",
@@ -203,7 +203,7 @@ def run(file: Annotated[Path, typer.Argument(help="A FinetuneRun YAML file.", ex
         if not local:
             _submit(file, name, namespace, kubeconfig, context, gpus, follow=True, output=output)
             return
-        from .local import run_local
+        from kubetune.sdk.local import run_local
 
         show = err if output != Output.table else console
         started = time.monotonic()
@@ -223,7 +223,7 @@ def run(file: Annotated[Path, typer.Argument(help="A FinetuneRun YAML file.", ex
 
 
 def _client(namespace: str | None, kubeconfig: str | None, context: str | None) -> Any:
-    from .client import Client
+    from kubetune.sdk.client import Client
 
     return Client(namespace=namespace, kubeconfig=kubeconfig, context=context)
 
@@ -370,8 +370,8 @@ def artifact_pull(name: str, directory: Annotated[Path, typer.Argument(help="Whe
 def artifact_verify(artifact: Path) -> None:
     """Check an artifact directory against its manifest (sha256 and size of every file)."""
     with errors():
-        from .errors import ArtifactCorrupt
-        from .models import verify_artifact
+        from kubetune.api.errors import ArtifactCorrupt
+        from kubetune.sdk.models import verify_artifact
 
         problems = verify_artifact(artifact)
         if problems:
@@ -398,8 +398,8 @@ def encode(artifact: Annotated[Path, typer.Argument(help="Artifact directory (or
         if bool(text) == bool(image):
             err.print("[red]error:[/] give --text or --image (one kind per call)")
             raise typer.Exit(EXIT_USAGE)
-        from .models import encode as do_encode
-        from .models import get_model
+        from kubetune.sdk.models import encode as do_encode
+        from kubetune.sdk.models import get_model
 
         kind, items = ("clip-text", text) if text else ("clip-vision", image)
         assert items is not None
@@ -434,7 +434,7 @@ def report(target: Annotated[str, typer.Argument(help="A run name (cluster), a l
            namespace: NamespaceOpt = None, kubeconfig: KubeconfigOpt = None, context: ContextOpt = None) -> None:
     """Write a self-contained HTML report: top images before/after for sample queries, metrics, curves."""
     with errors():
-        from .report import write_report
+        from kubetune.sdk.report import write_report
 
         path = Path(target)
         if not path.exists():
@@ -456,7 +456,7 @@ def models(all_pretrained: Annotated[bool, typer.Option("--all", help="Every ope
            output: OutputOpt = Output.table) -> None:
     """Backbones to fine-tune (spec.model.name + spec.model.pretrained)."""
     with errors():
-        from .models import describe_models
+        from kubetune.sdk.models import describe_models
 
         rows = describe_models(all_pretrained)
         if output != Output.table:

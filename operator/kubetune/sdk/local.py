@@ -1,7 +1,7 @@
 """Local mode: run the trainer as a subprocess on this machine (CPU or local GPUs), no cluster, no S3.
 
 The trainer (``python -m kubetune_trainer``) is the very program the cluster's pods run; its structured
-events on stdout (:mod:`kubetune.events`) drive the caller's progress display, exactly as they drive the
+events on stdout (:mod:`kubetune.api.events`) drive the caller's progress display, exactly as they drive the
 operator's status updates on a cluster. A run directory holds everything::
 
     kubetune-runs/quickstart/
@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import runfile
-from .errors import ConfigInvalid, LocalRunFailed, MissingExtra
-from .events import Event, parse_line
+from kubetune.api import runfile
+from kubetune.api.errors import ConfigInvalid, LocalRunFailed, MissingExtra
+from kubetune.api.events import Event, parse_line
 
 DEFAULT_RUNS_DIR = "kubetune-runs"
 PROGRESS_SECONDS = "1"

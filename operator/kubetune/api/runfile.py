@@ -2,7 +2,7 @@
 
 Relative data paths in a run file are relative to the file itself, so ``examples/quickstart.yaml`` with
 ``data.train: data/train.csv`` means ``examples/data/train.csv`` wherever the command is run from:
-:func:`resolve_local_paths` makes them absolute (local mode); :mod:`kubetune.client` uploads them to S3 and
+:func:`resolve_local_paths` makes them absolute (local mode); :mod:`kubetune.sdk.client` uploads them to S3 and
 rewrites them to ``s3://`` URIs (submit).
 """
 
@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigInvalid
-from .spec import API_VERSION, KIND, FinetuneRunSpec
-from .validation import format_errors, validate_spec
+from kubetune.api.errors import ConfigInvalid
+from kubetune.api.spec import API_VERSION, KIND, FinetuneRunSpec
+from kubetune.api.validation import format_errors, validate_spec
 
 DATA_FIELDS = ("train", "eval", "query", "index", "reference", "zero_shot")
 REMOTE_PREFIXES = ("s3://", "http://", "https://")

@@ -16,7 +16,7 @@ Design:
 - Runs that request GPUs get the operator's GPU placement defaults (``OperatorSettings.gpu_node_selector`` and
   ``gpu_tolerations``, from the chart's ``runDefaults.gpu``): node selectors are merged (the run's own value wins
   for a key both set), default tolerations are appended after the run's own (duplicates skipped).
-- The trainer's ``KUBETUNE_*`` variables come from one contract, :class:`kubetune.trainer_env.TrainerEnv`.
+- The trainer's ``KUBETUNE_*`` variables come from one contract, :class:`kubetune.api.trainer_env.TrainerEnv`.
   Its final events go to the container's termination message, so the operator reads the result from the pod's
   status even when the pod's log is gone.
 - Hardened pod: non-root, read-only root filesystem (emptyDir for /tmp and /dev/shm), no privilege escalation,
@@ -25,57 +25,32 @@ Design:
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Any
 
+from kubetune.api.names import (
+    ATTEMPT_LABEL,
+    RUN_LABEL,
+    RUN_NAME_ANNOTATION,
+    RUN_UID_ANNOTATION,
+    config_map_name,
+    job_name,
+    run_label,
+)
+from kubetune.api.spec import API_VERSION, KIND, FinetuneRunSpec, ResourcesSpec, SecretRef, Toleration
+from kubetune.api.trainer_env import DEFAULT_TERMINATION_LOG, TrainerEnv
 from kubetune.operator.settings import Capabilities, OperatorSettings
-from kubetune.spec import API_VERSION, KIND, FinetuneRunSpec, ResourcesSpec, SecretRef, Toleration
-from kubetune.trainer_env import DEFAULT_TERMINATION_LOG, TrainerEnv
 
-RUN_LABEL = "kubetune.io/run"
-ATTEMPT_LABEL = "kubetune.io/attempt"
-RUN_NAME_ANNOTATION = "kubetune.io/run-name"
-RUN_UID_ANNOTATION = "kubetune.io/run-uid"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 GPU_RESOURCE = "nvidia.com/gpu"
 CONFIG_KEY = "run.yaml"
 CONFIG_DIR = "/etc/kubetune"
 CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_KEY}"
 CONTAINER_NAME = "trainer"
-# The trainer writes its final events there (kubetune.events.termination_message); FallbackToLogsOnError puts
+# The trainer writes its final events there (kubetune.api.events.termination_message); FallbackToLogsOnError puts
 # the log's tail there instead when a crashed trainer wrote nothing.
 TERMINATION_MESSAGE_PATH = DEFAULT_TERMINATION_LOG
 MANAGED_BY = "kubetune-operator"
-
-_LABEL_MAX = 63
-_NAME_MAX = 253
-
-
-def _shorten(name: str, limit: int) -> str:
-    """``name`` if it fits, else a prefix plus a stable hash (names stay unique and deterministic)."""
-    if len(name) <= limit:
-        return name
-    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
-    return f"{name[:limit - 9].rstrip('-.')}-{digest}"
-
-
-def run_label(name: str) -> str:
-    """The ``kubetune.io/run`` label value for a run (label values are at most 63 characters)."""
-    return _shorten(name, _LABEL_MAX)
-
-
-def job_name(name: str, attempt: int) -> str:
-    """Deterministic Job name of one attempt. At most 63 characters (the Job controller copies it into a
-    pod label)."""
-    suffix = f"-a{attempt}"
-    return _shorten(name, _LABEL_MAX - len(suffix)) + suffix
-
-
-def config_map_name(name: str) -> str:
-    suffix = "-config"
-    return _shorten(name, _NAME_MAX - len(suffix)) + suffix
-
 
 def owner_reference(run: dict[str, Any]) -> dict[str, Any]:
     """Controller owner reference to the run: children are garbage-collected with it."""
@@ -163,7 +138,7 @@ def config_map(run: dict[str, Any], spec: FinetuneRunSpec, settings: OperatorSet
 
 
 def trainer_env(run: dict[str, Any], attempt: int, resume_from: str | None) -> TrainerEnv:
-    """The trainer's ``KUBETUNE_*`` contract for one attempt (:mod:`kubetune.trainer_env`)."""
+    """The trainer's ``KUBETUNE_*`` contract for one attempt (:mod:`kubetune.api.trainer_env`)."""
     meta = run["metadata"]
     return TrainerEnv(config=CONFIG_PATH, run_name=meta["name"], run_namespace=meta["namespace"],
                       run_uid=meta["uid"], attempt=attempt, resume_from=resume_from or None,

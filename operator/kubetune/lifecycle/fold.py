@@ -1,84 +1,27 @@
-"""Pure status derivation: trainer events and Job/pod state → a bounded FinetuneRun status patch.
+"""The log → status fold: trainer log lines and events → bounded, coalesced status patches. Pure.
 
-Nothing here talks to Kubernetes. The operator's log follower feeds each log line to a :class:`StatusFolder`,
-takes a coalesced patch with :meth:`StatusFolder.take_patch` when its :class:`Throttle` says so, and asks
-:func:`attempt_outcome` what a finished trainer pod means (success, retry from checkpoint, or failure).
+The operator's log follower feeds each log line to a :class:`StatusFolder`, takes a coalesced patch with
+:meth:`StatusFolder.take_patch` when its :class:`Throttle` says so, and remembers how far it read with a
+:class:`LogCursor`. What the run does next is not decided here (see :mod:`kubetune.lifecycle`).
 
 Bounds (so that a run never makes its object large): at most ``LOG_TAIL_LINES`` lines of at most
 ``LOG_LINE_MAX_CHARS`` characters, at most ``MAX_METRICS`` evaluation metrics per stage, messages cut at
-``MESSAGE_MAX_CHARS``, at most 16 conditions.
+``MESSAGE_MAX_CHARS``.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import datetime as dt
+import json
 import math
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-from kubetune.events import EXIT_BAD_CONFIG, EXIT_BAD_DATA, EXIT_OK, RETRYABLE_EXIT_CODES, Event, parse_line
-from kubetune.spec import (
-    CANCEL_ANNOTATION,
-    CANCEL_BY_ANNOTATION,
-    LOG_LINE_MAX_CHARS,
-    LOG_TAIL_LINES,
-    MAX_METRICS,
-    MESSAGE_MAX_CHARS,
-    TERMINAL_PHASES,
-    Phase,
-)
-
-MAX_CONDITIONS = 16
-_REASON_MAX = 128
-
-# Condition types.
-CREATED = "Created"
-RUNNING = "Running"
-RESTARTING = "Restarting"
-SUSPENDED = "Suspended"
-SUCCEEDED = "Succeeded"
-FAILED = "Failed"
-CANCELLED = "Cancelled"
-CLEANED_UP = "CleanedUp"
-JOB_CREATE_FAILED = "JobCreateFailed"  # the API server refused the attempt's Job (message: its answer)
-SPEC_VALID = "SpecValid"  # False after an invalid spec edit: the run goes on with its last valid spec
-# Condition types that describe the phase: exactly the one matching the phase is True.
-_PHASE_CONDITION = {
-    Phase.RUNNING.value: RUNNING,
-    Phase.SUSPENDED.value: SUSPENDED,
-    Phase.SUCCEEDED.value: SUCCEEDED,
-    Phase.FAILED.value: FAILED,
-    Phase.CANCELLED.value: CANCELLED,
-}
-
-
-def now_rfc3339(now: float) -> str:
-    return dt.datetime.fromtimestamp(now, tz=dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_rfc3339(value: str | None) -> float | None:
-    """Kubernetes timestamps (``2026-11-23T16:06:00Z``, optionally with fractional seconds) → epoch."""
-    if not value:
-        return None
-    text = value.strip().replace("Z", "+00:00")
-    if "." in text:  # Python < 3.11 cannot parse nanoseconds: keep microseconds.
-        head, _, rest = text.partition(".")
-        digits = "".join(c for c in rest if c.isdigit())
-        tz = rest[len(digits):]
-        text = f"{head}.{digits[:6].ljust(6, '0')}{tz}"
-    try:
-        return dt.datetime.fromisoformat(text).timestamp()
-    except ValueError:
-        return None
-
-
-def clip(text: str | None, limit: int = MESSAGE_MAX_CHARS) -> str | None:
-    if text is None:
-        return None
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+from kubetune.api.events import Event, parse_line
+from kubetune.api.spec import LOG_LINE_MAX_CHARS, LOG_TAIL_LINES, MAX_METRICS
+from kubetune.lifecycle.formats import clip, parse_rfc3339
 
 
 def _finite(value: Any) -> float | None:
@@ -118,53 +61,6 @@ def _wise_ft_summary(event: Event) -> dict[str, Any]:
     if isinstance(extra.get("metric"), str):
         summary["metric"] = clip(extra["metric"], 100)
     return summary
-
-
-# ------------------------------------------------------------------------------------------- conditions
-def set_condition(conditions: Iterable[Mapping[str, Any]], type_: str, status: str, reason: str,
-                  message: str | None, now: float) -> list[dict[str, Any]]:
-    """A new condition list with ``type_`` set. ``lastTransitionTime`` changes only when status changes."""
-    out = [dict(c) for c in conditions]
-    new = {"type": type_, "status": status, "reason": reason[:_REASON_MAX],
-           "message": clip(message) or "", "lastTransitionTime": now_rfc3339(now)}
-    for i, cond in enumerate(out):
-        if cond.get("type") == type_:
-            if cond.get("status") == status:
-                new["lastTransitionTime"] = cond.get("lastTransitionTime") or new["lastTransitionTime"]
-            out[i] = new
-            break
-    else:
-        out.append(new)
-    return out[-MAX_CONDITIONS:]
-
-
-def get_condition(conditions: Iterable[Mapping[str, Any]] | None, type_: str) -> Mapping[str, Any] | None:
-    for cond in conditions or ():
-        if cond.get("type") == type_:
-            return cond
-    return None
-
-
-def transition(status: Mapping[str, Any], phase: str, reason: str, message: str | None,
-               now: float) -> dict[str, Any]:
-    """Patch for moving to ``phase``: phase, message, phase conditions, start/completion times. Pure."""
-    conditions: list[dict[str, Any]] = [dict(c) for c in status.get("conditions") or ()]
-    for ph, ctype in _PHASE_CONDITION.items():
-        prior = get_condition(conditions, ctype)
-        if ph == phase:
-            conditions = set_condition(conditions, ctype, "True", reason, message, now)
-        elif prior is not None and prior.get("status") == "True":
-            conditions = set_condition(conditions, ctype, "False", reason, message, now)
-    if phase == Phase.RUNNING.value or phase in TERMINAL_PHASES:
-        restarting = get_condition(conditions, RESTARTING)
-        if restarting is not None and restarting.get("status") == "True":
-            conditions = set_condition(conditions, RESTARTING, "False", reason, message, now)
-    patch: dict[str, Any] = {"phase": phase, "message": clip(message), "conditions": conditions}
-    if phase == Phase.RUNNING.value and not status.get("startTime"):
-        patch["startTime"] = now_rfc3339(now)
-    if phase in TERMINAL_PHASES:
-        patch["completionTime"] = now_rfc3339(now)
-    return patch
 
 
 # ------------------------------------------------------------------------------------------- progress
@@ -409,62 +305,7 @@ class Throttle:
         self.last = now
 
 
-# ------------------------------------------------------------------------------------------- pods & jobs
-@dataclasses.dataclass(frozen=True)
-class PodState:
-    name: str
-    phase: str  # Pending, Running, Succeeded, Failed, Unknown
-    exit_code: int | None = None
-    reason: str | None = None  # terminated reason (OOMKilled, Error, Completed) or pod reason (Evicted)
-    message: str | None = None
-    waiting_reason: str | None = None  # ImagePullBackOff, CreateContainerConfigError, ...
-    started: bool = False  # the trainer container has started (its log can be followed)
-    created: float | None = None
-    scheduled: bool = False  # bound to a node: its log can be followed as soon as the container starts
-    deleting: bool = False  # has a deletionTimestamp: deleted (by a user, a drain) and going away
-    gone: bool = False  # removed from the API server; this is the last state the watch reported
-
-    @property
-    def terminated(self) -> bool:
-        return self.phase in {"Succeeded", "Failed"}
-
-    @property
-    def succeeded(self) -> bool:
-        """The trainer exited 0: the attempt's result is known even if the pod is deleted right after."""
-        return self.terminated and self.exit_code == 0
-
-    @property
-    def alive(self) -> bool:
-        """A trainer that may still run (and write checkpoints): neither terminated nor removed."""
-        return not self.gone and not self.terminated
-
-
-def pod_state(pod: Mapping[str, Any], container: str = "trainer") -> PodState:
-    meta = pod.get("metadata") or {}
-    status = pod.get("status") or {}
-    state = PodState(name=meta.get("name", ""), phase=status.get("phase") or "Pending",
-                     reason=status.get("reason"), message=status.get("message"),
-                     created=parse_rfc3339(meta.get("creationTimestamp")),
-                     scheduled=bool((pod.get("spec") or {}).get("nodeName")),
-                     deleting=bool(meta.get("deletionTimestamp")))
-    for cs in status.get("containerStatuses") or ():
-        if cs.get("name") != container:
-            continue
-        st = cs.get("state") or {}
-        last = cs.get("lastState") or {}
-        term = st.get("terminated") or last.get("terminated")
-        if term:
-            return dataclasses.replace(state, exit_code=term.get("exitCode"),
-                                       reason=term.get("reason") or state.reason,
-                                       message=term.get("message") or state.message, started=True)
-        if "running" in st:
-            return dataclasses.replace(state, started=True)
-        waiting = st.get("waiting") or {}
-        return dataclasses.replace(state, waiting_reason=waiting.get("reason"),
-                                   message=waiting.get("message") or state.message)
-    return state
-
-
+# ------------------------------------------------------------------------------------------- log cursor
 @dataclasses.dataclass
 class LogCursor:
     """How far a followed log was read, so that a reconnect skips what was already folded.
@@ -519,125 +360,6 @@ class LogCursor:
         return True
 
 
-@dataclasses.dataclass(frozen=True)
-class JobState:
-    name: str
-    complete: bool = False
-    failed: bool = False
-    reason: str | None = None
-    message: str | None = None
-
-
-def job_state(job: Mapping[str, Any]) -> JobState:
-    name = (job.get("metadata") or {}).get("name", "")
-    for cond in (job.get("status") or {}).get("conditions") or ():
-        if cond.get("status") != "True":
-            continue
-        if cond.get("type") == "Complete":
-            return JobState(name, complete=True, reason=cond.get("reason"), message=cond.get("message"))
-        if cond.get("type") == "Failed":
-            return JobState(name, failed=True, reason=cond.get("reason"), message=cond.get("message"))
-    return JobState(name)
-
-
-# ------------------------------------------------------------------------------------------- outcome
-@dataclasses.dataclass(frozen=True)
-class Outcome:
-    action: str  # "succeed" | "retry" | "fail"
-    reason: str
-    message: str
-
-
-PERMANENT_REASONS = {EXIT_BAD_CONFIG: "InvalidConfig", EXIT_BAD_DATA: "BadData"}
-
-
-POD_DELETED = "PodDeleted"  # the attempt's pod was deleted and its Job gave up instead of replacing it
-
-
-def attempt_outcome(*, exit_code: int | None, pod_reason: str | None = None, job: JobState | None = None,
-                    failed_event: Event | None = None, retries: int, backoff_limit: int) -> Outcome:
-    """What a finished attempt means for the run. Pure.
-
-    - exit 0 → succeed;
-    - the Job's deadline (``DeadlineExceeded``) → fail (the run's activeDeadlineSeconds is spent);
-    - OOMKilled → fail (it would run out of memory again);
-    - exit 75 (EX_TEMPFAIL), 137/143 (killed: preemption, eviction), an evicted or deleted pod, or a trainer
-      ``failed`` event with ``retryable: true`` → retry from the latest checkpoint while ``retries < backoff_limit``;
-    - 78 (bad config), 65 (bad data), 1 and anything else → fail fast.
-    """
-    event_msg = (failed_event.message or "") if failed_event else ""
-    if exit_code == EXIT_OK or (exit_code is None and job is not None and job.complete):
-        return Outcome("succeed", "TrainingSucceeded", "The trainer finished and published the artifact.")
-    if job is not None and job.failed and job.reason == "DeadlineExceeded":
-        return Outcome("fail", "DeadlineExceeded",
-                       clip(f"The run exceeded spec.runPolicy.activeDeadlineSeconds. {job.message or ''}") or "")
-    if pod_reason == "OOMKilled":
-        return Outcome("fail", "OutOfMemory", "The trainer ran out of memory (OOMKilled); raise "
-                       "spec.resources.memory or lower spec.training.batchSize.")
-    if exit_code in PERMANENT_REASONS:
-        reason = (failed_event.reason if failed_event and failed_event.reason else PERMANENT_REASONS[exit_code])
-        return Outcome("fail", reason, clip(f"Trainer exited with code {exit_code} (permanent). {event_msg}") or "")
-    retryable = (exit_code in RETRYABLE_EXIT_CODES or pod_reason in {"Evicted", "Preempted", "Shutdown", POD_DELETED}
-                 or (exit_code is None and job is None)
-                 or bool(failed_event and failed_event.retryable))
-    what = f"exit code {exit_code}" if exit_code is not None else (pod_reason or "pod lost")
-    if retryable:
-        if retries < backoff_limit:
-            return Outcome("retry", "RetryableFailure", clip(
-                f"Trainer attempt failed ({what}); retry {retries + 1}/{backoff_limit} from the latest "
-                f"checkpoint. {event_msg}") or "")
-        return Outcome("fail", "BackoffLimitExceeded", clip(
-            f"Trainer failed ({what}) and spec.runPolicy.backoffLimit={backoff_limit} retries are used up. "
-            f"{event_msg}") or "")
-    reason = failed_event.reason if failed_event and failed_event.reason else "TrainerError"
-    return Outcome("fail", reason, clip(f"Trainer failed ({what}). {event_msg}") or "")
-
-
-def is_terminal(status: Mapping[str, Any] | None) -> bool:
-    return bool(status) and (status or {}).get("phase") in TERMINAL_PHASES
-
-
-def cancel_request(meta: Mapping[str, Any] | None) -> dict[str, str] | None:
-    """``{"at": ..., "by": ...}`` (values possibly empty) when the run carries the cancel annotation. Pure."""
-    annotations = (meta or {}).get("annotations") or {}
-    if CANCEL_ANNOTATION not in annotations:
-        return None
-    return {"at": str(annotations.get(CANCEL_ANNOTATION) or "").strip(),
-            "by": str(annotations.get(CANCEL_BY_ANNOTATION) or "").strip()}
-
-
-def cancel_pending(meta: Mapping[str, Any] | None, status: Mapping[str, Any] | None) -> bool:
-    """Whether the operator must cancel the run now: it carries the cancel annotation and has not ended. Pure.
-
-    A run that ended (Succeeded/Failed/Cancelled) keeps its phase; a cancelled run is terminal, so nothing
-    (resume after an operator restart, unsuspending) starts it again."""
-    return cancel_request(meta) is not None and not is_terminal(status)
-
-
-def cancel_update(status: Mapping[str, Any] | None, meta: Mapping[str, Any] | None, deleted_jobs: int,
-                  now: float) -> dict[str, Any]:
-    """Status patch ending the run ``Cancelled`` (reason ``Cancelled``, completionTime). Pure."""
-    request = cancel_request(meta) or {"at": "", "by": ""}
-    who = f" by {request['by']}" if request["by"] else ""
-    when = f" at {request['at']}" if request["at"] else ""
-    message = (f"Cancelled{who}{when} ({CANCEL_ANNOTATION}): deleted {deleted_jobs} Job(s); checkpoints are "
-               "kept; the run is never re-launched.")
-    return transition(status or {}, Phase.CANCELLED.value, "Cancelled", message, now)
-
-
-def ttl_due(status: Mapping[str, Any] | None, ttl_seconds: int | None, now: float) -> bool:
-    """Whether the TTL after finish has passed (and children were not already cleaned up)."""
-    if ttl_seconds is None or not is_terminal(status):
-        return False
-    cond = get_condition((status or {}).get("conditions"), CLEANED_UP)
-    if cond is not None and cond.get("status") == "True":
-        return False
-    finished = parse_rfc3339((status or {}).get("completionTime"))
-    return finished is not None and now >= finished + ttl_seconds
-
-
 def status_size(status: Mapping[str, Any]) -> int:
     """Bytes of the status as JSON (what it adds to the object in etcd)."""
-    import json
-
     return len(json.dumps(status, separators=(",", ":")))
