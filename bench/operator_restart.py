@@ -25,6 +25,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ("status_regressions", "status_writes_per_s_max_after_restart", "status_writes_per_s_max_before_restart",
+           "operator_patches_per_s_max_after_restart", "operator_patches_per_s_mean_after_restart",
            "event_to_status_p99_s", "duplicate_jobs", "finished")
 
 

@@ -16,8 +16,10 @@ Measures, with the operator running as a subprocess (``python -m kubetune.operat
   limit when the harness starts the cluster);
 - with ``--restart-after S``: the operator is SIGKILLed S seconds after the last create and started again; the
   bench counts status regressions (a run's ``progress.step`` going down for the same pod, as the run watch sees
-  it: must be 0) and the status write rate after the restart (run watch events per second, max over 1 s windows,
-  against the ``--status-qps`` bucket).
+  it: must be 0) and the status write rate after the restart (run watch events per second, max over 1 s windows:
+  every write to the objects, kopf's own included, as the watch delivers them) and the operator's own status
+  patches per second (its ``kubetune_status_patches_total`` sampled every second: max and mean over the minute
+  after the restart, against the ``--status-qps`` bucket).
 
 Uses the cluster from ``KUBECONFIG`` or the harness (``python -m tests.cluster up``). Deletes its namespace.
 """
@@ -25,6 +27,7 @@ Uses the cluster from ``KUBECONFIG`` or the harness (``python -m tests.cluster u
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import signal
@@ -141,6 +144,24 @@ def max_rate(times: list[float], start: float, window: float) -> int:
     return max(buckets.values(), default=0)
 
 
+def counter_value(text: str, name: str) -> float | None:
+    """The value of an unlabelled counter in a Prometheus exposition."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return None
+
+
+def counter_rates(samples: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """(time, increase per second) between consecutive (time, counter) samples; a counter that went down was
+    reset (a restarted process), so its new value is the increase."""
+    rates = []
+    for (t0, v0), (t1, v1) in itertools.pairwise(samples):
+        if t1 > t0:
+            rates.append((t1, (v1 - v0 if v1 >= v0 else v1) / (t1 - t0)))
+    return rates
+
+
 def rss_mb(pid: int) -> tuple[float, float]:
     """(current RSS, peak RSS) in MiB."""
     fields = {}
@@ -244,6 +265,19 @@ def main(argv: list[str] | None = None) -> int:
             except Exception:  # a bench keeps watching
                 time.sleep(0.5)
 
+    patch_samples: list[tuple[float, float]] = []  # (time, kubetune_status_patches_total)
+
+    def sample_patches() -> None:
+        while not stop.is_set():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2) as r:
+                    value = counter_value(r.read().decode(), "kubetune_status_patches_total")
+                if value is not None:
+                    patch_samples.append((time.time(), value))
+            except (OSError, urllib.error.URLError):
+                pass  # the operator is restarting
+            stop.wait(1.0)
+
     peak_rss = 0.0
     try:
         deadline = time.monotonic() + 30
@@ -251,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             if time.monotonic() > deadline or operator.poll() is not None:
                 raise SystemExit(f"operator did not start; see {log_path}")
             time.sleep(0.2)
-        for target in (watch_jobs, watch_runs):
+        for target in (watch_jobs, watch_runs, sample_patches):
             threading.Thread(target=target, daemon=True).start()
         time.sleep(1)
         created: dict[str, float] = {}
@@ -342,6 +376,10 @@ def main(argv: list[str] | None = None) -> int:
             results["restarted_after_creates_s"] = args.restart_after
             results["status_writes_per_s_max_after_restart"] = max_rate(run_events, restarted_at, 60.0)
             results["status_writes_per_s_max_before_restart"] = max_rate(run_events, restarted_at - 60.0, 60.0)
+            after = [rate for t, rate in counter_rates(patch_samples) if restarted_at <= t < restarted_at + 60.0]
+            results["operator_patches_per_s_max_after_restart"] = round(max(after, default=0.0), 1)
+            results["operator_patches_per_s_mean_after_restart"] = round(statistics.fmean(after), 1) if after else None
+            results["status_qps"] = args.status_qps
         results["jobs"] = sum(len(v) for v in job_names.values())
     finally:
         stop.set()

@@ -5,6 +5,8 @@ from __future__ import annotations
 from kubetune.api.events import MARKER
 
 from bench.operator_scale import (
+    counter_rates,
+    counter_value,
     histogram_quantile,
     log_progress,
     max_rate,
@@ -52,6 +54,14 @@ def test_max_rate_is_the_busiest_second_in_the_window() -> None:
     times = [100.1, 100.2, 100.9, 101.5, 103.0, 170.0]
     assert max_rate(times, 100.0, 60.0) == 3
     assert max_rate(times, 200.0, 60.0) == 0
+
+
+def test_counter_rates_per_second_survive_a_process_restart() -> None:
+    exposition = "# TYPE kubetune_status_patches_total counter\nkubetune_status_patches_total 42.0\n"
+    assert counter_value(exposition, "kubetune_status_patches_total") == 42.0
+    assert counter_value(exposition, "kubetune_missing_total") is None
+    samples = [(0.0, 10.0), (1.0, 40.0), (3.0, 100.0), (4.0, 12.0), (5.0, 12.0)]  # reset between 3 and 4
+    assert counter_rates(samples) == [(1.0, 30.0), (3.0, 30.0), (4.0, 12.0), (5.0, 0.0)]
 
 
 def test_restart_bench_summarizes_each_figure_as_median_min_max() -> None:

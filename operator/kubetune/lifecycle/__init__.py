@@ -6,20 +6,35 @@ rule                                                                   where
 =====================================================================  ============================================
 which attempt comes next (first start, retry, resume, restart between  :mod:`.attempts` (``decide_attempt``)
 intent and create), never two trainers at once
-activeDeadlineSeconds without the time suspended                       :mod:`.attempts` (``deadline_left``,
-                                                                       ``suspended_seconds``)
-backoff of a Job create the API server refused                         :mod:`.attempts` (``create_backoff``)
+a deleted Job or a spent deadline ends the run before an attempt       :mod:`.attempts` (``ending``)
+the intent for attempt N, recorded before its Job (Pending, why)       :mod:`.attempts` (``intent_update``)
+the Job exists: Created, end of Restarting and JobCreateFailed         :mod:`.attempts` (``created_update``)
+a Job create the API server refused: the condition, the Warning, the   :mod:`.attempts` (``create_refused_update``,
+backoff                                                                ``create_backoff``)
+how long a retry waits before its attempt                              :mod:`.attempts` (``retry_delay``)
+activeDeadlineSeconds without the time suspended; resuming keeps that  :mod:`.attempts` (``deadline_left``,
+time                                                                   ``suspended_seconds``, ``resumed_update``)
+which spec a decision uses (live, last valid, the ConfigMap's), an     :mod:`.attempts` (``spec_to_run``,
+invalid one fails the run                                              ``invalid_spec``)
 a spec edit of an active run applies from the next attempt             :mod:`.attempts` (``spec_edit_update``)
 what an observed pod/Job means while following: follow its log, wait,  :mod:`.follow` (``next_step``,
-a replacement pod, a deleted pod, a pod gone, the Job deleted          ``after_stream``)
+a replacement pod, a deleted pod, a pod gone, the Job deleted          ``after_stream``, ``job_deleted``)
 what an ended attempt means: succeed, retry from the checkpoint, fail  :mod:`.outcome` (``attempt_outcome``,
                                                                        ``outcome_of``)
 the status patch that records it (retries, Restarting, messages)       :mod:`.outcome` (``finish_update``)
+a new run: accepted once; an invalid spec fails it, a suspended one    :mod:`.policy` (``accepting``,
+waits                                                                  ``accept_update``)
+when the supervisor runs (not ended, not suspended, no cancel)         :mod:`.policy` (``is_active``,
+                                                                       ``is_suspended``)
+suspend and resume: when a flip applies, their patches                 :mod:`.policy` (``suspend_toggle``,
+                                                                       ``suspend_update``, ``resume_update``)
 cancel (annotation): when it applies, the ``Cancelled`` patch          :mod:`.policy` (``cancel_pending``,
                                                                        ``cancel_update``)
-TTL after finish: when children are cleaned up                         :mod:`.policy` (``ttl_due``)
+TTL after finish: when the timer runs, when children are cleaned up,   :mod:`.policy` (``ttl_pending``,
+the ``CleanedUp`` patch                                                ``ttl_due``, ``ttl_update``)
 phases and conditions: which are True, when times move, terminal       :mod:`.conditions` (``transition``,
-phases                                                                 ``set_condition``, ``is_terminal``)
+phases                                                                 ``set_condition``, ``is_terminal``,
+                                                                       ``PhaseChange``)
 trainer log lines → bounded status fields, coalesced patches, where a  :mod:`.fold` (``StatusFolder``,
 restarted reader goes on                                               ``Throttle``, ``LogCursor``)
 =====================================================================  ============================================

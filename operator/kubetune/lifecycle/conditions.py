@@ -5,6 +5,7 @@ At most ``MAX_CONDITIONS`` conditions; reasons are cut at 128 characters, messag
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -79,6 +80,20 @@ def transition(status: Mapping[str, Any], phase: str, reason: str, message: str 
     if phase in TERMINAL_PHASES:
         patch["completionTime"] = now_rfc3339(now)
     return patch
+
+
+@dataclasses.dataclass(frozen=True)
+class PhaseChange:
+    """A move to ``phase``: ``reason`` and ``message`` go on the phase's condition, the run's message and the
+    Event that says it (the Event gets ``message`` itself: the status holds it clipped)."""
+
+    phase: str
+    reason: str
+    message: str
+
+    def update(self, status: Mapping[str, Any], now: float) -> dict[str, Any]:
+        """The status patch (:func:`transition`)."""
+        return transition(status, self.phase, self.reason, self.message, now)
 
 
 def is_terminal(status: Mapping[str, Any] | None) -> bool:

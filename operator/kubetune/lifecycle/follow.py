@@ -26,6 +26,8 @@ import dataclasses
 import enum
 from typing import Final, Literal
 
+from kubetune.api.spec import Phase
+from kubetune.lifecycle.conditions import PhaseChange
 from kubetune.lifecycle.observed import JobState, PodState
 
 Action = Literal["follow_log", "replaced", "wait", "again", "read_pod", "read_job", "finish", "job_deleted"]
@@ -135,3 +137,8 @@ def after_stream(pod: PodState, *, opened: bool, state: PodState | NotRead | Non
         if job is None:
             return Step("again")  # the Job is gone too: the next next_step waits and confirms it
     return Step("again", timeout=RECONNECT_SECONDS)  # the stream dropped while the trainer runs: reconnect
+
+
+def job_deleted(job_name: str) -> PhaseChange:
+    """The followed attempt's Job was deleted (step ``job_deleted``): the run is cancelled."""
+    return PhaseChange(Phase.CANCELLED.value, "JobDeleted", f"Job {job_name} was deleted; the run is cancelled.")

@@ -41,9 +41,23 @@ import kopf
 
 from kubetune.api.spec import CANCEL_ANNOTATION, GROUP, PLURAL, VERSION, FinetuneRunStatus, Phase
 from kubetune.api.validation import format_errors, validate_spec
-from kubetune.lifecycle.attempts import spec_edit_update, suspended_seconds
-from kubetune.lifecycle.conditions import CLEANED_UP, SUSPENDED, get_condition, is_terminal, set_condition, transition
-from kubetune.lifecycle.policy import cancel_pending, cancel_request, cancel_update, ttl_due
+from kubetune.lifecycle.attempts import spec_edit_update
+from kubetune.lifecycle.conditions import is_terminal
+from kubetune.lifecycle.policy import (
+    accept_update,
+    accepting,
+    cancel_pending,
+    cancel_update,
+    is_active,
+    is_suspended,
+    resume_update,
+    suspend_toggle,
+    suspend_update,
+    ttl_after_finished,
+    ttl_due,
+    ttl_pending,
+    ttl_update,
+)
 from kubetune.operator import manifests
 from kubetune.operator.context import Context
 from kubetune.operator.kube import Kube, config_maps_path, jobs_path
@@ -103,13 +117,9 @@ class QuietWatchHandlers(logging.Filter):
         return not any(f"'{name}' succeeded" in record.msg for name in WATCH_HANDLERS)
 
 
-def _suspended(spec: Any) -> bool:
-    return bool(((spec or {}).get("runPolicy") or {}).get("suspend"))
-
-
+# kopf filters: kopf's keyword arguments in, the lifecycle rule (kubetune.lifecycle.policy) out.
 def _active(spec: Any, status: Any, meta: Any = None, **_: Any) -> bool:
-    """The supervisor daemon runs while this holds (not finished, not suspended, no cancel requested)."""
-    return not is_terminal(status) and not _suspended(spec) and cancel_request(meta) is None
+    return is_active(spec, status, meta)
 
 
 def _cancel_pending(meta: Any, status: Any, **_: Any) -> bool:
@@ -117,10 +127,7 @@ def _cancel_pending(meta: Any, status: Any, **_: Any) -> bool:
 
 
 def _ttl_pending(spec: Any, status: Any, **_: Any) -> bool:
-    """The TTL timer runs for finished runs with a TTL whose children are not cleaned up yet."""
-    ttl = ((spec or {}).get("runPolicy") or {}).get("ttlSecondsAfterFinished")
-    cleaned = (get_condition((status or {}).get("conditions"), CLEANED_UP) or {}).get("status") == "True"
-    return ttl is not None and is_terminal(status) and not cleaned
+    return ttl_pending(spec, status)
 
 
 def _ctx(memo: kopf.Memo) -> Context:
@@ -156,23 +163,19 @@ async def accept(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, meta: ko
     a run created suspended waits. Everything else is the supervisor's."""
     metrics = _ctx(memo).metrics
     with metrics.timed("accept"):
-        if is_terminal(status) or status.get("phase") or cancel_request(meta) is not None:
+        if not accepting(status, meta):
             return  # already handled (resume after restart), or cancelled: `cancel` takes over
         model, errors = validate_spec(spec)
-        now = time.time()
-        if model is None:
-            message = f"Invalid spec: {format_errors(errors)}"
-            patch.status.update(transition(status, Phase.FAILED.value, "InvalidSpec", message, now))
-            patch.status["observedGeneration"] = meta.get("generation")
-            kopf.warn(body, reason="InvalidSpec", message=message[:1024])
-            metrics.transition(None, Phase.FAILED.value)
+        invalid = format_errors(errors) if model is None else None
+        accepted = accept_update(status, meta.get("generation"), invalid=invalid, suspended=is_suspended(spec),
+                                 now=time.time())
+        if accepted is None:
             return
-        if _suspended(spec):
-            update = transition(status, Phase.SUSPENDED.value, "Suspended", "Created suspended; unsuspend to start.",
-                                now)
-            patch.status.update(update)
-            patch.status["observedGeneration"] = meta.get("generation")
-            metrics.transition(None, Phase.SUSPENDED.value)
+        change, update = accepted
+        patch.status.update(update)
+        if change.phase == Phase.FAILED.value:
+            kopf.warn(body, reason=change.reason, message=change.message[:1024])
+        metrics.transition(None, change.phase)
 
 
 async def supervise(body: kopf.Body, stopped: kopf.DaemonStopped, logger: kopf.Logger, memo: kopf.Memo,
@@ -198,24 +201,20 @@ async def cancel(body: kopf.Body, meta: kopf.Meta, status: kopf.Status, patch: k
 async def suspend_changed(body: kopf.Body, old: Any, new: Any, status: kopf.Status, meta: kopf.Meta,
                           patch: kopf.Patch, name: str | None, namespace: str | None, memo: kopf.Memo,
                           **_: Any) -> None:
-    if old is None or bool(old) == bool(new) or is_terminal(status) or cancel_request(meta) is not None:
+    toggle = suspend_toggle(old, new, status, meta)
+    if toggle is None:
         return
     ctx = _ctx(memo)
     with ctx.metrics.timed("suspend"):
         now = time.time()
-        if new:
+        if toggle == "suspend":
             deleted = await ctx.kube.delete_collection(jobs_path(str(namespace)), _selector(str(name)))
-            update = transition(status, Phase.SUSPENDED.value, "Suspended",
-                                f"Suspended: deleted {deleted} Job(s); checkpoints are kept.", now)
+            update = suspend_update(status, deleted, now)
             patch.status.update(update)
             kopf.info(body, reason="Suspended", message=update["message"])
             ctx.metrics.transition(status.get("phase"), Phase.SUSPENDED.value)
         else:
-            conditions = set_condition(status.get("conditions") or [], SUSPENDED, "False", "Resumed",
-                                       "Resumed; continuing from the latest checkpoint.", now)
-            typed = FinetuneRunStatus.model_validate(dict(status))
-            patch.status["suspendedSeconds"] = round(suspended_seconds(typed, now), 3)
-            patch.status["conditions"] = conditions
+            patch.status.update(resume_update(FinetuneRunStatus.model_validate(dict(status)), now))
             kopf.info(body, reason="Resumed", message="Resumed; a new attempt continues from the latest checkpoint.")
 
 
@@ -249,17 +248,15 @@ async def deleted(name: str | None, namespace: str | None, memo: kopf.Memo, **_:
 
 async def ttl(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, patch: kopf.Patch, name: str | None,
               namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
-    ttl_seconds = (spec.get("runPolicy") or {}).get("ttlSecondsAfterFinished")
-    if not ttl_due(status, ttl_seconds, time.time()):
+    if not ttl_due(status, ttl_after_finished(spec), time.time()):
         return
     ctx = _ctx(memo)
     with ctx.metrics.timed("ttl"):
         selector = _selector(str(name))
         jobs = await ctx.kube.delete_collection(jobs_path(str(namespace)), selector)
         cms = await ctx.kube.delete_collection(config_maps_path(str(namespace)), selector)
-        message = f"TTL after finish expired: deleted {jobs} Job(s) and {cms} ConfigMap(s)."
-        patch.status["conditions"] = set_condition(status.get("conditions") or [], CLEANED_UP, "True", "TTLExpired",
-                                                   message, time.time())
+        message, update = ttl_update(status, jobs, cms, time.time())
+        patch.status.update(update)
         kopf.info(body, reason="TTLExpired", message=message)
 
 

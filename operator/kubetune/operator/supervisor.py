@@ -42,26 +42,32 @@ from kubetune.api.spec import FinetuneRunSpec, FinetuneRunStatus, Phase
 from kubetune.api.validation import format_errors, validate_spec
 from kubetune.lifecycle.attempts import (
     AttemptView,
-    create_backoff,
+    create_refused_update,
+    created_update,
     deadline_left,
     decide_attempt,
-    suspended_seconds,
+    ending,
+    intent_update,
+    invalid_spec,
+    retry_delay,
+    spec_to_run,
 )
-from kubetune.lifecycle.conditions import (
-    CREATED,
-    JOB_CREATE_FAILED,
-    RESTARTING,
-    SUSPENDED,
-    get_condition,
-    set_condition,
-    transition,
-)
+from kubetune.lifecycle.conditions import transition
 from kubetune.lifecycle.fold import LogCursor, StatusFolder, Throttle
-from kubetune.lifecycle.follow import NOT_READ, WAITING_PROBLEMS, NotRead, Step, after_stream, last_known, next_step
-from kubetune.lifecycle.formats import clip, now_rfc3339, parse_rfc3339
+from kubetune.lifecycle.follow import (
+    NOT_READ,
+    WAITING_PROBLEMS,
+    NotRead,
+    Step,
+    after_stream,
+    job_deleted,
+    last_known,
+    next_step,
+)
+from kubetune.lifecycle.formats import now_rfc3339, parse_rfc3339
 from kubetune.lifecycle.observed import JobState, PodState, job_state, pod_state
 from kubetune.lifecycle.outcome import FINISH_FIELDS, Outcome, finish_message, finish_update, outcome_of
-from kubetune.lifecycle.policy import cancel_request
+from kubetune.lifecycle.policy import cancel_request, is_suspended
 from kubetune.operator import manifests
 from kubetune.operator.context import Context
 from kubetune.operator.kube import (
@@ -122,7 +128,7 @@ class Supervisor:
         return cancel_request(self.body.get("metadata")) is not None
 
     def suspended(self) -> bool:
-        return bool(((self.body.get("spec") or {}).get("runPolicy") or {}).get("suspend"))
+        return is_suspended(self.body.get("spec"))
 
     def should_stop(self) -> bool:
         return self.gone or bool(self.stopped) or self.suspended() or self.cancelled()
@@ -211,32 +217,37 @@ class Supervisor:
             await self.finish_attempt(outcome)
             if outcome.action != "retry":
                 return
-            backoff = min(60.0, 2.0 ** int(self.status.get("retries") or 1))
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.stopped.wait(), timeout=backoff)
+                await asyncio.wait_for(self.stopped.wait(), timeout=retry_delay(self.status.get("retries")))
 
     # ------------------------------------------------------------------------------------ spec
     async def current_spec(self) -> FinetuneRunSpec | None:
-        """The spec the next decision uses: the live one when valid; after an invalid edit, the spec the run's
-        attempts were last built from (its ConfigMap), so that supervision goes on (the ``spec_updated``
-        handler reports the invalid edit with a condition and an Event). None: nothing valid to run."""
+        """The spec the next decision uses (:func:`kubetune.lifecycle.attempts.spec_to_run`); ``self.spec`` is
+        the last valid one. None: nothing valid to run."""
         live = self.body.get("spec") or {}
         model, errors = validate_spec(live)
-        if model is not None:
+        last_valid: bool | None = True if self.spec is not None else None
+        while True:
+            source = spec_to_run(live_valid=model is not None, last_valid=last_valid,
+                                 ran_once=bool(self.status.get("attempts")))
+            if source != "read_config_map":
+                break
+            self.spec, self.spec_generation = await self._applied_spec()
+            last_valid = self.spec is not None
+        if source == "live":
             self.spec = model
             self.spec_generation = (self.body.get("metadata") or {}).get("generation")
             return model
-        if self.spec is None:
-            self.spec, self.spec_generation = await self._applied_spec()
-        if self.spec is None:
-            message = f"Invalid spec: {format_errors(errors)}"
-            self.logger.info(f"Not starting: {message}")
-            if self.status.get("attempts"):  # a run that ran once: say why it stops (else `accept` did)
-                self.set_phase(Phase.FAILED.value, "InvalidSpec", message[:1024], event="Warning")
-                await self.flush(urgent=True)
-            return None
-        self.logger.info(f"Spec invalid ({format_errors(errors)}); going on with generation {self.spec_generation}.")
-        return self.spec
+        if source == "last_valid":
+            self.logger.info(f"Spec invalid ({format_errors(errors)}); going on with generation "
+                             f"{self.spec_generation}.")
+            return self.spec
+        change = invalid_spec(format_errors(errors))
+        self.logger.info(f"Not starting: {change.message}")
+        if source == "fail":
+            self.set_phase(change.phase, change.reason, change.message[:1024], event="Warning")
+            await self.flush(urgent=True)
+        return None
 
     async def _applied_spec(self) -> tuple[FinetuneRunSpec | None, int | None]:
         """The (resolved) spec and generation in the run's ConfigMap, if it exists and is valid."""
@@ -252,7 +263,8 @@ class Supervisor:
         """Name of the current attempt's Job, creating it when needed (see
         :func:`kubetune.lifecycle.attempts.decide_attempt` for the rules); None when the run ended here."""
         while not self.should_stop():
-            view = AttemptView.from_status(self.typed_status())
+            status = self.typed_status()
+            view = AttemptView.from_status(status)
             if view.restarting and view.attempts > 0:
                 # Restarting=True is persisted between a retryable failure and the next attempt's Job: a restart
                 # in that window goes on with the retry instead of re-judging (and re-counting) the failure.
@@ -262,7 +274,7 @@ class Supervisor:
                 job_exists = (self.ctx.children.job(self.namespace, view.job_name) is not None
                               or await self.ctx.kube.get(jobs_path(self.namespace, view.job_name)) is not None)
             now = time.time()
-            left = deadline_left(spec.run_policy.active_deadline_seconds, self.typed_status(), now)
+            left = deadline_left(spec.run_policy.active_deadline_seconds, status, now)
             decision = decide_attempt(view, run_name=self.name, retry_pending=self.retry_pending,
                                       job_exists=job_exists, alive_pods=self._alive_pods(), deadline_left=left)
             if decision.action == "create":
@@ -273,22 +285,19 @@ class Supervisor:
                                           job_exists=job_exists, alive_pods=self._alive_pods(), deadline_left=left)
             if decision.action == "follow":
                 return decision.job_name
-            if decision.action == "job_deleted":
-                self.set_phase(Phase.CANCELLED.value, "JobDeleted",
-                               f"Job {decision.job_name} was deleted; the run is cancelled (it is never re-created).",
-                               event="Warning")
-                await self.flush(urgent=True)
-                return None
-            if decision.action == "fail_deadline":
-                self.set_phase(Phase.FAILED.value, "DeadlineExceeded",
-                               "The run exceeded spec.runPolicy.activeDeadlineSeconds.", event="Warning")
+            end = ending(decision)
+            if end is not None:
+                self.set_phase(end.phase, end.reason, end.message, event="Warning")
                 await self.flush(urgent=True)
                 return None
             if decision.action == "wait_previous":
                 await self._stop_previous(decision.waiting_for, decision.attempt)
                 continue
             if decision.new_attempt:
-                self._record_intent(decision.attempt, decision.job_name, decision.reason, view.resuming, now)
+                # Recorded now, written with the Created (or JobCreateFailed) patch: see intent_update.
+                generation = (self.body.get("metadata") or {}).get("generation")
+                self.folder.update(intent_update(status, decision, generation=generation,
+                                                 attempt_generation=self.spec_generation, now=now))
                 self.retry_pending = False
             try:
                 return await self.create_attempt(spec, decision.attempt, reason=decision.reason)
@@ -304,31 +313,6 @@ class Supervisor:
     async def _resync_pods(self) -> None:
         pods = await self.ctx.kube.list(pods_path(self.namespace), f"{manifests.RUN_LABEL}={self.key[1]}")
         self.ctx.children.resync_pods(self.key, pods)
-
-    def _record_intent(self, attempt: int, job_name: str, reason: str, resuming: bool, now: float) -> None:
-        """The decision to create attempt N, in the status: it goes out with the JobCreated patch (or the
-        JobCreateFailed one). No write before the Job: its name is deterministic and the decision is made from
-        persisted state only, so a restart in between re-decides the same N and adopts the Job (409)."""
-        intent: dict[str, Any] = {
-            "attempts": attempt,
-            "jobName": job_name,
-            "podName": None,
-            "logCursor": None,
-            "attemptGeneration": self.spec_generation,
-            "observedGeneration": (self.body.get("metadata") or {}).get("generation"),
-            "conditions": set_condition(self.status.get("conditions") or [], CREATED, "False", "Creating",
-                                        f"Creating Job {job_name}.", now),
-        }
-        if resuming:
-            intent["suspendedSeconds"] = round(suspended_seconds(self.typed_status(), now), 3)
-            intent["conditions"] = set_condition(intent["conditions"], SUSPENDED, "False", "Resumed",
-                                                 "Resumed; continuing from the latest checkpoint.", now)
-        self.folder.update(intent)
-        if self.status.get("phase") != Phase.PENDING.value:
-            message = ("Retrying from the latest checkpoint." if reason == "retry" else
-                       "Resuming from the latest checkpoint." if reason == "resume" else "Creating the trainer Job.")
-            self.set_phase(Phase.PENDING.value, {"initial": "Accepted", "retry": "Restarting",
-                                                 "resume": "Resumed"}[reason], message, event=None)
 
     async def _stop_previous(self, pods: tuple[str, ...], attempt: int) -> None:
         """Never two trainers: the still-active Jobs of earlier attempts are deleted, and attempt ``attempt``
@@ -351,25 +335,18 @@ class Supervisor:
 
     async def _create_refused(self, job_name: str, error: KubeError) -> None:
         """The API server refused the attempt's ConfigMap or Job (a missing PriorityClass, an invalid
-        toleration, a quota): say so on the run and retry with backoff; the recorded intent keeps the attempt
-        number, so the retry (or a restarted operator) creates the same attempt."""
+        toleration, a quota): :func:`kubetune.lifecycle.attempts.create_refused_update` says what to write and
+        how long to wait before the same attempt is created again."""
         self.create_failures += 1
-        delay = create_backoff(self.create_failures)
-        message = clip(f"The API server refused to create Job {job_name}: {error.message} "
-                       f"(retrying in {delay:.0f} s).") or ""
-        cond = get_condition(self.status.get("conditions"), JOB_CREATE_FAILED) or {}
-        first = cond.get("status") != "True" or cond.get("reason") != error.reason or self.create_failures == 1
-        self.folder.update({
-            "message": message,
-            "conditions": set_condition(self.status.get("conditions") or [], JOB_CREATE_FAILED, "True",
-                                        error.reason or "Refused", message, time.time()),
-        })
-        if first:
-            kopf.event(self.body, type="Warning", reason="JobCreateFailed", message=message[:1024])
+        refusal = create_refused_update(self.status, job_name, error=error.message, reason=error.reason,
+                                        failures=self.create_failures, now=time.time())
+        self.folder.update(refusal.update)
+        if refusal.warn:
+            kopf.event(self.body, type="Warning", reason="JobCreateFailed", message=refusal.update["message"][:1024])
         await self.flush(urgent=True)
         self.ctx.metrics.jobs_refused.inc()
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self.stopped.wait(), timeout=delay)
+            await asyncio.wait_for(self.stopped.wait(), timeout=refusal.delay)
 
     async def create_attempt(self, spec: FinetuneRunSpec, attempt: int, *, reason: str) -> str | None:
         ctx = self.ctx
@@ -392,20 +369,8 @@ class Supervisor:
                 # one existed. (An operator shutting down keeps it: the next leader follows it.)
                 await ctx.kube.delete(jobs_path(self.namespace, job_name))
             return None
-        now = time.time()
         self.create_failures = 0
-        conditions = set_condition(self.status.get("conditions") or [], CREATED, "True", "JobCreated",
-                                   f"Job {job_name} created (attempt {attempt}).", now)
-        if (get_condition(conditions, RESTARTING) or {}).get("status") == "True":
-            conditions = set_condition(conditions, RESTARTING, "False", "JobCreated",
-                                       f"Attempt {attempt} started as Job {job_name}.", now)
-        if (get_condition(conditions, JOB_CREATE_FAILED) or {}).get("status") == "True":
-            conditions = set_condition(conditions, JOB_CREATE_FAILED, "False", "JobCreated",
-                                       f"Job {job_name} created (attempt {attempt}).", now)
-        update: dict[str, Any] = {"conditions": conditions}
-        if not self.status.get("startTime"):
-            update["startTime"] = now_rfc3339(now)
-        self.folder.update(update)
+        self.folder.update(created_update(self.typed_status(), job_name, attempt, time.time()))
         await self.flush(urgent=True)
         if created:
             ctx.metrics.jobs_created.labels(reason=reason).inc()
@@ -455,8 +420,8 @@ class Supervisor:
                              followed_pod=self.status.get("podName"), same_attempt_pod=self.pod_attempt == attempt,
                              job_gone=job_gone)
             if step.action == "job_deleted":
-                self.set_phase(Phase.CANCELLED.value, "JobDeleted",
-                               f"Job {job_name} was deleted; the run is cancelled.", event="Warning")
+                end = job_deleted(job_name)
+                self.set_phase(end.phase, end.reason, end.message, event="Warning")
                 await self.flush(urgent=True)
                 return None
             if step.action == "finish":
