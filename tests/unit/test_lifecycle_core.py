@@ -7,8 +7,9 @@ import dataclasses
 from typing import Any
 
 import pytest
-from kubetune.api.spec import CANCEL_ANNOTATION, CANCEL_BY_ANNOTATION, FinetuneRunStatus
-from kubetune.lifecycle.attempts import AttemptView, deadline_left, decide_attempt
+from kubetune.api.events import Event
+from kubetune.api.spec import CANCEL_ANNOTATION, CANCEL_BY_ANNOTATION, MESSAGE_MAX_CHARS, FinetuneRunStatus
+from kubetune.lifecycle.attempts import AttemptView, Decision, deadline_left, decide_attempt, wait_previous_update
 from kubetune.lifecycle.conditions import (
     CLEANED_UP,
     CREATED,
@@ -16,11 +17,24 @@ from kubetune.lifecycle.conditions import (
     RUNNING,
     SUCCEEDED,
     SUSPENDED,
+    Notice,
     get_condition,
     set_condition,
     transition,
 )
-from kubetune.lifecycle.follow import NOT_READ, NotRead, Step, after_stream, last_known, next_step
+from kubetune.lifecycle.follow import (
+    NOT_READ,
+    NotRead,
+    Step,
+    after_stream,
+    last_known,
+    next_step,
+    pod_replaced,
+    stream_opened,
+    trainer_failed,
+    trainer_started,
+    waiting_problem,
+)
 from kubetune.lifecycle.formats import now_rfc3339
 from kubetune.lifecycle.observed import JobState, PodState
 from kubetune.lifecycle.outcome import FINISH_FIELDS, POD_DELETED, Outcome, finish_update, outcome_of
@@ -151,6 +165,113 @@ def test_a_removed_pod_is_known_by_its_last_watched_state_only_if_it_is_the_same
     assert last_known("run-a1-x", None, KILLED_GONE) == KILLED_GONE
     assert last_known("run-a1-x", None, dataclasses.replace(KILLED_GONE, name="run-a1-y")) is None
     assert last_known("run-a1-x", None, RUNNING_POD) is None  # the watch has not seen it go: unknown
+
+
+# ------------------------------------------------------------------------------------ following: what it reports
+def pending(**extra: Any) -> dict[str, Any]:
+    return {**transition({}, "Pending", "Accepted", "Creating the trainer Job.", T0), **extra}
+
+
+def event_of(notice: Notice | None) -> tuple[str, str, str] | None:
+    return None if notice is None else (notice.event_type, notice.reason, notice.message)
+
+
+@pytest.mark.parametrize(("case", "observed", "status", "written", "expected"), [
+    ("the stream opening makes a pending run Running", "stream", pending(), "Pending",
+     ("Normal", "PodRunning", "Trainer pod run-a1-x is running.")),
+    ("the stream opening of a run Running in its pending status changes nothing", "stream",
+     pending(phase="Running"), "Pending", None),
+    ("the stream opening of a run written Running changes nothing", "stream", pending(), "Running", None),
+    ("a reconnect of a Running run changes nothing", "stream", pending(phase="Running"), "Running", None),
+    ("the trainer's started event makes a pending run Running", "started", pending(), "Pending",
+     ("Normal", "TrainerStarted", "The trainer started.")),
+    ("the trainer's started event looks at the status, not at what was written", "started", pending(), "Running",
+     ("Normal", "TrainerStarted", "The trainer started.")),
+    ("a started event of a Running run changes nothing", "started", pending(phase="Running"), "Pending", None),
+])
+def test_the_run_turns_running_once_when_the_stream_opens_or_the_trainer_starts(
+        case: str, observed: str, status: dict[str, Any], written: str, expected: tuple[str, str, str] | None) -> None:
+    now = T0 + 30
+    notice = (stream_opened(status, "run-a1-x", written_phase=written, now=now) if observed == "stream"
+              else trainer_started(status, now))
+    assert event_of(notice) == expected, case
+    if notice is not None:
+        assert notice.update == transition(status, "Running", notice.reason, notice.message, now), case
+        assert notice.update["startTime"] == now_rfc3339(now), case
+        assert (get_condition(notice.update["conditions"], RUNNING) or {}).get("status") == "True", case
+
+
+def test_running_keeps_the_start_time_of_an_earlier_attempt() -> None:
+    notice = stream_opened(pending(startTime=now_rfc3339(T0)), "run-a2-x", written_phase="Pending", now=T0 + 300)
+    assert notice is not None and "startTime" not in notice.update
+
+
+def test_a_replaced_pod_is_a_warning_and_the_runs_message() -> None:
+    notice = pod_replaced("run-a1-x", "run-a1-y", 1)
+    message = ("Trainer pod run-a1-x of attempt 1 is gone; the Job started run-a1-y, which resumes from the latest "
+               "checkpoint.")
+    assert notice == Notice({"message": message}, "Warning", "TrainerPodReplaced", message)
+
+
+PULL_ERR = dataclasses.replace(PULL_BACKOFF, waiting_reason="ErrImagePull", message="not found")
+CONFIG_ERROR = dataclasses.replace(PULL_BACKOFF, waiting_reason="CreateContainerConfigError", message=None)
+CREATING = dataclasses.replace(SCHEDULED, waiting_reason="ContainerCreating")
+LONG_BACKOFF = dataclasses.replace(PULL_BACKOFF, message="x" * 2000)
+
+
+@pytest.mark.parametrize(("case", "pod", "reported", "expected"), [
+    ("an image that cannot be pulled is a warning named after the problem", PULL_BACKOFF, None,
+     ("Warning", "ImagePullBackOff", "Trainer pod run-a1-x: ImagePullBackOff: Back-off pulling image")),
+    ("the same problem again is not reported twice", PULL_BACKOFF, "ImagePullBackOff", None),
+    ("another problem is reported", PULL_BACKOFF, "ErrImagePull",
+     ("Warning", "ImagePullBackOff", "Trainer pod run-a1-x: ImagePullBackOff: Back-off pulling image")),
+    ("a problem back after another one is reported again", PULL_ERR, "ImagePullBackOff",
+     ("Warning", "ErrImagePull", "Trainer pod run-a1-x: ErrImagePull: not found")),
+    ("a problem without a message ends with its reason", CONFIG_ERROR, None,
+     ("Warning", "CreateContainerConfigError", "Trainer pod run-a1-x: CreateContainerConfigError:")),
+    ("a container being created is no problem", CREATING, None, None),
+    ("a pod not waiting on its container is no problem", UNSCHEDULED, None, None),
+])
+def test_a_pod_waiting_on_a_problem_is_reported_once_per_problem_in_a_row(
+        case: str, pod: PodState, reported: str | None, expected: tuple[str, str, str] | None) -> None:
+    notice = waiting_problem(pod, reported)
+    assert event_of(notice) == expected, case
+    if notice is not None:
+        assert notice.update == {"message": notice.message}, case
+
+
+def test_a_waiting_problems_long_message_is_cut_in_the_status_and_the_event() -> None:
+    notice = waiting_problem(LONG_BACKOFF, None)
+    assert notice is not None and len(notice.message) == MESSAGE_MAX_CHARS
+    assert notice.update["message"] == notice.message
+
+
+@pytest.mark.parametrize(("case", "event", "message"), [
+    ("the trainer's reason and message", Event(type="failed", reason="BadData", message="empty shard"),
+     "BadData: empty shard"),
+    ("no reason: Failed", Event(type="failed", message="boom"), "Failed: boom"),
+    ("neither: Failed alone", Event(type="failed"), "Failed: "),
+    ("a long message is cut", Event(type="failed", reason="R", message="y" * 2000),
+     ("R: " + "y" * 2000)[:MESSAGE_MAX_CHARS]),
+])
+def test_a_trainers_failed_event_is_the_runs_message(case: str, event: Event, message: str) -> None:
+    assert trainer_failed(event) == {"message": message}, case
+
+
+WAIT_A2 = Decision("wait_previous", 2, "run-a2", "retry", new_attempt=True, waiting_for=("run-a1-x", "run-a1-y"))
+WAITING_A2 = "Waiting for pod(s) run-a1-x, run-a1-y of an earlier attempt to stop before attempt 2 starts."
+
+
+@pytest.mark.parametrize(("case", "status", "decision", "expected"), [
+    ("the run's message names the pods waited for", pending(), WAIT_A2, {"message": WAITING_A2}),
+    ("said already: nothing to write", pending(message=WAITING_A2), WAIT_A2, None),
+    ("other pods: said again", pending(message=WAITING_A2),
+     dataclasses.replace(WAIT_A2, waiting_for=("run-a1-y",)),
+     {"message": "Waiting for pod(s) run-a1-y of an earlier attempt to stop before attempt 2 starts."}),
+])
+def test_waiting_for_an_earlier_attempts_pods_says_so_once(case: str, status: dict[str, Any], decision: Decision,
+                                                           expected: dict[str, Any] | None) -> None:
+    assert wait_previous_update(status, decision) == expected, case
 
 
 # ------------------------------------------------------------------------------------ judging a finish step

@@ -9,6 +9,7 @@ intent and create), never two trainers at once
 a deleted Job or a spent deadline ends the run before an attempt       :mod:`.attempts` (``ending``)
 the intent for attempt N, recorded before its Job (Pending, why)       :mod:`.attempts` (``intent_update``)
 the Job exists: Created, end of Restarting and JobCreateFailed         :mod:`.attempts` (``created_update``)
+waiting for an earlier attempt's pods to stop: the run's message       :mod:`.attempts` (``wait_previous_update``)
 a Job create the API server refused: the condition, the Warning, the   :mod:`.attempts` (``create_refused_update``,
 backoff                                                                ``create_backoff``)
 how long a retry waits before its attempt                              :mod:`.attempts` (``retry_delay``)
@@ -19,6 +20,10 @@ invalid one fails the run                                              ``invalid
 a spec edit of an active run applies from the next attempt             :mod:`.attempts` (``spec_edit_update``)
 what an observed pod/Job means while following: follow its log, wait,  :mod:`.follow` (``next_step``,
 a replacement pod, a deleted pod, a pod gone, the Job deleted          ``after_stream``, ``job_deleted``)
+what following reports: Running once the log stream opens or the       :mod:`.follow` (``stream_opened``,
+trainer starts; a replaced pod, a pod waiting on a problem (image      ``trainer_started``, ``pod_replaced``,
+pull, config: a Warning once per problem); a trainer's ``failed``      ``waiting_problem``, ``trainer_failed``)
+event in the run's message
 what an ended attempt means: succeed, retry from the checkpoint, fail  :mod:`.outcome` (``attempt_outcome``,
                                                                        ``outcome_of``)
 the status patch that records it (retries, Restarting, messages)       :mod:`.outcome` (``finish_update``)
@@ -34,7 +39,7 @@ TTL after finish: when the timer runs, when children are cleaned up,   :mod:`.po
 the ``CleanedUp`` patch                                                ``ttl_due``, ``ttl_update``)
 phases and conditions: which are True, when times move, terminal       :mod:`.conditions` (``transition``,
 phases                                                                 ``set_condition``, ``is_terminal``,
-                                                                       ``PhaseChange``)
+                                                                       ``PhaseChange``, ``Notice``)
 trainer log lines → bounded status fields, coalesced patches, where a  :mod:`.fold` (``StatusFolder``,
 restarted reader goes on                                               ``Throttle``, ``LogCursor``)
 =====================================================================  ============================================

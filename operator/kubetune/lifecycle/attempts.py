@@ -125,6 +125,14 @@ def ending(decision: Decision) -> PhaseChange | None:
     return None
 
 
+def wait_previous_update(status: Mapping[str, Any], decision: Decision) -> dict[str, Any] | None:
+    """Status patch while ``decision`` (``wait_previous``) waits for earlier attempts' pods to stop: the run's
+    message names them; None when it says so already (the wait is looked at again every few seconds)."""
+    message = (f"Waiting for pod(s) {', '.join(decision.waiting_for)} of an earlier attempt to stop before attempt "
+               f"{decision.attempt} starts.")
+    return None if status.get("message") == message else {"message": message}
+
+
 def intent_update(status: FinetuneRunStatus, decision: Decision, *, generation: int | None,
                   attempt_generation: int | None, now: float) -> dict[str, Any]:
     """Status patch recording the intent to create ``decision``'s new attempt: its number and Job name, no pod

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 from kubetune.api.spec import TERMINAL_PHASES, Phase
 from kubetune.lifecycle.formats import clip, now_rfc3339
 
 MAX_CONDITIONS = 16
 _REASON_MAX = 128
+#: An Event's message is cut at its end here: kopf would cut a longer one in its middle.
+EVENT_MESSAGE_MAX_CHARS = 1024
 
 # Condition types.
 CREATED = "Created"
@@ -82,6 +84,19 @@ def transition(status: Mapping[str, Any], phase: str, reason: str, message: str 
     return patch
 
 
+EventType = Literal["Normal", "Warning"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Notice:
+    """A status patch to write and the Event (``event_type``, ``reason``, ``message``) that tells it."""
+
+    update: dict[str, Any]
+    event_type: EventType
+    reason: str
+    message: str
+
+
 @dataclasses.dataclass(frozen=True)
 class PhaseChange:
     """A move to ``phase``: ``reason`` and ``message`` go on the phase's condition, the run's message and the
@@ -94,6 +109,10 @@ class PhaseChange:
     def update(self, status: Mapping[str, Any], now: float) -> dict[str, Any]:
         """The status patch (:func:`transition`)."""
         return transition(status, self.phase, self.reason, self.message, now)
+
+    def notice(self, status: Mapping[str, Any], now: float, event_type: EventType) -> Notice:
+        """The status patch with the Event that says it."""
+        return Notice(self.update(status, now), event_type, self.reason, self.message[:EVENT_MESSAGE_MAX_CHARS])
 
 
 def is_terminal(status: Mapping[str, Any] | None) -> bool:

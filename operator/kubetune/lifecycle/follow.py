@@ -16,6 +16,9 @@ The supervisor observes (its watch index of the run's Jobs and pods, a fresh rea
 4. A terminated pod that was never followed, or an ended Job, is judged at once.
 5. Otherwise wait for a change; a Job missing from the index and the API server means it was deleted: the run
    is cancelled (never re-created).
+6. What following reports: the run is ``Running`` once the trainer's log stream opens or the trainer says it
+   started; a replacement pod, and a pod waiting on a problem (once per problem in a row), are Warnings and the
+   run's message; a trainer's ``failed`` event is the run's message until the attempt is judged.
 
 Judging is :func:`kubetune.lifecycle.outcome.outcome_of` on the step's pod and Job.
 """
@@ -24,10 +27,12 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Final, Literal
+from collections.abc import Mapping
+from typing import Any, Final, Literal
 
-from kubetune.api.spec import Phase
-from kubetune.lifecycle.conditions import PhaseChange
+from kubetune.api.events import Event
+from kubetune.api.spec import MESSAGE_MAX_CHARS, Phase
+from kubetune.lifecycle.conditions import Notice, PhaseChange
 from kubetune.lifecycle.observed import JobState, PodState
 
 Action = Literal["follow_log", "replaced", "wait", "again", "read_pod", "read_job", "finish", "job_deleted"]
@@ -142,3 +147,46 @@ def after_stream(pod: PodState, *, opened: bool, state: PodState | NotRead | Non
 def job_deleted(job_name: str) -> PhaseChange:
     """The followed attempt's Job was deleted (step ``job_deleted``): the run is cancelled."""
     return PhaseChange(Phase.CANCELLED.value, "JobDeleted", f"Job {job_name} was deleted; the run is cancelled.")
+
+
+def stream_opened(status: Mapping[str, Any], pod_name: str, *, written_phase: str | None,
+                  now: float) -> Notice | None:
+    """Pod ``pod_name``'s log stream opened, so its trainer runs: the run is ``Running`` (``PodRunning``), unless
+    it is already, in ``status`` (pending changes included) or as last written (``written_phase``)."""
+    if Phase.RUNNING.value in (status.get("phase"), written_phase):
+        return None
+    return PhaseChange(Phase.RUNNING.value, "PodRunning", f"Trainer pod {pod_name} is running.").notice(
+        status, now, "Normal")
+
+
+def trainer_started(status: Mapping[str, Any], now: float) -> Notice | None:
+    """The trainer's ``started`` event: the run is ``Running`` (``TrainerStarted``) unless ``status`` says it is
+    already."""
+    if status.get("phase") == Phase.RUNNING.value:
+        return None
+    return PhaseChange(Phase.RUNNING.value, "TrainerStarted", "The trainer started.").notice(status, now, "Normal")
+
+
+def trainer_failed(event: Event) -> dict[str, Any]:
+    """Status patch for the trainer's ``failed`` event (from its log or its termination message): the run's
+    message says why, until :func:`kubetune.lifecycle.outcome.attempt_outcome` judges the attempt with it."""
+    return {"message": f"{event.reason or 'Failed'}: {event.message or ''}"[:MESSAGE_MAX_CHARS]}
+
+
+def pod_replaced(previous: str, pod_name: str, attempt: int) -> Notice:
+    """Step ``replaced``: attempt ``attempt``'s followed pod ``previous`` is gone and its Job started ``pod_name``
+    instead: a Warning, and the run's message."""
+    message = (f"Trainer pod {previous} of attempt {attempt} is gone; the Job started {pod_name}, which resumes "
+               "from the latest checkpoint.")
+    return Notice({"message": message}, "Warning", "TrainerPodReplaced", message)
+
+
+def waiting_problem(pod: PodState, reported: str | None) -> Notice | None:
+    """A ``wait`` step's pod waits on one of ``WAITING_PROBLEMS`` (an image that cannot be pulled, a missing
+    Secret, ...): a Warning named after it, and the run's message; None when it waits on none, or on the one
+    ``reported`` last (its pods are waited on every few seconds)."""
+    reason = pod.waiting_reason
+    if reason is None or reason not in WAITING_PROBLEMS or reason == reported:
+        return None
+    message = f"Trainer pod {pod.name}: {reason}: {pod.message or ''}".strip()[:MESSAGE_MAX_CHARS]
+    return Notice({"message": message}, "Warning", reason, message)

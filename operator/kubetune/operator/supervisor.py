@@ -38,10 +38,11 @@ import aiohttp
 import kopf
 
 from kubetune.api.events import Event, parse_termination_message
-from kubetune.api.spec import FinetuneRunSpec, FinetuneRunStatus, Phase
+from kubetune.api.spec import FinetuneRunSpec, FinetuneRunStatus
 from kubetune.api.validation import format_errors, validate_spec
 from kubetune.lifecycle.attempts import (
     AttemptView,
+    Decision,
     create_refused_update,
     created_update,
     deadline_left,
@@ -51,18 +52,23 @@ from kubetune.lifecycle.attempts import (
     invalid_spec,
     retry_delay,
     spec_to_run,
+    wait_previous_update,
 )
-from kubetune.lifecycle.conditions import transition
+from kubetune.lifecycle.conditions import Notice, transition
 from kubetune.lifecycle.fold import LogCursor, StatusFolder, Throttle
 from kubetune.lifecycle.follow import (
     NOT_READ,
-    WAITING_PROBLEMS,
     NotRead,
     Step,
     after_stream,
     job_deleted,
     last_known,
     next_step,
+    pod_replaced,
+    stream_opened,
+    trainer_failed,
+    trainer_started,
+    waiting_problem,
 )
 from kubetune.lifecycle.formats import now_rfc3339, parse_rfc3339
 from kubetune.lifecycle.observed import JobState, PodState, job_state, pod_state
@@ -143,6 +149,12 @@ class Supervisor:
         self.folder.update(transition(self.status, phase, reason, message, time.time()))
         if event:
             kopf.event(self.body, type=event, reason=reason, message=message[:1024])
+
+    def report(self, notice: Notice) -> None:
+        """Carry out a rule's :class:`~kubetune.lifecycle.conditions.Notice`: its patch (sent with the next
+        flush) and its Event."""
+        self.folder.update(notice.update)
+        kopf.event(self.body, type=notice.event_type, reason=notice.reason, message=notice.message)
 
     async def flush(self, *, urgent: bool = False) -> None:
         """Send the coalesced status patch (if any)."""
@@ -291,7 +303,7 @@ class Supervisor:
                 await self.flush(urgent=True)
                 return None
             if decision.action == "wait_previous":
-                await self._stop_previous(decision.waiting_for, decision.attempt)
+                await self._stop_previous(decision)
                 continue
             if decision.new_attempt:
                 # Recorded now, written with the Created (or JobCreateFailed) patch: see intent_update.
@@ -314,13 +326,14 @@ class Supervisor:
         pods = await self.ctx.kube.list(pods_path(self.namespace), f"{manifests.RUN_LABEL}={self.key[1]}")
         self.ctx.children.resync_pods(self.key, pods)
 
-    async def _stop_previous(self, pods: tuple[str, ...], attempt: int) -> None:
-        """Never two trainers: the still-active Jobs of earlier attempts are deleted, and attempt ``attempt``
-        waits until their pods have stopped (a deleted pod runs on for its grace period)."""
-        message = (f"Waiting for pod(s) {', '.join(pods)} of an earlier attempt to stop before attempt {attempt} "
-                   "starts.")
-        if self.status.get("message") != message:
-            self.folder.update({"message": message})
+    async def _stop_previous(self, decision: Decision) -> None:
+        """Never two trainers: the still-active Jobs of earlier attempts are deleted, and ``decision``'s attempt
+        waits until their pods (``decision.waiting_for``) have stopped (a deleted pod runs on for its grace
+        period)."""
+        attempt = decision.attempt
+        update = wait_previous_update(self.status, decision)
+        if update is not None:
+            self.folder.update(update)
             await self.flush(urgent=True)
         for job in await self.ctx.kube.list(jobs_path(self.namespace), f"{manifests.RUN_LABEL}={self.key[1]}"):
             name = (job.get("metadata") or {}).get("name", "")
@@ -440,10 +453,7 @@ class Supervisor:
             previous = self.status.get("podName")
             if previous != pod.name:
                 if step.action == "replaced":
-                    message = (f"Trainer pod {previous} of attempt {attempt} is gone; the Job started {pod.name}, "
-                               "which resumes from the latest checkpoint.")
-                    kopf.event(self.body, type="Warning", reason="TrainerPodReplaced", message=message)
-                    self.folder.update({"message": message})
+                    self.report(pod_replaced(str(previous), pod.name, attempt))
                     self.cursor = LogCursor()
                     self.folder.started = self.folder.finished = False
                     self.folder.last_failed = None
@@ -521,19 +531,17 @@ class Supervisor:
         for event in parse_termination_message(pod.message):
             self.folder.fold_event(event, event.time)
             if event.type == "failed":
-                self.folder.update({"message": (f"{event.reason or 'Failed'}: {event.message or ''}")[:1024]})
+                self.folder.update(trainer_failed(event))
 
     async def _job_state(self, job_name: str) -> JobState | None:
         raw = await self.ctx.kube.get(jobs_path(self.namespace, job_name))
         return job_state(raw) if raw is not None else None
 
     async def _report_waiting(self, pod: PodState) -> None:
-        reason = pod.waiting_reason
-        if reason in WAITING_PROBLEMS and reason != self.waiting_reported:
-            self.waiting_reported = reason
-            message = f"Trainer pod {pod.name}: {reason}: {pod.message or ''}".strip()
-            self.folder.update({"message": message[:1024]})
-            kopf.event(self.body, type="Warning", reason=reason, message=message[:1024])
+        notice = waiting_problem(pod, self.waiting_reported)
+        if notice is not None:
+            self.waiting_reported = notice.reason
+            self.report(notice)
 
     async def follow_log(self, pod_name: str) -> bool:
         """Follow the trainer's log until the stream ends or the run must stop. False when the stream could
@@ -582,8 +590,9 @@ class Supervisor:
         self.stream_opened_at = time.time()
         if self.cursor.last_ts is None:
             self.folder.tail.clear()  # the whole log replays: rebuild the tail from it, without duplicates
-        if self.phase != Phase.RUNNING.value and self.status.get("phase") != Phase.RUNNING.value:
-            self.set_phase(Phase.RUNNING.value, "PodRunning", f"Trainer pod {pod_name} is running.")
+        notice = stream_opened(self.status, pod_name, written_phase=self.phase, now=time.time())
+        if notice is not None:
+            self.report(notice)
             await self.flush(urgent=True)
 
     async def _read(self, pod_name: str, params: dict[str, Any]) -> None:
@@ -610,10 +619,12 @@ class Supervisor:
     async def _on_event(self, event: Event) -> None:
         self.ctx.metrics.trainer_events.labels(type=event.type).inc()
         urgent = event.type in URGENT_EVENTS
-        if event.type == "started" and self.status.get("phase") != Phase.RUNNING.value:
-            self.set_phase(Phase.RUNNING.value, "TrainerStarted", "The trainer started.")
+        if event.type == "started":
+            notice = trainer_started(self.status, time.time())
+            if notice is not None:
+                self.report(notice)
         if event.type == "failed":
-            self.folder.update({"message": (f"{event.reason or 'Failed'}: {event.message or ''}")[:1024]})
+            self.folder.update(trainer_failed(event))
         await self.maybe_flush(urgent=urgent)
 
     # ------------------------------------------------------------------------------------ outcome
