@@ -30,6 +30,8 @@ from kubetune.api.spec import DataSpec, OutputSpec
 from kubetune.storage import ObjectNotFound, RetryPolicy, StoreError, minio_client, parse_s3_uri
 from PIL import Image, UnidentifiedImageError
 
+from .cache import KeyLocks, exclusive_lock, write_atomically
+
 log = logging.getLogger(__name__)
 
 DOCLIST_TEXT_FIELDS = ("text", "caption", "title")
@@ -111,6 +113,7 @@ class Fetcher:
         # HTTP outage while the data loads is ridden out in-process, as during checkpoints and uploads.
         self.retry = retry or (RetryPolicy.for_window(output.retry_seconds) if output else RetryPolicy())
         self._s3: Any = None
+        self._keys = KeyLocks()
 
     def _s3_client(self) -> Any:
         if self._s3 is None:
@@ -163,20 +166,27 @@ class Fetcher:
         return Path(uri.removeprefix("file://")).read_bytes()
 
     def local_path(self, uri: str) -> Path:
-        """A local file holding ``uri`` (downloaded into the cache for remote URIs)."""
+        """A local file holding ``uri`` (downloaded into the cache for remote URIs).
+
+        One download per URI and cache directory, however many threads of this process and processes (DDP ranks,
+        loader workers) ask at once: the losers wait for the winner and reuse its file. The file only ever appears
+        complete, under its final name, by an atomic rename.
+        """
         if not uri.startswith(("s3://", "http://", "https://")):
             path = Path(uri.removeprefix("file://"))
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: no such file")
             return path
         suffix = Path(urllib.parse.urlparse(uri).path).suffix[:10]
-        target = self.cache_dir / (hashlib.sha256(uri.encode()).hexdigest()[:32] + suffix)
-        if not target.is_file():
-            data = self.read(uri)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_suffix(target.suffix + ".part")
-            tmp.write_bytes(data)
-            tmp.replace(target)
+        name = hashlib.sha256(uri.encode()).hexdigest()[:32]
+        target = self.cache_dir / (name + suffix)
+        if target.is_file():  # the common case once loaded: no lock, no lock file
+            return target
+        with self._keys.hold(name):
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            with exclusive_lock(self.cache_dir / f"{name}.lock"):
+                if not target.is_file():  # another thread or process may have fetched it while this one waited
+                    write_atomically(target, self.read(uri), prefix=name)
         return target
 
 

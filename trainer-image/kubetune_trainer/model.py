@@ -24,6 +24,7 @@ import torch
 from kubetune.api.spec import ModelSpec
 from torch import nn
 
+from .cache import write_atomically
 from .tokenization import TokenizerUnavailable, make_tokenizer, tokenizer_info
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,8 @@ def register_config(name: str, config: dict[str, Any], config_dir: Path) -> None
         raise ModelError(f"spec.model.config lacks {', '.join(missing)}")
     config_dir.mkdir(parents=True, exist_ok=True)
     path = config_dir / f"{name}.json"
-    path.write_text(json.dumps(config, indent=1, sort_keys=True))
+    # the DDP ranks of a pod register into one directory: a rank must never read another's half-written file
+    write_atomically(path, json.dumps(config, indent=1, sort_keys=True).encode(), prefix=f".{name}.")
     open_clip.add_model_config(path)
 
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from . import checkpoint, determinism, distributed, evaluate, export, loop
 from . import model as model_lib
+from .cache import shared_dir
 from .callbacks import Monitor, SweepPoint, choose_alpha, wise_ft
 from .config import ConfigError, RunConfig
 from .data import Datasets, Fetcher, PairSet, load_datasets
@@ -96,13 +97,13 @@ def fetch_weights(uri: str, fetcher: Fetcher, spec: FinetuneRunSpec, work_dir: P
             raise model_lib.ModelError(f"spec.model.weights: {uri} does not exist") from None
     if not uri.startswith("s3://"):
         raise model_lib.ModelError("spec.model.weights: an http(s) URL must name a weights file")
-    target = work_dir / "weights"
-    shutil.rmtree(target, ignore_errors=True)
     source = store_from_uri(uri, endpoint=spec.output.endpoint, region=spec.output.region,
                             retry=RetryPolicy.for_window(spec.output.retry_seconds))
-    if not source.get_dir("", target):
+    # once per pod: its DDP ranks share work_dir
+    weights = shared_dir(work_dir / "weights", uri, lambda into: bool(source.get_dir("", into)))
+    if weights is None:
         raise model_lib.ModelError(f"spec.model.weights: nothing under {uri}")
-    return target
+    return weights
 
 
 class Trainer:
