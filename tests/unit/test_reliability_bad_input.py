@@ -16,7 +16,7 @@ from kubetune.api.spec import FinetuneRunSpec, FinetuneRunStatus
 from kubetune.api.validation import validate_spec
 from kubetune.lifecycle.fold import StatusFolder, status_size
 
-from tests.invalid_specs import BASE_SPEC, Case, invalid_specs, schema_errors
+from tests.invalid_specs import BASE_SPEC, REQUIRED_MISSING, Case, invalid_specs, schema_errors
 
 pytestmark = pytest.mark.unit
 
@@ -66,7 +66,12 @@ def test_invalid_specs_are_rejected_with_path_and_reason() -> None:
     print(f"{len(seen)} distinct invalid specs, {len(paths)} field paths, {len(kinds)} kinds in {elapsed:.1f}s")
     assert len(seen) >= 1000
     assert len(paths) >= 60 and {"wrong type", "below minimum", "above maximum", "too long", "pattern mismatch",
-                                 "not in enum", "too many items", "required field missing"} <= kinds
+                                 "not in enum", "too many items"} <= kinds
+
+
+@pytest.mark.parametrize("case", REQUIRED_MISSING, ids=lambda c: c.path)
+def test_a_missing_required_field_is_rejected_naming_its_parent(case: Case) -> None:
+    check_rejected(case)
 
 
 @pytest.mark.parametrize(("spec", "path"), [
