@@ -1,12 +1,14 @@
 """The SDK and CLI against the harness cluster, the real S3 server and the operator (run as a subprocess),
 with the stand-in trainer image as the Job: fit → upload → FinetuneRun → stream_logs → wait → metrics →
-save_artifact (sha256-verified), submit of the quickstart file, cancel, logs after the pods are gone."""
+save_artifact (sha256-verified), submit of the quickstart file, cancel, logs after the pods are gone; and a
+second submission under a taken name, which must leave the first run's uploaded data as it was."""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +39,7 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 SMALL = {"gpus": 0, "cpu": "50m", "memory": "64Mi"}
+UPLOAD_ID = r"\d{8}T\d{6}Z-[0-9a-f]{8}"  # each submission's own folder under inputs/
 
 
 @pytest.fixture
@@ -86,9 +89,11 @@ def test_fit_stream_logs_wait_metrics_and_save_artifact(standin_image: str, oper
                                                         s3_server: Any, s3_bucket: str, s3_client: Any,
                                                         kube_api: Any, namespace: str, tmp_path: Path) -> None:
     run = fit_standin(client, "fit1", s3_server, s3_bucket)
-    # local data went to S3 first: the CSV and its 64 images, under the run's inputs/ prefix
-    prefix = f"kubetune/{namespace}/fit1/inputs/train"
-    assert run.spec.data.train == f"s3://{s3_bucket}/{prefix}/eval.csv"
+    # local data went to S3 first: the CSV and its 64 images, under this submission's own inputs/<upload-id>/
+    match = re.fullmatch(rf"s3://{s3_bucket}/(kubetune/{namespace}/fit1/inputs/{UPLOAD_ID}/train)/eval\.csv",
+                         run.spec.data.train)
+    assert match, run.spec.data.train
+    prefix = match[1]
     keys = [o.object_name for o in s3_client.list_objects(s3_bucket, prefix=prefix + "/", recursive=True)]
     assert len(keys) == 65 and f"{prefix}/images/eval-00000.png" in keys
 
@@ -139,10 +144,10 @@ def test_cli_submit_quickstart_logs_status_list(standin_image: str, operator: An
     assert submitted["name"] == "quickstart" and submitted["namespace"] == namespace
     run = kubetune.get_run("quickstart", namespace, client=Client(kubeconfig=cluster.kubeconfig))
     # the same file as `run --local`: its relative data paths were uploaded (256 + 64 images and two CSVs)
-    assert run.spec.data.train.endswith(f"/{namespace}/quickstart/inputs/train/train.csv")
-    assert run.spec.data.eval and run.spec.data.eval.endswith("/inputs/eval/eval.csv")
-    keys = list(s3_client.list_objects(s3_bucket, prefix=f"kubetune/{namespace}/quickstart/inputs/",
-                                       recursive=True))
+    assert re.search(rf"/{namespace}/quickstart/inputs/{UPLOAD_ID}/train/train\.csv$", run.spec.data.train)
+    assert run.spec.data.eval and re.search(rf"/inputs/{UPLOAD_ID}/eval/eval\.csv$", run.spec.data.eval)
+    inputs = f"kubetune/{namespace}/quickstart/inputs/"
+    keys = sorted(o.object_name for o in s3_client.list_objects(s3_bucket, prefix=inputs, recursive=True))
     assert len(keys) == 256 + 64 + 2
 
     out = runner.invoke(app, ["logs", "quickstart", "-f"], env=env)
@@ -161,6 +166,7 @@ def test_cli_submit_quickstart_logs_status_list(standin_image: str, operator: An
     assert out.exit_code == 0 and "already Succeeded" in out.output
     out = runner.invoke(app, ["submit", str(EXAMPLES / "quickstart.yaml")], env=env)
     assert out.exit_code == errors.EXIT_USAGE and "already exists" in out.output
+    assert sorted(o.object_name for o in s3_client.list_objects(s3_bucket, prefix=inputs, recursive=True)) == keys
 
 
 def test_cancel_a_running_run(standin_image: str, operator: Any, client: Client, s3_server: Any, s3_bucket: str,
@@ -209,3 +215,101 @@ def test_cli_run_without_local_submits_and_follows(standin_image: str, operator:
     assert "created finetunerun/followed" in out.output
     assert "stand-in trainer: done" in out.output and "recall_at_k" in out.output
     assert f"artifact: s3://kubetune/kubetune/{namespace}/followed/" in out.output
+
+
+# ------------------------------------------------------------------------------------------------ name collisions
+def captioned_csv(tmp_path: Path, tag: str, captions: list[str]) -> Path:
+    """A CSV of ``captions``, each with an image of its own beside it, in a folder of its own."""
+    folder = tmp_path / tag
+    (folder / "images").mkdir(parents=True)
+    rows = []
+    for i, caption in enumerate(captions):
+        (folder / "images" / f"{tag}-{i}.png").write_bytes(f"{tag}{i}".encode())
+        rows.append(f"{caption},images/{tag}-{i}.png\n")
+    path = folder / "train.csv"
+    path.write_text("text,image\n" + "".join(rows))
+    return path
+
+
+SHOES = ["a red shoe", "a red sandal"]
+BOOTS = ["a blue boot", "a blue clog"]
+
+
+def fit_shoes(client: Client, train: Path, s3_server: Any, bucket: str) -> kubetune.Run:
+    return kubetune.fit("ViT-B-32", train_data=str(train), run_name="shoes", client=client,
+                        output={"endpoint": s3_server.pod_endpoint, "bucket": bucket}, **SMALL)
+
+
+def uploaded_train_csv(s3_client: Any, run: kubetune.Run) -> str:
+    """The train CSV the run's spec.data.train points at, as it is in the bucket now."""
+    from kubetune.storage import parse_s3_uri
+
+    bucket, key = parse_s3_uri(run.refresh().spec.data.train)
+    response = s3_client.get_object(bucket, key)
+    try:
+        return bytes(response.read()).decode()
+    finally:
+        response.close()
+        response.release_conn()
+
+
+def input_keys(s3_client: Any, bucket: str, namespace: str, name: str) -> list[str]:
+    return sorted(o.object_name for o in s3_client.list_objects(
+        bucket, prefix=f"kubetune/{namespace}/{name}/inputs/", recursive=True))
+
+
+def test_fit_under_a_taken_name_is_refused_and_the_first_runs_data_is_untouched(
+        crd_installed: str, client: Client, s3_server: Any, s3_bucket: str, s3_client: Any,
+        tmp_path: Path) -> None:
+    first = fit_shoes(client, captioned_csv(tmp_path, "a", SHOES), s3_server, s3_bucket)
+    keys = input_keys(s3_client, s3_bucket, client.namespace, "shoes")
+    assert len(keys) == 3, keys
+    with pytest.raises(errors.RunAlreadyExists):
+        fit_shoes(client, captioned_csv(tmp_path, "b", BOOTS), s3_server, s3_bucket)
+    with pytest.raises(errors.ConfigInvalid, match=r"metadata\.name"):
+        kubetune.fit("ViT-B-32", train_data=str(captioned_csv(tmp_path, "c", BOOTS)), run_name="Shoes",
+                     client=client, output={"bucket": s3_bucket}, **SMALL)
+    assert input_keys(s3_client, s3_bucket, client.namespace, "shoes") == keys  # nothing uploaded
+    assert input_keys(s3_client, s3_bucket, client.namespace, "Shoes") == []
+    run = kubetune.get_run("shoes", client=client)
+    assert run.spec.data.train == first.spec.data.train
+    text = uploaded_train_csv(s3_client, run)
+    assert all(c in text for c in SHOES) and not any(c in text for c in BOOTS), text
+
+
+def test_a_submission_that_loses_the_race_for_a_name_deletes_its_uploads_and_the_winners_data_is_untouched(
+        crd_installed: str, client: Client, s3_server: Any, s3_bucket: str, s3_client: Any, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    late = captioned_csv(tmp_path, "b", BOOTS)
+    (late.parent / "run.yaml").write_text(json.dumps({
+        "apiVersion": "kubetune.io/v1alpha1", "kind": "FinetuneRun", "metadata": {"name": "shoes"},
+        "spec": {"model": {"name": "ViT-B-32"}, "data": {"train": "train.csv"},
+                 "output": {"endpoint": s3_server.pod_endpoint, "bucket": s3_bucket},
+                 "resources": {"gpus": 0, "cpu": "50m", "memory": "64Mi"}}}))
+    store_for = client.store_for
+    started: list[bool] = []
+    winner: list[kubetune.Run] = []
+
+    def store_where_the_name_is_taken_during_the_upload(spec: Any) -> Any:
+        store = store_for(spec)
+        put_file = store.put_file
+
+        def put_file_after_the_other_submission(key: str, path: Any) -> None:
+            if not started:  # the late submission found the name free; the other one takes it now
+                started.append(True)
+                winner.append(fit_shoes(client, captioned_csv(tmp_path, "a", SHOES), s3_server, s3_bucket))
+            put_file(key, path)
+
+        store.put_file = put_file_after_the_other_submission
+        return store
+
+    monkeypatch.setattr(client, "store_for", store_where_the_name_is_taken_during_the_upload)
+    with pytest.raises(errors.RunAlreadyExists):  # the API server's 409 on create
+        client.submit(late.parent / "run.yaml")
+    match = re.fullmatch(rf"s3://{s3_bucket}/(kubetune/{client.namespace}/shoes/inputs/{UPLOAD_ID})/train/train\.csv",
+                         winner[0].spec.data.train)
+    assert match, winner[0].spec.data.train
+    keys = input_keys(s3_client, s3_bucket, client.namespace, "shoes")
+    assert len(keys) == 3 and all(k.startswith(match[1] + "/") for k in keys), keys  # the late uploads are gone
+    text = uploaded_train_csv(s3_client, kubetune.get_run("shoes", client=client))
+    assert all(c in text for c in SHOES) and not any(c in text for c in BOOTS), text

@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import hashlib
+import string
+
+from kubetune.api.errors import ConfigInvalid
 
 RUN_LABEL = "kubetune.io/run"
 ATTEMPT_LABEL = "kubetune.io/attempt"
@@ -12,6 +15,10 @@ RUN_UID_ANNOTATION = "kubetune.io/run-uid"
 
 _LABEL_MAX = 63
 _NAME_MAX = 253
+_NAME_CHARS = frozenset(string.ascii_lowercase + string.digits + "-.")
+NAME_RULES = (f"a FinetuneRun's name is a DNS-1123 subdomain: lower-case letters, digits, '-' and '.', each "
+              f"'.'-separated part starting and ending with a letter or digit, at most {_NAME_MAX} characters "
+              "(e.g. shoes-v2)")
 
 
 def _shorten(name: str, limit: int) -> str:
@@ -37,3 +44,33 @@ def job_name(name: str, attempt: int) -> str:
 def config_map_name(name: str) -> str:
     suffix = "-config"
     return _shorten(name, _NAME_MAX - len(suffix)) + suffix
+
+
+def run_name_problem(name: object) -> str | None:
+    """Why the API server would refuse ``name`` as a FinetuneRun's ``metadata.name``; None when it is fine."""
+    if not isinstance(name, str):
+        return f"expected a string, got {type(name).__name__}"
+    if not name:
+        return "it is empty"
+    if len(name) > _NAME_MAX:
+        return f"it is {len(name)} characters long, the most is {_NAME_MAX}"
+    bad = sorted(set(name) - _NAME_CHARS)
+    if bad:
+        return "it contains " + " ".join(repr(c) for c in bad)
+    for part in name.split("."):
+        if not part:
+            return "it starts or ends with '.', or has '..'"
+        if part.startswith("-") or part.endswith("-"):
+            return f"{part!r} starts or ends with '-'"
+    return None
+
+
+def check_run_name(name: object) -> str:
+    """``name`` when it can name a FinetuneRun, else :class:`ConfigInvalid` saying why. The SDK checks before it
+    uploads anything, because the name is part of where the uploads go."""
+    problem = run_name_problem(name)
+    if problem is not None:
+        raise ConfigInvalid(f"metadata.name (run name) {name!r:.80} is not a valid FinetuneRun name: {problem}",
+                            NAME_RULES)
+    assert isinstance(name, str)
+    return name

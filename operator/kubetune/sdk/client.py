@@ -13,7 +13,9 @@
 
 Runs are ``FinetuneRun`` objects created through the Kubernetes API (the operator does the rest), so
 ``kubectl get ftr`` sees them too. Local data (a CSV with its images, or a docarray ``DocList``) is uploaded
-to S3 first, under ``s3://BUCKET/<prefix>/<namespace>/<name>/inputs/``, and the spec points there.
+to S3 first, under ``s3://BUCKET/<prefix>/<namespace>/<name>/inputs/<upload-id>/``, and the spec points there.
+The upload id (UTC time and a random suffix) is new for each submission, so a second submission under a taken
+name never overwrites the first run's data; what a submission uploaded is deleted again when its create fails.
 
 S3 from the SDK's side: endpoint from ``Client(s3_endpoint=...)``, ``$KUBETUNE_S3_ENDPOINT``,
 ``$AWS_ENDPOINT_URL_S3``/``$AWS_ENDPOINT_URL`` or ``spec.output.endpoint``; bucket from ``spec.output.bucket``,
@@ -27,6 +29,7 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import os
 import secrets
 import tempfile
@@ -49,7 +52,7 @@ from kubetune.api.errors import (
     StorageUnavailable,
 )
 from kubetune.api.events import MARKER
-from kubetune.api.names import RUN_LABEL, run_label
+from kubetune.api.names import RUN_LABEL, check_run_name, run_label
 from kubetune.api.spec import (
     API_VERSION,
     CANCEL_ANNOTATION,
@@ -64,6 +67,8 @@ from kubetune.api.spec import (
     Phase,
 )
 from kubetune.sdk.callbacks import Callback
+
+log = logging.getLogger("kubetune.sdk")
 
 DEFAULT_BUCKET = "kubetune"
 INPUTS = "inputs"
@@ -218,22 +223,79 @@ class Client:
                namespace: str | None = None, labels: dict[str, str] | None = None,
                annotations: dict[str, str] | None = None, upload: bool = True,
                base_dir: str | os.PathLike[str] = ".") -> Run:
-        """Create a FinetuneRun from a spec; local data paths are uploaded first (``upload=True``)."""
+        """Create a FinetuneRun from a spec; local data paths are uploaded first (``upload=True``).
+
+        The uploads go under ``inputs/<upload-id>/``, a prefix of this submission's own: when the name turns
+        out to be taken, the run that has it keeps its data. A name taken already is refused before anything is
+        uploaded; when the create fails anyway (a run of the same name created meanwhile, or any other error),
+        what this submission uploaded is deleted again.
+        """
         if not isinstance(spec, FinetuneRunSpec):
             spec = validate_spec(spec)
         ns = namespace or self.namespace
-        name = name or generate_name(spec.model.name)
-        if upload:
-            spec = self.upload_inputs(spec, name, ns, Path(base_dir))
+        name = check_run_name(generate_name(spec.model.name) if name is None else name)
+        upload_id = None
+        if upload and has_local_inputs(spec):
+            self._refuse_taken_name(name, ns)
+            upload_id = new_upload_id()
+            spec = self.upload_inputs(spec, name, ns, Path(base_dir), upload_id)
         metadata: dict[str, Any] = {"name": name, "namespace": ns}
         if labels:
             metadata["labels"] = labels
         if annotations:
             metadata["annotations"] = annotations
         body = {"apiVersion": API_VERSION, "kind": KIND, "metadata": metadata, "spec": spec.dump()}
-        obj = self._call(f"create finetunerun {name}", lambda: self._custom().create_namespaced_custom_object(
-            GROUP, VERSION, ns, PLURAL, body), name, ns)
+        try:
+            obj = self._call(f"create finetunerun {name}", lambda: self._custom().create_namespaced_custom_object(
+                GROUP, VERSION, ns, PLURAL, body), name, ns)
+        except Exception:
+            if upload_id is not None:
+                self._discard_failed_upload(spec, name, ns, upload_id)
+            raise
         return Run(self, obj)
+
+    def _refuse_taken_name(self, name: str, namespace: str) -> None:
+        """:class:`RunAlreadyExists` when the run exists. An early answer only: a run created between this look
+        and the create still meets the create's 409, and its data is safe because every upload has its own
+        prefix."""
+        try:
+            self.get_run(name, namespace)
+        except RunNotFound:
+            return
+        raise RunAlreadyExists(name, namespace)
+
+    def _discard_failed_upload(self, spec: FinetuneRunSpec, name: str, namespace: str, upload_id: str) -> None:
+        """Delete a submission's uploads after its create failed; never raises (the caller re-raises the
+        create's error).
+
+        A create can fail on the client's side after the API server took it (a connection reset, a timeout), and
+        then a run points at these uploads: they are kept when a run of this name refers to them, or when that
+        cannot be told.
+        """
+        prefix = inputs_key(spec.output.prefix, namespace, name, upload_id)
+        try:
+            store = self.store_for(spec)
+            uri = store.uri(prefix)
+        except Exception as exc:  # the create's error is what the caller must see
+            log.warning("could not delete the uploaded inputs %s (%s)", prefix, exc)
+            return
+        try:
+            existing: dict[str, Any] | None = self.get_run(name, namespace)._obj
+        except RunNotFound:
+            existing = None
+        except Exception as exc:
+            log.warning("kept the uploaded inputs %s: cannot tell whether run %s/%s was created (%s)", uri,
+                        namespace, name, exc)
+            return
+        if existing is not None and _refers_to(existing.get("spec"), uri):
+            log.warning("run %s/%s was created although its create reported an error; it keeps its inputs %s",
+                        namespace, name, uri)
+            return
+        try:
+            store.delete_prefix(prefix)
+        except Exception as exc:
+            log.warning("could not delete the uploaded inputs %s of a run that was not created (%s); they are "
+                        "no run's data, delete them by hand", uri, exc)
 
     def submit(self, path: str | os.PathLike[str], name: str | None = None, namespace: str | None = None,
                gpus: int | None = None) -> Run:
@@ -257,36 +319,28 @@ class Client:
         bucket = spec.output.bucket or self.s3_bucket or DEFAULT_BUCKET
         return s3_store(endpoint, bucket, spec.output.region)
 
-    def upload_inputs(self, spec: FinetuneRunSpec, name: str, namespace: str, base_dir: Path) -> FinetuneRunSpec:
-        """Upload local data (and starting weights) and point the spec at the uploaded copies."""
-        from kubetune.storage import StoreError, StoreUnavailable, join_key, run_key
+    def upload_inputs(self, spec: FinetuneRunSpec, name: str, namespace: str, base_dir: Path,
+                      upload_id: str | None = None) -> FinetuneRunSpec:
+        """Upload local data (and starting weights) under ``inputs/<upload_id>/`` (a new id when None) and point
+        the spec at the uploaded copies. When an upload fails, what went up before it is deleted again."""
+        from kubetune.storage import StoreError, StoreUnavailable
 
-        local_fields = [f for f in runfile.DATA_FIELDS
-                        if getattr(spec.data, f) and runfile.is_local(getattr(spec.data, f))]
-        weights_local = bool(spec.model.weights and runfile.is_local(spec.model.weights))
-        if not local_fields and not weights_local:
+        if not has_local_inputs(spec):
             return spec
         store = self.store_for(spec)
-        prefix = join_key(run_key(spec.output.prefix, namespace, name), INPUTS)
-        data = spec.data.model_copy()
-        model = spec.model.model_copy()
-        uploaded: dict[Path, str] = {}
+        prefix = inputs_key(spec.output.prefix, namespace, name, upload_id or new_upload_id())
         try:
-            for field in local_fields:
-                path = runfile.local_path(getattr(spec.data, field), base_dir)
-                if path not in uploaded:
-                    uploaded[path] = upload_dataset(store, join_key(prefix, field), path, spec.data.image_column,
-                                                    spec.data.format)
-                setattr(data, field, uploaded[path])
-            if weights_local:
-                assert model.weights is not None
-                path = runfile.local_path(model.weights, base_dir)
-                if path.is_dir():
-                    store.put_dir(join_key(prefix, "weights"), path)
-                    model.weights = store.uri(join_key(prefix, "weights"))
-                else:
-                    store.put_file(join_key(prefix, "weights", path.name), path)
-                    model.weights = store.uri(join_key(prefix, "weights", path.name))
+            try:
+                return _upload_local_inputs(store, prefix, spec, base_dir)
+            except StoreUnavailable:  # a clean-up would only wait out the same outage again
+                log.warning("the partial upload %s is left behind: S3 is unreachable", store.uri(prefix))
+                raise
+            except Exception:
+                try:
+                    store.delete_prefix(prefix)
+                except Exception as exc:  # the upload's error is what the caller must see
+                    log.warning("could not delete the partial upload %s (%s)", store.uri(prefix), exc)
+                raise
         except FileNotFoundError as exc:
             raise ConfigInvalid(f"local data: {exc}", "relative paths are relative to the run file") from None
         except StoreUnavailable as exc:
@@ -294,7 +348,63 @@ class Client:
         except StoreError as exc:
             raise StorageUnavailable(f"uploading the data: {exc}",
                                      "check the bucket exists and the credentials (AWS_ACCESS_KEY_ID...)") from None
-        return spec.model_copy(update={"data": data, "model": model})
+
+
+def _upload_local_inputs(store: Any, prefix: str, spec: FinetuneRunSpec, base_dir: Path) -> FinetuneRunSpec:
+    """Upload the spec's local data sets and weights under ``prefix``; the spec pointing at the copies."""
+    from kubetune.storage import join_key
+
+    data = spec.data.model_copy()
+    model = spec.model.model_copy()
+    uploaded: dict[Path, str] = {}
+    for field in _local_data_fields(spec):
+        path = runfile.local_path(getattr(spec.data, field), base_dir)
+        if path not in uploaded:
+            uploaded[path] = upload_dataset(store, join_key(prefix, field), path, spec.data.image_column,
+                                            spec.data.format)
+        setattr(data, field, uploaded[path])
+    if model.weights and runfile.is_local(model.weights):
+        path = runfile.local_path(model.weights, base_dir)
+        if path.is_dir():
+            store.put_dir(join_key(prefix, "weights"), path)
+            model.weights = store.uri(join_key(prefix, "weights"))
+        else:
+            store.put_file(join_key(prefix, "weights", path.name), path)
+            model.weights = store.uri(join_key(prefix, "weights", path.name))
+    return spec.model_copy(update={"data": data, "model": model})
+
+
+def _local_data_fields(spec: FinetuneRunSpec) -> list[str]:
+    return [f for f in runfile.DATA_FIELDS if getattr(spec.data, f) and runfile.is_local(getattr(spec.data, f))]
+
+
+def has_local_inputs(spec: FinetuneRunSpec) -> bool:
+    """Whether creating a run of ``spec`` uploads anything (local data sets or starting weights)."""
+    return bool(_local_data_fields(spec) or (spec.model.weights and runfile.is_local(spec.model.weights)))
+
+
+def new_upload_id() -> str:
+    """One submission's own folder under ``inputs/``: the UTC time (sortable, readable) and a random suffix (two
+    submissions in the same second still differ)."""
+    return f"{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(4)}"
+
+
+def inputs_key(prefix: str, namespace: str, name: str, upload_id: str) -> str:
+    """``<prefix>/<namespace>/<name>/inputs/<upload_id>``: where one submission's local inputs go."""
+    from kubetune.storage import join_key, run_key
+
+    return join_key(run_key(prefix, namespace, name), INPUTS, upload_id)
+
+
+def _refers_to(value: Any, uri: str) -> bool:
+    """Whether any string in ``value`` (a spec, nested dicts and lists) is a URI below ``uri``."""
+    if isinstance(value, str):
+        return value.startswith(uri.rstrip("/") + "/")
+    if isinstance(value, dict):
+        return any(_refers_to(v, uri) for v in value.values())
+    if isinstance(value, list):
+        return any(_refers_to(v, uri) for v in value)
+    return False
 
 
 def _api_message(exc: Any) -> str:

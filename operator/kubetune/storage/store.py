@@ -65,6 +65,13 @@ def _clean_key(key: str) -> str:
     return "/".join(parts)
 
 
+def _nonempty_prefix(prefix: str) -> str:
+    clean = _clean_key(prefix)
+    if not clean:
+        raise StoreError("refusing to delete every key of the store: name a prefix")
+    return clean
+
+
 def join_key(*parts: str) -> str:
     """Join key parts with '/', dropping empty parts and duplicate slashes."""
     return "/".join(p for p in (_clean_key(part) for part in parts) if p)
@@ -100,6 +107,12 @@ class Store(ABC):
     @abstractmethod
     def delete(self, key: str) -> None:
         """Delete one key; deleting a missing key is not an error."""
+
+    @abstractmethod
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every key under ``prefix/`` (recursive); returns how many there were. A key named ``prefix``
+        itself is kept, as are keys that merely start with it (``prefix2/...``). An empty prefix is refused with
+        :class:`StoreError`: it would empty the whole store."""
 
     @abstractmethod
     def child(self, prefix: str) -> Store:
@@ -191,6 +204,14 @@ class LocalStore(Store):
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
+    def delete_prefix(self, prefix: str) -> int:
+        base = self._path(_nonempty_prefix(prefix))
+        if not base.is_dir():
+            return 0
+        count = sum(1 for p in base.rglob("*") if p.is_file() and not p.name.endswith(".tmp"))
+        shutil.rmtree(base)
+        return count
+
     def child(self, prefix: str) -> LocalStore:
         return LocalStore(self._path(prefix))
 
@@ -278,6 +299,23 @@ class S3Store(Store):
 
     def delete(self, key: str) -> None:
         self._call(f"delete {self.uri(key)}", lambda: self.client.remove_object(self.bucket, self._key(key)))
+
+    def delete_prefix(self, prefix: str) -> int:
+        from minio.deleteobjects import DeleteObject
+
+        query = f"{self._key(_nonempty_prefix(prefix))}/"
+        what = f"delete {self.uri(prefix)}/"
+
+        # listed again on a retry: what a failed try removed is then simply no longer there
+        def remove() -> int:
+            names = [str(o.object_name) for o in self.client.list_objects(self.bucket, prefix=query, recursive=True)]
+            failed = list(self.client.remove_objects(self.bucket, [DeleteObject(n) for n in names]))
+            if failed:
+                raise StoreError(f"{what}: {len(failed)} of {len(names)} keys not deleted, first "
+                                 f"{failed[0].name}: {failed[0].code}: {failed[0].message}")
+            return len(names)
+
+        return self._call(what, remove)
 
     def child(self, prefix: str) -> S3Store:
         return S3Store(self.client, self.bucket, self._key(prefix), self.retry)
