@@ -170,6 +170,7 @@ def test_result_comes_from_the_termination_message_when_the_log_misses_it(standi
     runs.core.delete_namespaced_pod(pod_name, runs.namespace, grace_period_seconds=0)  # removed at once
     assert [e.type for e in parse_termination_message(message)] == ["evaluation", "artifact", "finished"]
     final = runs.wait_phase("summary", "Succeeded", 60)
+    assert "artifact" in final, final
     assert final["artifact"]["uri"].endswith(f"/{runs.namespace}/summary/") and final["artifact"]["sha256"] == "0" * 64
     assert final["metrics"]["after"] == {"R@5": 0.75}  # the message keeps the key metrics only
     assert final["progress"]["percent"] == 100

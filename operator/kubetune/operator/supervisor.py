@@ -87,6 +87,7 @@ from kubetune.operator.kube import (
 
 STREAM_BACKLOG_SECONDS = 5.0  # lines older than this when their stream opened are backlog, not live
 RESYNC_SECONDS = 120.0  # a waiting supervisor re-reads its Job and pods this often (see maybe_resync)
+WATCH_CATCH_UP_SECONDS = 10.0  # how long a pod gone from the API server may wait for its DELETED watch event
 URGENT_EVENTS = frozenset({"started", "finished", "failed", "artifact"})
 
 
@@ -478,12 +479,26 @@ class Supervisor:
             step = after_stream(pod, opened=opened, state=state, job=job)
             if step.action == "read_pod":
                 fresh = await self.ctx.kube.get(pods_path(self.namespace, pod.name))
-                state = last_known(pod.name, pod_state(fresh) if fresh is not None else None,
-                                   self.ctx.children.pod(self.key, attempt))
+                if fresh is not None:
+                    state = last_known(pod.name, pod_state(fresh), None)
+                else:
+                    state = last_known(pod.name, None, await self._watched_final(pod.name, attempt))
             elif step.action == "read_job":
                 job = await self._job_state(job_name)
             else:
                 return step
+
+    async def _watched_final(self, name: str, attempt: int) -> PodState | None:
+        """The watch's last state of pod ``name``, which the API server no longer has. The watch's DELETED event
+        carries the pod's final status (with the trainer's termination message) and can arrive after the pod is
+        gone from the API server, so it is waited for, at most ``WATCH_CATCH_UP_SECONDS``."""
+        deadline = time.monotonic() + WATCH_CATCH_UP_SECONDS
+        while True:
+            watched = self.ctx.children.pod(self.key, attempt)
+            if watched is None or watched.name != name or watched.gone or time.monotonic() >= deadline:
+                return watched
+            self.changed.clear()
+            await self.wait_change(max(0.0, deadline - time.monotonic()))
 
     async def _finish_step(self, step: Step, job_name: str) -> Outcome:
         """The attempt ended: what the trainer wrote last (its log's rest, its termination message), then the
