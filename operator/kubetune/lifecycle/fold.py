@@ -322,8 +322,8 @@ class LogCursor:
     @classmethod
     def from_status(cls, status: Mapping[str, Any], pod: str) -> LogCursor:
         """The cursor persisted in ``status.logCursor`` when it is for ``pod`` (else a fresh one): a restarted
-        operator reads on from the last line folded into the status instead of replaying the whole log (which
-        moved progress backwards, re-timed old lines as latency and sent their urgent patches again)."""
+        operator reads on from the last line folded into the status instead of replaying the whole log (a replay
+        would move progress backwards, time old lines as latency and send their urgent patches again)."""
         saved = status.get("logCursor") or {}
         t = parse_rfc3339(saved.get("time")) if saved.get("pod") == pod else None
         if t is None:
