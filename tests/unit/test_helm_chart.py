@@ -20,7 +20,7 @@ CHART = ROOT / "helm" / "kubetune"
 RELEASE, NS = "kt", "kubetune-system"
 
 # Metrics the dashboards use that come from other exporters.
-EXTERNAL_METRICS = {"up", "kube_pod_labels"}
+EXTERNAL_METRICS = {"up"}
 DCGM = re.compile(r"^DCGM_FI_")
 # Metrics the chart engineer asked of the operator for the dashboards; it exports them all now, and
 # test_requested_operator_metrics_exported (and the e2e dashboard test) enforce them.
@@ -32,6 +32,9 @@ REQUESTED_FROM_OPERATOR = {
     "kubetune_reconcile_errors_total": "handler errors {handler}, initialised at 0 per handler",
     "process_cpu_seconds_total": "prometheus_client ProcessCollector on the operator's registry",
     "process_resident_memory_bytes": "prometheus_client ProcessCollector on the operator's registry",
+    "kubetune_run_pod_info": "per-run trainer pod {namespace,name,pod} = 1 (GPU panels join DCGM by pod name)",
+    "kubetune_run_phase_start_time_seconds": "when a run entered its phase {namespace,name,phase} (Pending alert)",
+    "kubetune_run_last_progress_time_seconds": "when a Running run's step last moved (stalled-run alert)",
 }
 
 
@@ -72,6 +75,7 @@ NON_DEFAULT: dict[str, Any] = {
     "runDefaults": {"trainer": {"image": "registry.example/trainer:9"},
                     "s3": {"endpoint": "http://s3.example:9000", "bucket": "ml-artifacts", "secretName": "s3creds",
                            "createSecret": True, "accessKey": "AK", "secretKey": "SK"},
+                    "models": {"mirror": "s3://ml-artifacts/mirror"},
                     "gpu": {"nodeSelector": {"nvidia.com/gpu.present": "true"},
                             "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists",
                                              "effect": "NoSchedule"}]}},
@@ -163,6 +167,22 @@ def test_gpu_defaults_reach_gpu_jobs() -> None:
     pod = manifests.job(run, spec, settings, attempt=1)["spec"]["template"]["spec"]
     assert pod["nodeSelector"] == NON_DEFAULT["runDefaults"]["gpu"]["nodeSelector"]
     assert pod["tolerations"] == NON_DEFAULT["runDefaults"]["gpu"]["tolerations"]
+
+
+def test_model_mirror_reaches_trainer_pods() -> None:
+    """The chart's runDefaults.models.mirror, read by the operator, is every trainer's KUBETUNE_MODEL_MIRROR."""
+    from kubetune.api.spec import FinetuneRunSpec
+    from kubetune.operator import manifests
+    from kubetune.operator.settings import OperatorSettings
+
+    run = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FinetuneRun",
+           "metadata": {"name": "r", "namespace": "team-a", "uid": "u"}}
+    spec = FinetuneRunSpec.model_validate({"data": {"train": "s3://d/t.csv"}})
+    for values, mirror in ((NON_DEFAULT, "s3://ml-artifacts/mirror"), ({}, None)):
+        operator_env = {k: v for k, v in env_of(one(render(values), "Deployment", "kt-kubetune")["spec"]["template"]
+                                                ["spec"]["containers"][0]).items() if isinstance(v, str)}
+        job = manifests.job(run, spec, OperatorSettings.from_env(operator_env), attempt=1)
+        assert env_of(job["spec"]["template"]["spec"]["containers"][0]).get("KUBETUNE_MODEL_MIRROR") == mirror
 
 
 def test_default_rbac_cluster_wide_and_least_privilege() -> None:
@@ -260,12 +280,10 @@ def test_non_default_render() -> None:
     assert secrets[0]["stringData"] == {"AWS_ACCESS_KEY_ID": "AK", "AWS_SECRET_ACCESS_KEY": "SK"}
     sm = one(docs, "ServiceMonitor")
     assert sm["metadata"]["labels"]["release"] == "prom" and sm["spec"]["endpoints"][0]["honorLabels"] is True
-    rule = one(docs, "PrometheusRule")
-    alerts = {r["alert"]: r for r in rule["spec"]["groups"][0]["rules"]}
-    assert set(alerts) == {"KubetuneOperatorDown", "KubetuneRunsFailing", "KubetuneRunsStuckPending",
-                           "KubetuneStatusLagHigh"}
+    alerts = alert_rules(docs)
+    assert set(alerts) == {"KubetuneOperatorDown", "KubetuneReconcileErrors", "KubetuneStatusLagHigh",
+                           "KubetuneRunPendingTooLong", "KubetuneRunStalled", "KubetuneRunsFailing"}
     assert all(r["labels"]["team"] == "ml" for r in alerts.values())
-    assert 'job="kt-kubetune-metrics"' in alerts["KubetuneOperatorDown"]["expr"]
     assert {c["metadata"]["namespace"] for c in find(docs, "ConfigMap")} == {"monitoring"}
     assert one(docs, "Deployment", "kt-kubetune-minio")["spec"]["strategy"] == {"type": "Recreate"}
     assert env["KUBETUNE_S3_ENDPOINT"] == "http://s3.example:9000"  # explicit endpoint wins over MinIO
@@ -327,11 +345,16 @@ def test_render_failures_explain_themselves() -> None:
     ({"operator": {"watchNamespaces": ["Team_A"]}}, r"watchNamespaces"),
     ({"runDefaults": {"s3": {"endpoint": "s3.example.com"}}}, r"endpoint"),
     ({"runDefaults": {"statusQPS": 0}}, r"statusQPS"),
+    ({"runDefaults": {"models": {"mirror": "http://minio:9000/models"}}}, r"mirror"),
     ({"operater": {}}, r"operater"),
     ({"operator": {"metricsPort": 70000}}, r"metricsPort"),
     ({"runDefaults": {"gpu": {"tolerations": [{"effect": "Sometimes"}]}}}, r"effect"),
     ({"leaderElection": {"enabled": "yes"}}, r"enabled.*(boolean|type)"),
     ({"peering": {"enabled": True}}, r"peering"),  # the kopf peering values are gone
+    ({"metrics": {"scrapeAnnotations": "yes"}}, r"scrapeAnnotations"),
+    ({"metrics": {"prometheusRule": {"failedRuns": {"ratio": 1.5}}}}, r"ratio"),
+    ({"metrics": {"prometheusRule": {"pendingFor": "30m"}}}, r"pendingFor"),  # now pendingSeconds
+    ({"metrics": {"prometheusRule": {"selector": "{job=\"x\"}"}}}, r"selector"),  # matchers, not a selector
 ])
 def test_schema_rejects_bad_values(values: dict[str, Any], expected: str) -> None:
     chart = helm.Chart.load(CHART)
@@ -346,6 +369,90 @@ def test_schema_accepts_defaults_and_non_default() -> None:
     chart = helm.Chart.load(CHART)
     chart.validate_schema(chart.merge_values({}))
     chart.validate_schema(chart.merge_values(NON_DEFAULT))
+
+
+# ------------------------------------------------------------------------------------------ alerts and scraping
+RULES_AND_MONITOR = {"metrics": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}}}
+CHART_POD_LABELS = {"app_kubernetes_io_name": "kubetune", "app_kubernetes_io_instance": RELEASE,
+                    "app_kubernetes_io_component": "operator"}
+
+
+def alert_rules(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    rule = one(docs, "PrometheusRule")
+    return {r["alert"]: r for group in rule["spec"]["groups"] for r in group["rules"]}
+
+
+def selectors(expr: str) -> list[dict[str, str]]:
+    """The equality matchers of every series selector (``{...}``) in a PromQL expression."""
+    return [dict(re.findall(r'(\w+)\s*=\s*"([^"]*)"', body)) for body in re.findall(r"\{([^}]*)\}", expr)]
+
+
+def prometheus_label(pod_label: str) -> str:
+    """How Kubernetes service discovery (and so a ServiceMonitor's podTargetLabels, or a scrape job's labelmap of
+    __meta_kubernetes_pod_label_(.+)) names a pod label on the series."""
+    return re.sub(r"[^a-zA-Z0-9_]", "_", pod_label)
+
+
+def test_alerts_select_the_release_by_labels_both_scrapes_put_on_the_series() -> None:
+    """Not `job` (the scrape job's name is not the chart's to choose): the operator pod's labels, which the
+    ServiceMonitor copies onto the series and a pod-annotation scrape job maps the same way."""
+    docs = render(RULES_AND_MONITOR)
+    pod_labels = one(docs, "Deployment", "kt-kubetune")["spec"]["template"]["metadata"]["labels"]
+    copied = one(docs, "ServiceMonitor")["spec"]["podTargetLabels"]
+    assert {prometheus_label(name): pod_labels[name] for name in copied} == CHART_POD_LABELS
+    for name, rule in alert_rules(docs).items():
+        assert "job" not in rule["expr"], name
+        assert selectors(rule["expr"]), name
+        for matchers in selectors(rule["expr"]):
+            assert CHART_POD_LABELS.items() <= matchers.items(), (name, matchers)
+
+
+def test_alert_selector_and_thresholds_come_from_values() -> None:
+    values = {"metrics": {"prometheusRule": {"enabled": True, "selector": 'job="kubetune"', "pendingSeconds": 600,
+                                             "stalledSeconds": 900, "failedRuns": {"window": "3h", "ratio": 0.25,
+                                                                                   "min": 5}}}}
+    alerts = alert_rules(render(values))
+    for rule in alerts.values():
+        assert all(m.get("job") == "kubetune" and "app_kubernetes_io_instance" not in m
+                   for m in selectors(rule["expr"])), rule["expr"]
+    assert alerts["KubetuneRunPendingTooLong"]["expr"].endswith("> 600")
+    assert alerts["KubetuneRunStalled"]["expr"].endswith("> 900")
+    failing = alerts["KubetuneRunsFailing"]["expr"]
+    assert "[3h]" in failing and "> 0.25" in failing and failing.endswith(">= 5") and "[1h]" not in failing
+
+
+def test_per_run_alerts_name_the_run_and_release_wide_ones_do_not() -> None:
+    alerts = alert_rules(render(RULES_AND_MONITOR))
+    for name in ("KubetuneRunPendingTooLong", "KubetuneRunStalled"):
+        assert "max by (namespace, name)" in alerts[name]["expr"]
+        assert "{{ $labels.namespace }}/{{ $labels.name }}" in alerts[name]["annotations"]["summary"]
+    assert "sum by (handler)" in alerts["KubetuneReconcileErrors"]["expr"]
+    assert alerts["KubetuneOperatorDown"]["labels"]["severity"] == "critical"
+
+
+def test_alert_metrics_are_exported_by_the_operator() -> None:
+    exported = _operator_exported()
+    for name, rule in alert_rules(render(RULES_AND_MONITOR)).items():
+        unknown = metric_names(rule["expr"]) - exported - EXTERNAL_METRICS
+        assert not unknown, f"{name}: {sorted(unknown)} not exported by the operator"
+
+
+@pytest.mark.parametrize(("metrics", "annotated"), [
+    ({}, True),
+    ({"serviceMonitor": {"enabled": True}}, False),  # else a Prometheus doing both would scrape twice
+    ({"serviceMonitor": {"enabled": True}, "scrapeAnnotations": True}, True),
+    ({"scrapeAnnotations": False}, False),
+], ids=["default", "service-monitor", "forced", "off"])
+def test_scrape_annotations_when_no_service_monitor_unless_set(metrics: dict[str, Any], annotated: bool) -> None:
+    values = {"metrics": metrics, "operator": {"podAnnotations": {"team": "ml"}}}
+    template = one(render(values), "Deployment", "kt-kubetune")["spec"]["template"]
+    annotations = template["metadata"]["annotations"]
+    assert annotations["team"] == "ml"
+    scrape = {k: v for k, v in annotations.items() if k.startswith("prometheus.io/")}
+    assert scrape == ({"prometheus.io/scrape": "true", "prometheus.io/port": "8080", "prometheus.io/path": "/metrics"}
+                      if annotated else {})
+    bare = one(render({"metrics": {"scrapeAnnotations": False}}), "Deployment", "kt-kubetune")["spec"]["template"]
+    assert "annotations" not in bare["metadata"]
 
 
 # ------------------------------------------------------------------------------------------ CRDs
@@ -423,7 +530,7 @@ def test_dashboards_cover_the_issue() -> None:
     assert {"kubetune_run_progress_ratio", "kubetune_run_eta_seconds", "kubetune_run_train_loss",
             "kubetune_run_val_loss", "kubetune_run_evaluation", "kubetune_run_samples_per_second",
             "kubetune_run_info"} <= used["runs"]
-    assert {"DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED", "kube_pod_labels"} <= used["gpu"]
+    assert {"DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED", "kubetune_run_pod_info"} <= used["gpu"]
 
 
 def _operator_exported() -> set[str]:
@@ -431,8 +538,8 @@ def _operator_exported() -> set[str]:
     from prometheus_client.parser import text_string_to_metric_families
 
     m = Metrics()
-    m.table.update("ns", "run", {"phase": "Running", "progress": {"percent": 10.0, "samplesPerSecond": 1.0,
-                                                                  "etaSeconds": 5.0},
+    m.table.update("ns", "run", {"phase": "Running", "podName": "run-a1-x7k2p",
+                                 "progress": {"percent": 10.0, "samplesPerSecond": 1.0, "etaSeconds": 5.0},
                                  "metrics": {"trainLoss": 1.0, "valLoss": 1.1,
                                              "before": {"recall_at_k": 0.2}, "after": {"recall_at_k": 0.3}}})
     m.transition(None, "Running")

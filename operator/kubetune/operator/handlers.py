@@ -263,14 +263,16 @@ async def ttl(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, patch: kopf
 # The on.event handlers are async on purpose: kopf runs sync handlers in a thread pool, one thread hop (and GIL
 # hand-over) per watch event, which is most of their cost with hundreds of runs.
 async def run_event(event: kopf.RawEvent, name: str | None, namespace: str | None, spec: kopf.Spec,
-                    status: kopf.Status, memo: kopf.Memo, **_: Any) -> None:
+                    status: kopf.Status, meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
     metrics = _ctx(memo).metrics
     with metrics.counting_errors("run_event"):
         if event.get("type") == "DELETED":
             metrics.table.forget(str(namespace), str(name))
         else:
             model = (spec.get("model") or {}).get("name")
-            metrics.table.update(str(namespace), str(name), status, model=str(model) if model else None)
+            # The creation time dates a first Pending phase (kubetune_run_phase_start_time_seconds).
+            metrics.table.update(str(namespace), str(name), status, model=str(model) if model else None,
+                                 created=meta.get("creationTimestamp"))
 
 
 # -------------------------------------------------------------------------------------------- children
