@@ -119,7 +119,7 @@ def trainer_image(e2e_cluster: ClusterInfo) -> str:
 
     with machine_lock("image-trainer"):  # one build at a time across pytest workers
         return ensure_project_image(TRAINER_IMAGE, "trainer-image/Dockerfile", ("operator/kubetune", "trainer-image"),
-                                    ("trainer", "onnx"), build_args={"PIP_EXTRA_ARGS": "--no-index"})
+                                    ("trainer", "onnx", "tracking"), build_args={"PIP_EXTRA_ARGS": "--no-index"})
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

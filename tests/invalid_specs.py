@@ -236,6 +236,8 @@ def cross_cases() -> st.SearchStrategy[Case]:
         st.tuples(st.from_regex(r"\A[a-z0-9_]{1,20}\Z"), _uri).map(
             lambda a: Case("cross", "spec.model.weights", "pretrained and weights",
                            with_(model={"pretrained": a[0], "weights": a[1]}))),
+        st.from_regex(r"\Akt-[a-z0-9]{1,12}\Z").map(  # not an open_clip model with weights: nothing to start from
+            lambda n: Case("cross", "spec.model.name", "a name with no default tag", with_(model={"name": n}))),
         st.just(Case("cross", "spec.training.lockText", "both towers locked",
                      with_(training={"lockImage": True, "lockText": True}))),
         _uri.map(lambda u: Case("cross", "spec.data.query", "index without query",

@@ -58,7 +58,7 @@ def test_the_contract_lists_each_variable_once_with_a_docstring() -> None:
     assert TrainerEnv.variables() == ("KUBETUNE_CONFIG", "KUBETUNE_RUN_NAME", "KUBETUNE_RUN_NAMESPACE",
                                       "KUBETUNE_RUN_UID", "KUBETUNE_ATTEMPT", "KUBETUNE_RESUME_FROM",
                                       "KUBETUNE_WORK_DIR", "KUBETUNE_PROGRESS_SECONDS", "KUBETUNE_LOG_LEVEL",
-                                      "KUBETUNE_TERMINATION_LOG")
+                                      "KUBETUNE_TERMINATION_LOG", "KUBETUNE_MODEL_MIRROR")
     module = ast.parse((ROOT / "operator" / "kubetune" / "api" / "trainer_env.py").read_text())
     body = next(n for n in module.body if isinstance(n, ast.ClassDef) and n.name == "TrainerEnv").body
     documented = {}
@@ -76,7 +76,8 @@ def test_the_contract_lists_each_variable_once_with_a_docstring() -> None:
 def test_from_env_and_to_env_round_trip() -> None:
     full = TrainerEnv(config="/c.yaml", run_name="clip-ft", run_namespace="team-a", run_uid="u-1", attempt=3,
                       resume_from="s3://b/p/team-a/clip-ft/checkpoints/step-00000040.pt", work_dir="/scratch",
-                      progress_seconds=0.25, log_level="debug", termination_log="/dev/termination-log")
+                      progress_seconds=0.25, log_level="debug", termination_log="/dev/termination-log",
+                      model_mirror="s3://models/mirror")
     assert full.log_level == "DEBUG"
     as_env = full.to_env()
     assert [e["name"] for e in as_env] == list(TrainerEnv.variables())
@@ -97,6 +98,7 @@ def test_from_env_and_to_env_round_trip() -> None:
     ("KUBETUNE_PROGRESS_SECONDS", "soon"), ("KUBETUNE_PROGRESS_SECONDS", "-1"), ("KUBETUNE_PROGRESS_SECONDS", "nan"),
     ("KUBETUNE_PROGRESS_SECONDS", "inf"), ("KUBETUNE_LOG_LEVEL", "LOUD"), ("KUBETUNE_RUN_NAME", "Clip_FT"),
     ("KUBETUNE_RUN_NAMESPACE", "-team"), ("KUBETUNE_RUN_NAME", "x" * 254), ("KUBETUNE_RUN_UID", "   "),
+    ("KUBETUNE_MODEL_MIRROR", "models/mirror"), ("KUBETUNE_MODEL_MIRROR", "s3://Models"),
 ])
 def test_a_bad_value_names_its_variable(name: str, value: str) -> None:
     with pytest.raises(ValueError, match=f"^{name}: "):
@@ -140,12 +142,12 @@ def test_the_standin_reads_only_contract_variables() -> None:
     assert _kubetune_literals(STANDIN.read_text()) <= CONTRACT
 
 
-def _job(resume_from: str | None = None) -> dict[str, Any]:
+def _job(resume_from: str | None = None, model_mirror: str | None = None) -> dict[str, Any]:
     run = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FinetuneRun",
            "metadata": {"name": "clip-ft", "namespace": "team-a", "uid": "1234-uid"},
            "spec": {"data": {"train": "s3://data/train.csv"}}}
     settings = OperatorSettings(trainer_image="kubetune/trainer:test", s3_endpoint="http://10.0.0.1:9000",
-                                s3_bucket="models", s3_secret="s3-creds")
+                                s3_bucket="models", s3_secret="s3-creds", model_mirror=model_mirror)
     return manifests.job(run, FinetuneRunSpec.model_validate(run["spec"]), settings, attempt=2,
                          resume_from=resume_from)
 
@@ -160,3 +162,11 @@ def test_manifests_set_only_contract_variables(resume_from: str | None) -> None:
     assert env == TrainerEnv(config="/etc/kubetune/run.yaml", run_name="clip-ft", run_namespace="team-a",
                              run_uid="1234-uid", attempt=2, resume_from=resume_from or None,
                              termination_log=container["terminationMessagePath"])
+
+
+def test_the_operators_model_mirror_reaches_the_trainer() -> None:
+    container = _job(model_mirror="s3://models/mirror")["spec"]["template"]["spec"]["containers"][0]
+    env = TrainerEnv.from_env({e["name"]: e["value"] for e in container["env"] if e["name"].startswith("KUBETUNE_")})
+    assert env.model_mirror == "s3://models/mirror"
+    container = _job()["spec"]["template"]["spec"]["containers"][0]
+    assert "KUBETUNE_MODEL_MIRROR" not in {e["name"] for e in container["env"]}

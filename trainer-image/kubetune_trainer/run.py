@@ -18,11 +18,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from kubetune.api.events import RETRYABLE_EXIT_CODES
 from kubetune.api.spec import FinetuneRunSpec
 from kubetune.storage import ARTIFACT, RetryPolicy, Store, run_store, store_from_uri
 from torch import nn
 
-from . import checkpoint, determinism, distributed, evaluate, export, loop
+from . import checkpoint, determinism, distributed, evaluate, export, loop, tracking
 from . import model as model_lib
 from .cache import shared_dir
 from .callbacks import Monitor, SweepPoint, choose_alpha, wise_ft
@@ -122,11 +123,13 @@ class Trainer:
         self.fetcher = Fetcher(cfg.work_dir / "cache", self.spec.output)
         self.phases = distributed.SoloPhases(self.dist)  # replaced by one with its own timeout once data is known
         self.started_at = time.time()
+        self.tracker = tracking.Tracker()  # rank 0 gets one with backends in run(); the others keep this no-op
 
     # ---------------------------------------------------------------------------------------------- events
     def emit(self, event_type: Any, **fields: Any) -> None:
         if self.dist.is_main:
             self.emitter.emit(event_type, **fields)
+            self.tracker.event(event_type, fields)
 
     def info(self, message: str, *args: Any) -> None:
         if self.dist.is_main:
@@ -134,6 +137,24 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------- run
     def run(self) -> Result:
+        """The run, tracked when the spec asks (see :mod:`tracking`): its tracking runs end finished, failed, or
+        left for the next attempt when this one ends retryable."""
+        tracking.require_libraries(self.spec.callbacks)
+        if self.dist.is_main:
+            identity = tracking.RunIdentity(self.cfg.name, self.cfg.namespace, self.cfg.env.run_uid,
+                                            self.cfg.env.attempt)
+            self.tracker = tracking.start(self.spec, identity, self.cfg.work_dir, self.store, passthrough=(Preempted,))
+        try:
+            result = self._run()
+        except BaseException as exc:
+            from .__main__ import classify
+
+            self.tracker.close("retryable" if classify(exc)[1] in RETRYABLE_EXIT_CODES else "failed")
+            raise
+        self.tracker.close("finished")
+        return result
+
+    def _run(self) -> Result:
         distributed.init(self.dist, self.device, self.spec.training.collective_timeout_seconds)
         self.store.check()  # a wrong bucket fails now, not at the first checkpoint
         finished = checkpoint.latest_info(self.store)
@@ -149,7 +170,8 @@ class Trainer:
         weights = None
         if spec.model.weights:
             weights = fetch_weights(spec.model.weights, self.fetcher, spec, self.cfg.work_dir)
-        bundle = model_lib.build(spec.model, self.device, self.precision, self.cfg.work_dir, weights)
+        bundle = model_lib.build(spec.model, self.device, self.precision, self.cfg.work_dir, weights,
+                                 mirror=model_lib.mirror_store(self.cfg.env.model_mirror, spec.output))
         model = bundle.model
         if spec.training.loss == "SigLIPLoss" and model_lib.add_sigmoid_bias(model):
             self.info("SigLIP loss on a model without a logit bias: logit scale ln %g, bias %g (the SigLIP paper's "
@@ -423,6 +445,7 @@ class Trainer:
         metadata = {
             "run": {"name": self.cfg.name, "namespace": self.cfg.namespace},
             "spec": self.spec.dump(),
+            "start": bundle.start,  # the pretrained tag actually used and where its weights came from
             "training": {"steps": state.step, "epochs_completed": state.epoch, "stopped_early": state.stopped_early,
                          "resumed_from_step": resumed_from, "history": state.history,
                          "world_size": self.dist.world_size, "precision": self.precision,
@@ -495,6 +518,7 @@ class _Progress:
         self.last_emit = 0.0
 
     def step(self, state: LoopState, loss: float, lr: float) -> None:
+        self.trainer.tracker.train_step(state.step, loss, lr)  # every step; sent at this cadence
         now = time.perf_counter()
         if self.first_step is None:
             self.first_step = state.step - 1

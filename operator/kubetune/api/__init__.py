@@ -6,6 +6,7 @@
 - :mod:`~kubetune.api.errors` — typed user errors, each with its hint and CLI exit code;
 - :mod:`~kubetune.api.events` — the trainer's structured events, exit codes and termination message;
 - :mod:`~kubetune.api.trainer_env` — every ``KUBETUNE_*`` variable the trainer reads;
+- :mod:`~kubetune.api.models` — each model name's default pretrained tag, the model mirror's layout;
 - :mod:`~kubetune.api.names` — the names and labels of a run's Kubernetes objects;
 - :mod:`~kubetune.api.crd` — the CustomResourceDefinition, generated from the spec model.
 

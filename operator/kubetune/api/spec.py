@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+from kubetune.api.models import DEFAULT_NAME, resolve_pretrained
+
 GROUP = "kubetune.io"
 VERSION = "v1alpha1"
 KIND = "FinetuneRun"
@@ -95,17 +97,25 @@ class Mode(str, Enum):
 class ModelSpec(_Model):
     name: Annotated[str, Field(min_length=1, max_length=200, description=(
         "open_clip model name, e.g. ViT-B-32 or xlm-roberta-base-ViT-B-32; with `config`, the name the "
-        "custom config is registered under."))] = "ViT-B-32"
+        "custom config is registered under. With `weights` naming a kubetune artifact, leave it (and config) "
+        "unset to continue as the artifact's model."))] = DEFAULT_NAME
     pretrained: Annotated[str | None, Field(max_length=200, description=(
-        "open_clip pretrained tag (e.g. laion2b_s34b_b79k), downloaded from the hub when the cluster has "
-        "internet. Leave empty for random init or when `weights` is set."))] = None
+        "open_clip pretrained tag (e.g. laion2b_s34b_b79k), read from the model mirror (Helm value "
+        "runDefaults.models.mirror) or else the hub. Unset: the model's default tag (`kubetune models`); a custom "
+        "`config` or `weights` have none. `random` for a random init."))] = None
     weights: Annotated[str | None, Field(max_length=2048, description=(
         "Starting weights: an s3:// URI, an http(s) URL or a local path to a .pt/.safetensors state dict, "
-        "or a kubetune artifact directory (continue from an earlier run). Loaded with weights_only=True."))] = None
+        "or a kubetune artifact (continue from an earlier run: its model name and config are used unless "
+        "name or config are set). Loaded with weights_only=True."))] = None
     config: Annotated[dict[str, Any] | None, Field(description=(
         "A custom open_clip model config (embed_dim, vision_cfg, text_cfg), e.g. a tiny model for tests. "
-        "When set, `name` is registered with this config."),
+        "When set, `name` is registered with this config; it starts from a random init unless `pretrained` or "
+        "`weights` is set."),
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})] = None
+
+    def pretrained_tag(self) -> str | None:
+        """The tag this model starts from, None for none (:func:`kubetune.api.models.resolve_pretrained`)."""
+        return resolve_pretrained(self.name, self.pretrained, self.weights, self.config)
 
 
 class DataSpec(_Model):
@@ -213,12 +223,58 @@ class WiseFtSpec(_Model):
         "Fraction of the starting model's reference metric the chosen α must keep."))] = 0.95
 
 
+# W&B's own limits on project and entity names (no path or URL separators)
+WANDB_NAME_PATTERN = r"^[^/\\#?%:]+$"
+MLFLOW_URI_PATTERN = r"^(https?://[^/ ]+(/[^ ]*)?|file:[^ ]+)$"
+
+
+class WandbApiKeySecret(_Model):
+    name: Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+                               description="Name of a Secret in the run's namespace.")]
+    key: Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$", description=(
+        "Key in the Secret holding the W&B API key."))] = "WANDB_API_KEY"
+
+
+class WandbSpec(_Model):
+    project: Annotated[str | None, Field(max_length=128, pattern=WANDB_NAME_PATTERN, description=(
+        "W&B project. Empty: kubetune."))] = None
+    entity: Annotated[str | None, Field(max_length=128, pattern=WANDB_NAME_PATTERN, description=(
+        "W&B entity (user or team). Empty: the API key's default entity."))] = None
+    run_name: Annotated[str | None, Field(max_length=128, description=(
+        "Display name of the W&B run. Empty: the FinetuneRun's name. Every attempt of a run logs to the same "
+        "W&B run (its id comes from the FinetuneRun's uid)."))] = None
+    mode: Annotated[Literal["auto", "online", "offline"], Field(description=(
+        "auto: online when WANDB_API_KEY is set in the trainer's environment (see apiKeySecret), else offline. "
+        "An offline run is copied into the run's store under tracking/wandb/ at the end, for `wandb sync`."))] = (
+        "auto")
+    api_key_secret: Annotated[WandbApiKeySecret | None, Field(description=(
+        "Secret with the W&B API key, passed to the trainer as WANDB_API_KEY through secretKeyRef (the operator "
+        "never reads it)."))] = None
+
+
+class MlflowSpec(_Model):
+    tracking_uri: Annotated[str, Field(min_length=1, max_length=2048, pattern=MLFLOW_URI_PATTERN, description=(
+        "MLflow tracking server: an http(s) URL (e.g. http://mlflow.mlflow:5000) or a file: path. Credentials in "
+        "the URL are refused."))]
+    experiment: Annotated[str, Field(min_length=1, max_length=256, description=(
+        "MLflow experiment, created when missing."))] = "kubetune"
+    run_name: Annotated[str | None, Field(max_length=250, description=(
+        "Name of the MLflow run. Empty: the FinetuneRun's name. Every attempt of a run logs to the same MLflow "
+        "run (found by its kubetune.run_uid tag)."))] = None
+
+
 class CallbacksSpec(_Model):
     evaluation: Annotated[EvaluationSpec, Field(description="Retrieval evaluation.")] = EvaluationSpec()
     best_model: Annotated[BestModelSpec | None, Field(description=(
         "Keep the best epoch's weights (by a monitored metric) as the final model."))] = None
     early_stopping: Annotated[EarlyStoppingSpec | None, Field(description="Stop when a metric stalls.")] = None
     wise_ft: Annotated[WiseFtSpec | None, Field(description="Interpolate with the starting weights.")] = None
+    wandb: Annotated[WandbSpec | None, Field(description=(
+        "Log params, per-step loss, validation loss, retrieval metrics and the artifact URI to Weights & Biases "
+        "(rank 0 only; a tracking failure never fails the run)."))] = None
+    mlflow: Annotated[MlflowSpec | None, Field(description=(
+        "Log params, per-step loss, validation loss, retrieval metrics and the artifact URI to an MLflow "
+        "tracking server (rank 0 only; a tracking failure never fails the run)."))] = None
 
 
 class ExportSpec(_Model):
@@ -296,7 +352,8 @@ class FinetuneRunSpec(_Model):
     model: Annotated[ModelSpec, Field(description="The CLIP model to start from.")] = ModelSpec()
     data: Annotated[DataSpec, Field(description="Training and evaluation data.")]
     training: Annotated[TrainingSpec, Field(description="Optimisation settings.")] = TrainingSpec()
-    callbacks: Annotated[CallbacksSpec, Field(description="Evaluation, checkpoints, early stopping, WiSE-FT.")] = (
+    callbacks: Annotated[CallbacksSpec, Field(description=(
+        "Evaluation, checkpoints, early stopping, WiSE-FT, experiment tracking."))] = (
         CallbacksSpec())
     export: Annotated[ExportSpec, Field(description="Extra artifact formats.")] = ExportSpec()
     output: Annotated[OutputSpec, Field(description="Where the artifact and checkpoints go.")] = OutputSpec()
@@ -321,6 +378,11 @@ def cross_field_errors(spec: FinetuneRunSpec) -> list[tuple[str, str]]:
         errors.append(("spec.data.valSplit", "set either valSplit or eval data, not both"))
     if spec.model.pretrained and spec.model.weights:
         errors.append(("spec.model.weights", "set either model.pretrained or model.weights, not both"))
+    else:
+        try:
+            spec.model.pretrained_tag()
+        except ValueError as exc:
+            errors.append(("spec.model.name", str(exc)))
     if spec.training.lock_image and spec.training.lock_text:
         errors.append(("spec.training.lockText", "locking both towers leaves nothing to train"))
     if spec.data.index and not spec.data.query:
@@ -341,6 +403,10 @@ def cross_field_errors(spec: FinetuneRunSpec) -> list[tuple[str, str]]:
         errors.append(("spec.data.reference", "the reference set is evaluated by callbacks.wiseFt.sweep: set one"))
     if spec.output.endpoint and re.match(r"^https?://[^/]*@", spec.output.endpoint):
         errors.append(("spec.output.endpoint", "credentials must not be in the endpoint URL; use credentialsSecret"))
+    mlflow = spec.callbacks.mlflow
+    if mlflow is not None and re.match(r"^https?://[^/]*@", mlflow.tracking_uri):
+        # the URI is logged and kept in the run's ConfigMap and status: a password there would leak
+        errors.append(("spec.callbacks.mlflow.trackingUri", "credentials must not be in the tracking URI"))
     return errors
 
 

@@ -33,6 +33,9 @@ KUBETUNE_LOG_LEVEL          operator (the default), the user's     level of the 
 KUBETUNE_TERMINATION_LOG    operator (= the pod's                  where rank 0 writes the final summary
                             ``terminationMessagePath``)            (:func:`kubetune.api.events.termination_message`)
                                                                    on every exit
+KUBETUNE_MODEL_MIRROR       operator (Helm value                   reads pretrained weights from
+                            ``runDefaults.models.mirror``),        ``<mirror>/<NAME>/<TAG>/`` (sha256-checked) before
+                            the user's shell in local mode         trying the hub (:mod:`kubetune.api.models`)
 ==========================  =====================================  ==============================================
 
 The operator sets every field that has a value, defaults included, so a pod's spec shows all of them and an
@@ -59,6 +62,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # for a run the API server took
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 _NAME_MAX = 253
+MODEL_MIRROR_PATTERN = r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/\S*)?$"
 
 
 def variable(field_name: str) -> str:
@@ -109,7 +113,14 @@ class TrainerEnv:
     ``/dev/termination-log``, and only when that file exists (the kubelet creates it in every container), so a
     trainer on a workstation never creates files under ``/dev``."""
 
+    model_mirror: str | None = None
+    """``KUBETUNE_MODEL_MIRROR``: the model mirror, ``s3://bucket/prefix`` on the run's S3 endpoint, where
+    ``kubetune models stage`` put pretrained weights for clusters without internet. Unset: the hub only."""
+
     def __post_init__(self) -> None:
+        if self.model_mirror is not None and (not isinstance(self.model_mirror, str)
+                                              or not re.match(MODEL_MIRROR_PATTERN, self.model_mirror)):
+            raise ValueError(f"{variable('model_mirror')}: expected s3://bucket[/prefix], got {self.model_mirror!r}")
         for name in ("config", "run_uid", "resume_from", "work_dir", "termination_log"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip()):
@@ -179,4 +190,5 @@ class TrainerEnv:
         return DEFAULT_TERMINATION_LOG if os.path.exists(DEFAULT_TERMINATION_LOG) else None
 
 
-__all__ = ["DEFAULT_CONFIG", "DEFAULT_TERMINATION_LOG", "LOG_LEVELS", "PREFIX", "TrainerEnv", "variable"]
+__all__ = ["DEFAULT_CONFIG", "DEFAULT_TERMINATION_LOG", "LOG_LEVELS", "MODEL_MIRROR_PATTERN", "PREFIX", "TrainerEnv",
+           "variable"]

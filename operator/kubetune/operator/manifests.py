@@ -137,17 +137,19 @@ def config_map(run: dict[str, Any], spec: FinetuneRunSpec, settings: OperatorSet
     }
 
 
-def trainer_env(run: dict[str, Any], attempt: int, resume_from: str | None) -> TrainerEnv:
+def trainer_env(run: dict[str, Any], attempt: int, resume_from: str | None,
+                model_mirror: str | None = None) -> TrainerEnv:
     """The trainer's ``KUBETUNE_*`` contract for one attempt (:mod:`kubetune.api.trainer_env`)."""
     meta = run["metadata"]
     return TrainerEnv(config=CONFIG_PATH, run_name=meta["name"], run_namespace=meta["namespace"],
                       run_uid=meta["uid"], attempt=attempt, resume_from=resume_from or None,
-                      termination_log=TERMINATION_MESSAGE_PATH)
+                      termination_log=TERMINATION_MESSAGE_PATH, model_mirror=model_mirror)
 
 
-def _env(run: dict[str, Any], spec: FinetuneRunSpec, attempt: int, resume_from: str | None) -> list[dict[str, Any]]:
+def _env(run: dict[str, Any], spec: FinetuneRunSpec, attempt: int, resume_from: str | None,
+         model_mirror: str | None = None) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
-        *trainer_env(run, attempt, resume_from).to_env(),
+        *trainer_env(run, attempt, resume_from, model_mirror).to_env(),
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         {"name": "HOME", "value": "/tmp"},
         {"name": "XDG_CACHE_HOME", "value": "/tmp/.cache"},
@@ -163,6 +165,11 @@ def _env(run: dict[str, Any], spec: FinetuneRunSpec, attempt: int, resume_from: 
                     "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.access_key_key}}})
         env.append({"name": "AWS_SECRET_ACCESS_KEY",
                     "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.secret_key_key}}})
+    wandb = spec.callbacks.wandb
+    if wandb is not None and wandb.api_key_secret is not None:
+        # the variable W&B's client reads its key from; with mode auto it also turns online logging on
+        env.append({"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {
+            "name": wandb.api_key_secret.name, "key": wandb.api_key_secret.key}}})
     return env
 
 
@@ -206,7 +213,7 @@ def job(run: dict[str, Any], spec: FinetuneRunSpec, settings: OperatorSettings, 
             "name": CONTAINER_NAME,
             "image": res.image,
             "imagePullPolicy": res.image_pull_policy,
-            "env": _env(run, resolved, attempt, resume_from),
+            "env": _env(run, resolved, attempt, resume_from, settings.model_mirror),
             "resources": _resources(resolved),
             "terminationMessagePath": TERMINATION_MESSAGE_PATH,
             "terminationMessagePolicy": "FallbackToLogsOnError",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Annotated, Any, Literal
@@ -25,6 +26,7 @@ from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from kubetune.api.spec import QUANTITY_PATTERN, Toleration
+from kubetune.api.trainer_env import MODEL_MIRROR_PATTERN
 
 ENV_PREFIX = "KUBETUNE_"
 
@@ -80,6 +82,13 @@ def _toleration(value: Mapping[str, Any]) -> Mapping[str, Any]:
     return MappingProxyType(dict(value))
 
 
+def _model_mirror(value: str | None) -> str | None:
+    # the trainer's own rule (kubetune.api.trainer_env): the operator must never pass a mirror the trainer refuses
+    if value is not None and not re.match(MODEL_MIRROR_PATTERN, value):
+        raise ValueError(f"expected s3://bucket[/prefix], got {value!r}")
+    return value
+
+
 OptionalStr = Annotated[str | None, BeforeValidator(_empty_is_none)]
 PositiveNumber = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
@@ -100,6 +109,10 @@ class OperatorSettings(BaseSettings):
     s3_secret: Annotated[OptionalStr, Field(description=(
         "Secret (in the run's namespace) with S3 credentials, used when a run sets no credentialsSecret. "
         "Empty: no credentials are passed (e.g. IAM roles for service accounts)."))] = "kubetune-s3"
+    model_mirror: Annotated[OptionalStr, AfterValidator(_model_mirror), Field(description=(
+        "Model mirror (s3://bucket/prefix on the runs' S3 endpoint) that trainers read pretrained weights from "
+        "before the hub, passed to them as KUBETUNE_MODEL_MIRROR; filled by `kubetune models stage`. Empty: "
+        "the hub only."))] = None
     trainer_service_account: Annotated[OptionalStr, Field(description=(
         "Service account of trainer pods (its token is never mounted). Empty: the namespace's default."))] = None
     run_as_user: Annotated[int, Field(ge=0, description="UID/GID the trainer runs as (non-root).")] = 10001

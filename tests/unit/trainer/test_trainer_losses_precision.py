@@ -27,7 +27,7 @@ def test_siglip_trains_a_standard_clip_architecture(tmp_path: Path) -> None:
     # ViT-B-32 as every CLIP checkpoint has it: no logit_bias (random weights: the hub is unreachable here, and
     # the parameters the sigmoid loss needs are the same either way)
     torch.manual_seed(0)
-    bundle = model_lib.build(ModelSpec(name="ViT-B-32"), CPU, "fp32", tmp_path)
+    bundle = model_lib.build(ModelSpec(name="ViT-B-32", pretrained="random"), CPU, "fp32", tmp_path)
     model = bundle.model
     assert getattr(model, "logit_bias", None) is None
     assert model_lib.add_sigmoid_bias(model) is True
