@@ -1,5 +1,7 @@
 """kubetune: Kubernetes-native fine-tuning of CLIP models for text-to-image search.
 
+Finetuner code runs with one import changed (``import kubetune as finetuner``; docs/finetuner.md):
+
     import kubetune
     run = kubetune.fit(model="ViT-B-32", pretrained="laion2b_s34b_b79k", train_data="train.csv", epochs=5)
     for line in run.stream_logs(): print(line)
@@ -25,7 +27,9 @@ __version__ = "0.1.0"
 # the module that defines them → public names
 _EXPORTS = {
     "sdk.client": ("fit", "submit", "get_run", "list_runs", "Run", "Client", "configure"),
-    "sdk.callbacks": ("EvaluationCallback", "WiSEFTCallback", "EarlyStopping", "BestModelCheckpoint"),
+    "sdk.callbacks": ("EvaluationCallback", "WiSEFTCallback", "EarlyStopping", "BestModelCheckpoint", "WandBLogger",
+                      "MLflowLogger"),
+    "sdk.documents": ("Document", "DocumentArray"),
     "sdk.models": ("get_model", "encode", "describe_models", "verify_artifact", "Model"),
     "sdk.local": ("run_local", "LocalRun"),
     "sdk.report": ("write_report",),
@@ -37,9 +41,10 @@ _LAZY = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = [  # noqa: RUF022
     "__version__",
     "ArtifactCorrupt", "ArtifactMissing", "BestModelCheckpoint", "Client", "ClusterUnavailable",
-    "ConfigInvalid", "EarlyStopping", "EvaluationCallback", "KubetuneError", "LocalRun", "LocalRunFailed",
-    "MissingExtra", "Model", "Run", "RunAlreadyExists", "RunFailed", "RunNotFinished", "RunNotFound",
-    "StorageUnavailable", "WiSEFTCallback", "configure", "describe_models", "encode", "fit", "get_model",
+    "ConfigInvalid", "Document", "DocumentArray", "EarlyStopping", "EvaluationCallback", "KubetuneError", "LocalRun",
+    "LocalRunFailed", "MLflowLogger", "MissingExtra", "Model", "Run", "RunAlreadyExists", "RunFailed",
+    "RunNotFinished", "RunNotFound", "StorageUnavailable", "WandBLogger", "WiSEFTCallback", "configure",
+    "describe_models", "encode", "fit", "get_model",
     "get_run", "list_runs", "run_local", "submit", "verify_artifact", "write_report",
 ]
 
@@ -58,14 +63,24 @@ if TYPE_CHECKING:
         RunNotFound,
         StorageUnavailable,
     )
-    from .sdk.callbacks import BestModelCheckpoint, EarlyStopping, EvaluationCallback, WiSEFTCallback
+    from .sdk.callbacks import (
+        BestModelCheckpoint,
+        EarlyStopping,
+        EvaluationCallback,
+        MLflowLogger,
+        WandBLogger,
+        WiSEFTCallback,
+    )
     from .sdk.client import Client, Run, configure, fit, get_run, list_runs, submit
+    from .sdk.documents import Document, DocumentArray
     from .sdk.local import LocalRun, run_local
     from .sdk.models import Model, describe_models, encode, get_model, verify_artifact
     from .sdk.report import write_report
 
 
 def __getattr__(name: str) -> Any:
+    if name == "callback":  # Finetuner's module path: kubetune.callback.EvaluationCallback without an import
+        return importlib.import_module(".callback", __name__)
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'kubetune' has no attribute {name!r}")

@@ -56,6 +56,16 @@ def test_local_run_produces_a_verified_artifact(tiny_run: Any) -> None:
         assert (tiny_run.artifact / name).is_file(), name
 
 
+def test_a_local_runs_artifact_is_saved_as_a_cluster_runs_is(tiny_run: Any, tmp_path: Path) -> None:
+    status = tiny_run.status()
+    assert status.phase == "Succeeded" and status.artifact is not None and status.artifact.sha256
+    assert status.metrics is not None and status.metrics.after == tiny_run.metrics()["after"]
+    saved = tiny_run.save_artifact(tmp_path / "model")
+    assert kubetune.verify_artifact(saved) == []
+    assert (saved / "clip-text" / "model.safetensors").read_bytes() == (
+        tiny_run.artifact / "clip-text" / "model.safetensors").read_bytes()
+
+
 def test_encode_text_and_images(tiny_run: Any) -> None:
     text_model = kubetune.get_model(tiny_run.artifact, select_model="clip-text")
     image_model = kubetune.get_model(tiny_run.output_dir, select_model="clip-vision")  # a run dir works too

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import inspect
 import io
 import json
 import logging
@@ -66,7 +67,8 @@ from kubetune.api.spec import (
     FinetuneRunStatus,
     Phase,
 )
-from kubetune.sdk.callbacks import Callback
+from kubetune.sdk import compat, documents
+from kubetune.sdk.callbacks import CALLBACKS, Callback
 
 log = logging.getLogger("kubetune.sdk")
 
@@ -218,6 +220,29 @@ class Client:
                 GROUP, VERSION, ns, PLURAL, **kwargs))
         runs = [Run(self, item) for item in result.get("items", [])]
         return sorted(runs, key=lambda r: (r.namespace, r.created or "", r.name))
+
+    def delete_run(self, name: str, namespace: str | None = None) -> None:
+        """Delete a FinetuneRun: its Job and ConfigMap go with it; its artifact and checkpoints in S3 stay."""
+        ns = namespace or self.namespace
+        self._call(f"delete finetunerun {name}", lambda: self._custom().delete_namespaced_custom_object(
+            GROUP, VERSION, ns, PLURAL, name), name, ns)
+
+    def dry_run(self, path: str | os.PathLike[str], name: str | None = None, namespace: str | None = None,
+                gpus: int | None = None) -> dict[str, Any]:
+        """Create a run file's FinetuneRun as a server-side dry run (``dryRun=All``): the API server checks what
+        only it can (its CRD schema, admission, RBAC, a taken name, the namespace) and stores nothing. Nothing is
+        uploaded, so local data paths stay as written. Returns the object the server would have stored."""
+        run = runfile.load(path)
+        spec = run.spec
+        if gpus is not None:
+            spec = spec.model_copy(update={"resources": spec.resources.model_copy(update={"gpus": gpus})})
+        ns = namespace or run.namespace or self.namespace
+        name = check_run_name(name or run.name or generate_name(spec.model.name))
+        body = runfile.with_spec(run, spec).document(name, ns)
+        result: dict[str, Any] = self._call(
+            f"create finetunerun {name} (dry run)", lambda: self._custom().create_namespaced_custom_object(
+                GROUP, VERSION, ns, PLURAL, body, dry_run="All"), name, ns)
+        return result
 
     def create(self, spec: FinetuneRunSpec | dict[str, Any], name: str | None = None,
                namespace: str | None = None, labels: dict[str, str] | None = None,
@@ -468,16 +493,22 @@ def upload_dataset(store: Any, prefix: str, path: Path, image_column: str = "ima
     return str(store.uri(key))
 
 
-def _materialise(data: Any, work: Path, name: str) -> Any:
-    """A DocList becomes a protobuf file the trainer reads; paths and URIs pass through."""
+def _materialise(data: Any, work: Path, name: str, csv_options: dict[str, Any] | None = None) -> Any:
+    """A kubetune DocumentArray becomes a CSV with its images (:func:`documents.write_pairs_csv`), a docarray v2
+    DocList a protobuf file the trainer reads; paths and URIs pass through."""
     if data is None or isinstance(data, str | os.PathLike):
+        if isinstance(data, str):
+            compat.check_data_reference(data, name)
         return None if data is None else str(data)
+    if isinstance(data, documents.DocumentArray):
+        columns = {k: v for k, v in (csv_options or {}).items() if k in ("text_column", "image_column")}
+        return str(documents.write_pairs_csv(data, work / name, name, **columns))
     if type(data).__module__.startswith("docarray") and hasattr(data, "to_bytes"):
         path = work / f"{name}.bin"
         path.write_bytes(data.to_bytes(protocol="protobuf", compress=None))
         return str(path)
-    raise ConfigInvalid(f"{name}_data: expected a path, an s3:// or http(s) URI or a docarray DocList, "
-                        f"got {type(data).__name__}")
+    raise ConfigInvalid(f"{name}_data: expected a path, an s3:// or http(s) URI, a DocumentArray or a docarray "
+                        f"DocList, got {type(data).__name__}")
 
 
 # ------------------------------------------------------------------------------------------------ spec helpers
@@ -496,17 +527,23 @@ def build_spec(model: str = "ViT-B-32", train_data: Any = None, eval_data: Any =
                epochs: int = 5, batch_size: int = 64, learning_rate: float = 1e-5, optimizer: str = "adamw",
                weight_decay: float | None = None, scheduler: str | None = None, warmup_steps: int | None = None,
                precision: str | None = None, loss: str = "CLIPLoss", freeze: Sequence[str] = (),
-               callbacks: Sequence[Callback] = (), to_onnx: bool = False, gpus: int = 1, cpu: str | None = None,
+               callbacks: Sequence[Callback] = (), to_onnx: bool = False, gpus: int | None = None,
+               device: str | None = None, cpu: str | None = None,
                memory: str | None = None, image: str | None = None, output: dict[str, Any] | None = None,
                max_steps: int | None = None, num_workers: int | None = None, seed: int | None = None,
                csv_options: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The camelCase spec dict for :func:`fit`'s arguments (pure; validated by the caller)."""
+    """The camelCase spec dict for :func:`fit`'s arguments (pure; validated by the caller).
+
+    ``device`` is Finetuner's: 'cpu' → ``resources.gpus`` 0, 'cuda' → ``gpus`` (default 1), 'auto' → ``gpus``.
+    """
     if train_data is None:
         raise ConfigInvalid("train_data is required", "a CSV path, an s3:// URI or a DocList")
     if "::" in model:
         model, pretrained = model.split("::", 1)
-    elif model in MODEL_ALIASES and pretrained is None and model_config is None:
-        model, pretrained = MODEL_ALIASES[model]
+    elif model in MODEL_ALIASES and model_config is None:
+        # with starting weights (Finetuner's model_artifact) the alias names the architecture only
+        model, tag = MODEL_ALIASES[model]
+        pretrained = pretrained if pretrained is not None or weights else tag
     spec_model: dict[str, Any] = {"name": model}
     if pretrained:
         spec_model["pretrained"] = pretrained
@@ -535,16 +572,16 @@ def build_spec(model: str = "ViT-B-32", train_data: Any = None, eval_data: Any =
             raise ConfigInvalid(f"freeze: expected 'image' and/or 'text', got {tower!r}")
         training["lockImage" if tower == "image" else "lockText"] = True
     spec: dict[str, Any] = {"model": spec_model, "data": data, "training": training,
-                            "export": {"onnx": to_onnx}, "resources": {"gpus": gpus}}
+                            "export": {"onnx": to_onnx}, "resources": {"gpus": compat.resolve_gpus(device, gpus)}}
     for key, value in (("cpu", cpu), ("memory", memory), ("image", image)):
         if value is not None:
             spec["resources"][key] = value
     if output:
         spec["output"] = dict(output)
-    for callback in callbacks:
-        if not hasattr(callback, "apply"):
+    for callback in callbacks or ():
+        if not isinstance(callback, CALLBACKS):
             raise ConfigInvalid(f"callbacks: {callback!r} is not a kubetune callback",
-                                "use EvaluationCallback, WiSEFTCallback, EarlyStopping or BestModelCheckpoint")
+                                f"use {', '.join(c.__name__ for c in CALLBACKS)} (from kubetune.callback)")
         callback.apply(spec)
     for section, values in (overrides or {}).items():
         if isinstance(values, dict) and isinstance(spec.get(section), dict):
@@ -558,9 +595,16 @@ def build_spec(model: str = "ViT-B-32", train_data: Any = None, eval_data: Any =
 class Run:
     """A FinetuneRun seen from the SDK; ``status()`` and friends read it afresh from the API server."""
 
-    def __init__(self, client: Client, obj: dict[str, Any]) -> None:
-        self.client = client
+    def __init__(self, client: Client | None, obj: dict[str, Any]) -> None:
+        self._client = client
         self._obj = obj
+
+    @property
+    def client(self) -> Client:
+        """The cluster connection (a local run, :class:`kubetune.sdk.local.LocalRun`, has none)."""
+        if self._client is None:
+            raise KubetuneError(f"run {self.name} runs on this machine: it has no cluster client")
+        return self._client
 
     def __repr__(self) -> str:
         return f"Run({self.namespace}/{self.name}, phase={self.phase})"
@@ -589,13 +633,17 @@ class Run:
         self._obj = self.client.get_run(self.name, self.namespace)._obj
         return self
 
-    def status(self) -> FinetuneRunStatus:
-        """The current status (phase, conditions, progress, metrics, log tail, artifact)."""
+    def status(self) -> compat.RunStatus:
+        """The current status: its fields as attributes (``phase``, ``conditions``, ``progress``, ``metrics``,
+        ``log_tail``, ``artifact``...) and, read as a mapping, Finetuner's ``{'status': 'CREATED'|'STARTED'|
+        'FINISHED'|'FAILED'|'CANCELLED', 'details': ...}``."""
         self.refresh()
-        return FinetuneRunStatus.model_validate(self._obj.get("status") or {})
+        return compat.RunStatus.model_validate(self._obj.get("status") or {})
 
     def metrics(self) -> dict[str, dict[str, float]]:
-        """``{"before": {...}, "after": {...}}`` retrieval metrics (empty until evaluated)."""
+        """``{"before": {...}, "after": {...}}`` retrieval metrics (empty until evaluated), each under kubetune's
+        names (``R@5``, ``ndcg_at_k``...) and Finetuner's (``clip-text-to-clip-vision_precision_at_k``...), both
+        as the trainer reported them."""
         st = self.status()
         return {"before": dict(st.metrics.before) if st.metrics else {},
                 "after": dict(st.metrics.after) if st.metrics else {}}
@@ -637,9 +685,11 @@ class Run:
             lines = [line for line in lines if not line.startswith(MARKER)]
         return "\n".join(lines)
 
-    def stream_logs(self, poll: float = 2.0, timeout: float | None = None,
-                    include_events: bool = False) -> Iterator[str]:
-        """Yield log lines as they come, across retries (one pod per attempt), until the run ends."""
+    def stream_logs(self, poll: float = 2.0, timeout: float | None = None, include_events: bool = False,
+                    interval: float | None = None) -> Iterator[str]:
+        """Yield log lines as they come, across retries (one pod per attempt), until the run ends.
+        ``interval`` is Finetuner's name for ``poll``."""
+        poll = poll if interval is None else interval
         deadline = None if timeout is None else time.monotonic() + timeout
         finished: set[str] = set()  # pods whose log has been read to the end
         yielded: dict[str, int] = {}  # pod → lines already yielded (a re-opened stream starts over)
@@ -741,6 +791,85 @@ class Run:
     def cancel_requested(self) -> bool:
         return CANCEL_ANNOTATION in (self._obj["metadata"].get("annotations") or {})
 
+    # ---- what `kubectl describe` and `kubectl logs` show
+    @property
+    def object(self) -> dict[str, Any]:
+        """A copy of the FinetuneRun as last read (metadata, spec, status), camelCase as the API serves it."""
+        copied: dict[str, Any] = json.loads(json.dumps(self._obj, default=str))
+        return copied
+
+    def kube_events(self) -> list[dict[str, Any]]:
+        """The run's Kubernetes Events (what ``kubectl describe`` lists), oldest first, as the API serves them
+        (camelCase dicts)."""
+        core = self.client._core()
+        selector = f"involvedObject.kind={KIND},involvedObject.name={self.name}"
+        uid = self._obj["metadata"].get("uid")
+        if uid:  # a deleted run's Events must not show under a new run of the same name
+            selector += f",involvedObject.uid={uid}"
+        items = self.client._call("list events", lambda: core.list_namespaced_event(
+            self.namespace, field_selector=selector)).items
+        events: list[dict[str, Any]] = [self.client.api_client.sanitize_for_serialization(e) for e in items]
+        return sorted(events, key=lambda e: str(e.get("lastTimestamp") or e.get("eventTime")
+                                                or (e.get("metadata") or {}).get("creationTimestamp") or ""))
+
+    def read_logs(self, tail_lines: int | None = None, since_seconds: int | None = None, previous: bool = False,
+                  include_events: bool = False) -> list[str] | None:
+        """The trainer's log lines as ``kubectl logs`` selects them: the last ``tail_lines``, those of the last
+        ``since_seconds``; ``previous``: the attempt before the newest. Trainer pods never restart in place
+        (``restartPolicy: Never``, a retry is a new pod), so ``previous`` reads the container's previous instance
+        when the API has one and the pod of the attempt before otherwise. None when there is no such log
+        (``previous`` with a single attempt). Once the pods are gone the status's log tail is all there is
+        (``since_seconds`` cannot apply to it)."""
+        pods = self._pods()
+        if previous:
+            if not pods:
+                return None
+            lines = self._pod_log_lines(pods[-1].metadata.name, tail_lines, since_seconds, True, include_events)
+            if lines is None and len(pods) > 1:
+                lines = self._pod_log_lines(pods[-2].metadata.name, tail_lines, since_seconds, False, include_events)
+            return lines
+        for pod in reversed(pods):
+            lines = self._pod_log_lines(pod.metadata.name, tail_lines, since_seconds, False, include_events)
+            if lines is not None:
+                return lines
+        kept = [line for line in self.status().log_tail if include_events or not line.startswith(MARKER)]
+        return kept[len(kept) - tail_lines:] if tail_lines is not None and tail_lines < len(kept) else kept
+
+    def _pod_log_lines(self, pod: str, tail_lines: int | None, since_seconds: int | None, previous: bool,
+                       include_events: bool) -> list[str] | None:
+        """One pod's log lines; None when it has none (not started, gone, no previous container)."""
+        from kubernetes.client.exceptions import ApiException
+
+        if tail_lines is not None and tail_lines <= 0:
+            return []
+        core = self.client._core()
+        request = tail_lines
+        while True:
+            kwargs: dict[str, Any] = {"previous": previous}
+            if request is not None:
+                kwargs["tail_lines"] = request
+            if since_seconds is not None:
+                kwargs["since_seconds"] = since_seconds
+
+            def read(kwargs: dict[str, Any] = kwargs) -> str | None:
+                try:
+                    return str(core.read_namespaced_pod_log(pod, self.namespace, **kwargs))
+                except ApiException as exc:
+                    if exc.status in (400, 404):
+                        return None
+                    raise
+
+            text = self.client._call(f"read the log of pod {pod}", read)
+            if text is None:
+                return None
+            raw = text.splitlines()
+            lines = raw if include_events else [line for line in raw if not line.startswith(MARKER)]
+            # the API counts the event lines in tail_lines too: ask for more until enough human lines came
+            if request is None or tail_lines is None or len(lines) >= tail_lines or len(raw) < request:
+                return lines[len(lines) - tail_lines:] if tail_lines is not None and tail_lines < len(lines) \
+                    else lines
+            request *= 4
+
     # ---- artifact
     def save_artifact(self, directory: str | os.PathLike[str] = "clip-model") -> Path:
         """Download the artifact into ``directory``, verifying each file's sha256 against the manifest (and
@@ -834,34 +963,85 @@ def _client(client: Client | None = None, namespace: str | None = None) -> Clien
 
 def fit(model: str = "ViT-B-32", train_data: Any = None, eval_data: Any = None, *, run_name: str | None = None,
         namespace: str | None = None, query_data: Any = None, index_data: Any = None,
-        callbacks: Sequence[Callback] = (), wait: bool = False, client: Client | None = None,
-        **options: Any) -> Run:
+        callbacks: Sequence[Callback] | None = (), wait: bool = False, client: Client | None = None,
+        local: bool = False, output_dir: str | os.PathLike[str] | None = None, **options: Any) -> Run:
     """Start a fine-tuning run on the cluster; returns its :class:`Run` (``wait=True``: after it ended).
+
+    ``local=True``: the same run on this machine instead (no cluster, no S3; ``output_dir``, default
+    ``kubetune-runs/NAME``, holds its data, log, checkpoints and artifact); the :class:`Run` it returns has the
+    same verbs.
 
     ``model``: an open_clip name (``ViT-B-32``), ``name::pretrained`` (``ViT-B-32::laion2b_s34b_b79k``) or
     one of Finetuner's CLIP names (``clip-base-en``, ``clip-large-en``, ``clip-base-multi``).
     ``train_data``/``eval_data``/``query_data``/``index_data``: a CSV path (text, image columns), an ``s3://``
-    or http(s) URI, or a docarray ``DocList``; local ones are uploaded to S3 first.
+    or http(s) URI, a kubetune ``DocumentArray`` or a docarray ``DocList``; local ones are uploaded to S3 first.
     Other options (see :func:`build_spec`): ``pretrained``, ``model_config``, ``weights``, ``val_split``,
     ``epochs``, ``batch_size``, ``learning_rate``, ``optimizer``, ``weight_decay``, ``scheduler``,
     ``warmup_steps``, ``precision``, ``loss`` ('CLIPLoss' | 'SigLIPLoss'), ``freeze`` (['image'|'text']),
-    ``to_onnx``, ``gpus``, ``cpu``, ``memory``, ``image``, ``output`` (spec.output dict), ``max_steps``,
-    ``num_workers``, ``seed``, ``csv_options``, ``overrides`` (spec sections merged last).
+    ``to_onnx``, ``device`` ('cuda' | 'cpu' | 'auto'), ``gpus``, ``cpu``, ``memory``, ``image``, ``output``
+    (spec.output dict), ``max_steps``, ``num_workers``, ``seed``, ``csv_options``, ``overrides`` (spec sections
+    merged last). Finetuner's other arguments are mapped or refused by :func:`compat.translate_fit_options`.
     """
+    options, annotations = compat.translate_fit_options(options, _FIT_OPTIONS)
+    callbacks = list(callbacks or ())
     for cb in callbacks:  # EvaluationCallback(query_data=..., index_data=...) as in Finetuner
         query_data = query_data if query_data is not None else getattr(cb, "query_data", None)
         index_data = index_data if index_data is not None else getattr(cb, "index_data", None)
+    query_data, index_data = documents.labelled_pairs(query_data, index_data)
+    if local:
+        return _fit_local(model, {"train": train_data, "eval": eval_data, "query": query_data, "index": index_data},
+                          callbacks, options, run_name, output_dir, wait)
     c = _client(client)
     with tempfile.TemporaryDirectory(prefix="kubetune-fit-") as work:
-        sets = {k: _materialise(v, Path(work), k) for k, v in (("train", train_data), ("eval", eval_data),
-                                                                ("query", query_data), ("index", index_data))}
-        body = build_spec(model, sets["train"], sets["eval"], query_data=sets["query"], index_data=sets["index"],
-                          callbacks=callbacks, **options)
-        spec = validate_spec(body)
-        run = c.create(spec, name=run_name, namespace=namespace)
+        spec = _fit_spec(model, {"train": train_data, "eval": eval_data, "query": query_data, "index": index_data},
+                         callbacks, options, Path(work))
+        run = c.create(spec, name=run_name, namespace=namespace, annotations=annotations or None)
     if wait:
         run.wait()
     return run
+
+
+def _fit_spec(model: str, data: dict[str, Any], callbacks: Sequence[Callback], options: dict[str, Any],
+              work: Path) -> FinetuneRunSpec:
+    """The validated spec of a :func:`fit` call; in-memory data sets are written to files under ``work``."""
+    written: dict[int, Any] = {}  # one file per data object: the same object twice is uploaded once
+
+    def materialise(value: Any, set_name: str) -> Any:
+        if value is None or isinstance(value, str | os.PathLike):
+            return _materialise(value, work, set_name)
+        if id(value) not in written:
+            written[id(value)] = _materialise(value, work, set_name, options.get("csv_options"))
+        return written[id(value)]
+
+    sets = {k: materialise(v, k) for k, v in data.items()}
+    body = build_spec(model, sets["train"], sets["eval"], query_data=sets["query"], index_data=sets["index"],
+                      callbacks=callbacks, **options)
+    return validate_spec(body)
+
+
+def _fit_local(model: str, data: dict[str, Any], callbacks: Sequence[Callback], options: dict[str, Any],
+               run_name: str | None, output_dir: str | os.PathLike[str] | None, wait: bool) -> Run:
+    """:func:`fit` on this machine: the run directory gets the data files and a run file, then local mode."""
+    import yaml
+
+    from kubetune.sdk import local
+
+    name = check_run_name(run_name or generate_name(model))
+    out = (Path(output_dir) if output_dir is not None else local.pick_output_dir(name)).resolve()
+    inputs = out / "inputs"
+    inputs.mkdir(parents=True, exist_ok=True)
+    spec = runfile.resolve_local_paths(_fit_spec(model, data, callbacks, options, inputs), Path.cwd())
+    run_file = inputs / "run.yaml"
+    run_file.write_text(yaml.safe_dump({"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": name},
+                                        "spec": spec.dump()}, sort_keys=False))
+    run = local.start_local(run_file, output_dir=out, name=name)
+    if wait:
+        run.wait()
+    return run
+
+
+_FIT_OPTIONS = frozenset(inspect.signature(build_spec).parameters) - {
+    "model", "train_data", "eval_data", "query_data", "index_data", "callbacks"}
 
 
 def submit(path: str | os.PathLike[str], name: str | None = None, namespace: str | None = None,
