@@ -1,13 +1,16 @@
-"""The CLI's argument handling and exit codes, and local mode's plumbing with a scripted fake trainer
-(the real trainer runs in tests/unit/test_sdk_models.py and the e2e quickstart test)."""
+"""The CLI's argument handling and exit codes, its offline commands (explain, validate, models), the pure parts
+of its cluster commands (wait's conditions, durations, describe's page), and local mode's plumbing with a scripted
+fake trainer (``fake_python`` in conftest.py; the real trainer runs in tests/unit/test_sdk_models.py and the e2e
+quickstart test). No traceback for bad input: tests/unit/test_cli_errors.py. Against a cluster:
+tests/integration/test_cli_cluster.py."""
 
 from __future__ import annotations
 
 import functools
 import json
 import os
-import stat
 import sys
+import types
 from pathlib import Path
 from typing import Any
 
@@ -20,46 +23,6 @@ from typer.testing import CliRunner
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "examples" / "quickstart.yaml"
-
-FAKE_TRAINER = r'''#!{python}
-"""Stands for `python -m kubetune_trainer --config C --output-dir O --run-name N`."""
-import json, os, sys, time
-args = sys.argv[sys.argv.index("--config"):]
-opts = dict(zip(args[::2], args[1::2]))
-out = opts["--output-dir"]
-mode = os.environ.get("FAKE_MODE", "ok")
-def emit(kind, **f):
-    print("KUBETUNE_EVENT " + json.dumps({{"v": 1, "type": kind, "time": time.time(), **f}}), flush=True)
-print("2026-01-01 00:00:00,000 INFO kubetune_trainer: loading train set", file=sys.stderr, flush=True)
-emit("started", run=opts["--run-name"], model="m", epochs=2, total_steps=4)
-emit("evaluation", stage="before", epoch=0, metrics={{"R@1": 0.1, "R@5": 0.3, "mean_rank": 9.0}})
-for step in range(1, 5):
-    emit("progress", epoch=(step + 1) // 2, epochs=2, step=step, total_steps=4, loss=2.0 / step,
-         samples_per_second=100.0, eta_seconds=4 - step)
-    print(f"step {{step}}", flush=True)
-    if mode == "fail" and step == 2:
-        emit("failed", reason="InvalidData", message="row 3: image x.png not found", retryable=False, exit_code=65)
-        sys.exit(65)
-    if mode == "crash" and step == 2:
-        print("Traceback: boom", file=sys.stderr, flush=True)
-        sys.exit(1)
-emit("metrics", stage="val", epoch=2, step=4, train_loss=0.5, val_loss=0.6)
-emit("evaluation", stage="after", epoch=2, metrics={{"R@1": 0.6, "R@5": 0.9, "mean_rank": 2.0}})
-os.makedirs(os.path.join(out, "artifact"), exist_ok=True)
-open(os.path.join(out, "artifact", "manifest.json"), "w").write("{{}}")
-emit("artifact", uri=os.path.join(out, "artifact"), size=2, sha256="0" * 64, files=1)
-emit("finished", artifact_uri=os.path.join(out, "artifact"), duration_seconds=0.1)
-open(os.path.join(out, "argv.json"), "w").write(json.dumps(sys.argv[1:]))
-'''
-
-
-@pytest.fixture
-def fake_python(tmp_path: Path) -> str:
-    path = tmp_path / "fake-python"
-    path.write_text(FAKE_TRAINER.format(python=sys.executable))
-    path.chmod(path.stat().st_mode | stat.S_IEXEC)
-    return str(path)
-
 
 runner = CliRunner()
 
@@ -150,7 +113,8 @@ def test_cli_run_local_failure_exit_code(fake_python: str, tmp_path: Path, monke
 # ------------------------------------------------------------------------------------------------ arguments
 def test_help_lists_every_command() -> None:
     out = invoke("--help")
-    for command in ("run", "submit", "list", "status", "logs", "cancel", "artifact", "encode", "report", "models"):
+    for command in ("run", "submit", "validate", "explain", "list", "status", "describe", "delete", "wait", "logs",
+                    "cancel", "artifact", "encode", "report", "models"):
         assert command in out.output
     assert invoke("artifact", "--help").exit_code == 0
     assert "kubetune 0.1.0" in invoke("--version").output
@@ -231,3 +195,248 @@ def test_namespace_comes_from_the_kubeconfig_context(tmp_path: Path) -> None:
     assert Client(kubeconfig=kubeconfig).namespace == "team-a"
     assert Client(kubeconfig=kubeconfig, context="b").namespace == "default"
     assert Client(kubeconfig=kubeconfig, namespace="x").namespace == "x"
+
+
+# ------------------------------------------------------------------------------------------------ kubectl habits
+def test_no_arguments_print_help_and_exit_0() -> None:
+    from kubetune.sdk.cli import main
+
+    out = runner.invoke(app, [])
+    assert out.exit_code == 0 and "Usage: kubetune" in out.stdout and "describe" in out.stdout
+    assert runner.invoke(app, ["artifact"]).exit_code == 0
+    assert main(["--version"]) == 0 and main(["lsit"]) == errors.EXIT_USAGE
+
+
+def test_usage_errors_are_an_error_line_and_a_hint() -> None:
+    out = runner.invoke(app, ["list", "--selectr", "team=a"])
+    assert out.exit_code == errors.EXIT_USAGE
+    assert out.stderr.splitlines() == ["error: no such option: --selectr",
+                                       "hint: did you mean --selector? (`kubetune list --help` lists the arguments "
+                                       "and options)"]
+    out = runner.invoke(app, ["lsit"])
+    assert out.stderr.splitlines() == ["error: no such command 'lsit'", "hint: did you mean list or submit?"]
+    out = runner.invoke(app, ["status"])
+    assert out.exit_code == errors.EXIT_USAGE and out.stderr.startswith("error: missing argument")
+    out = runner.invoke(app, ["list", "-o", "xml"])
+    assert out.exit_code == errors.EXIT_USAGE and "'xml' is not one of" in out.stderr
+
+
+def test_shell_completion_is_enabled() -> None:
+    out = runner.invoke(app, ["--show-completion", "bash"])
+    assert out.exit_code == 0 and "complete -o default -F _kubetune_completion kubetune" in out.stdout
+    complete = {"_KUBETUNE_COMPLETE": "complete_bash", "COMP_WORDS": "kubetune de", "COMP_CWORD": "1"}
+    assert runner.invoke(app, [], env=complete).stdout.split() == ["describe", "delete"]
+    complete = {"_KUBETUNE_COMPLETE": "complete_bash", "COMP_WORDS": "kubetune logs run --t", "COMP_CWORD": "3"}
+    assert runner.invoke(app, [], env=complete).stdout.split() == ["--tail"]
+
+
+def test_explain_a_field_offline() -> None:
+    out = invoke("explain", "spec.training.learningRate")
+    assert out.exit_code == 0
+    lines = out.stdout.splitlines()
+    assert lines[:4] == ["FIELD:       spec.training.learningRate", "TYPE:        number", "DEFAULT:     1e-05",
+                         "BOUNDS:      > 0.0; ≤ 1.0"]
+    assert "Peak learning rate." in out.stdout
+    # snake_case, without spec., with kubectl's resource prefix: the same field
+    for spelling in ("training.learning_rate", "finetunerun.spec.training.learningRate",
+                     "ftr.spec.training.LEARNINGRATE"):
+        assert invoke("explain", spelling).stdout == out.stdout
+    enum = invoke("explain", "spec.training.optimizer").stdout
+    assert "VALUES:      adamw, adam, sgd" in enum and 'DEFAULT:     "adamw"' in enum
+    section = invoke("explain", "spec.training").stdout
+    assert "FIELDS:" in section and "epochs <integer>" in section
+    assert "effect <string>" in invoke("explain", "spec.resources.tolerations").stdout  # an array's items
+    assert "\n        batchSize <integer>" in invoke("explain", "spec", "--recursive").stdout
+    assert "TYPE:        string" in invoke("explain", "status.phase").stdout
+    payload = json.loads(invoke("explain", "spec.data.train", "-o", "json").stdout)
+    assert payload["field"] == "spec.data.train" and payload["required"] is True
+    assert payload["schema"]["minLength"] == 1
+
+
+def test_explain_an_unknown_field_names_the_nearest() -> None:
+    out = runner.invoke(app, ["explain", "spec.training.learningrat"])
+    assert out.exit_code == errors.EXIT_USAGE
+    assert out.stderr.splitlines() == ["error: unknown field spec.training.learningrat",
+                                       "hint: did you mean spec.training.learningRate?"]
+    out = runner.invoke(app, ["explain", "spec.learningRate"])  # at the wrong level
+    assert "did you mean spec.training.learningRate?" in out.stderr
+    out = runner.invoke(app, ["explain", "spec.training.zzz"])
+    assert "the fields of spec.training: epochs, batchSize, learningRate" in out.stderr
+
+
+def test_validate_offline_and_print_the_defaults(tmp_path: Path) -> None:
+    out = invoke("validate", str(QUICKSTART))
+    assert out.exit_code == 0 and "valid" in out.stdout and "quickstart" in out.stdout
+    import yaml
+
+    doc = yaml.safe_load(invoke("validate", str(QUICKSTART), "-o", "yaml").stdout)
+    assert doc["kind"] == "FinetuneRun" and doc["metadata"]["name"] == "quickstart"
+    assert doc["spec"]["training"]["optimizer"] == "adamw" and doc["spec"]["runPolicy"]["backoffLimit"] == 3
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("spec:\n  data: {train: s3://b/t.csv}\n  training: {epochs: 0}\n")
+    out = runner.invoke(app, ["validate", str(bad)])
+    assert out.exit_code == errors.EXIT_USAGE and "spec.training.epochs" in out.stderr
+    bad.write_text("spec:\n  data: {train: nowhere.csv}\n")
+    out = runner.invoke(app, ["validate", str(bad)])
+    assert out.exit_code == errors.EXIT_USAGE and "spec.data.train" in out.stderr and "does not exist" in out.stderr
+    bad.write_text("spec:\n  data: [train\n")
+    out = runner.invoke(app, ["validate", str(bad)])
+    assert out.stderr.splitlines()[0].startswith(f"error: {bad}: not valid YAML at line 3, column 1")
+
+
+def test_run_files_are_checked_before_any_cluster_is_asked(tmp_path: Path) -> None:
+    """A bad run file is exit 2 even with no cluster at all (exit 5 would mean the cluster was tried first)."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(bytes(range(256)))
+    env = {"KUBECONFIG": str(tmp_path / "absent")}
+    for args in (["submit", str(bad)], ["submit", "--dry-run", str(bad)], ["run", str(bad)],
+                 ["validate", "--server", str(bad)]):
+        out = runner.invoke(app, args, env=env)
+        assert out.exit_code == errors.EXIT_USAGE and "not a text file" in out.stderr, args
+    out = runner.invoke(app, ["validate", "--server", str(QUICKSTART)], env=env)
+    assert out.exit_code == errors.EXIT_UNAVAILABLE and "kubeconfig" in out.stderr
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("30", 30), ("30s", 30), ("10m", 600), ("1h30m", 5400), ("2d", 172800),
+                                               ("500ms", 0.5), ("0", 0), ("1.5h", 5400)])
+def test_parse_duration(text: str, seconds: float) -> None:
+    from kubetune.sdk.cli import parse_duration
+
+    assert parse_duration(text, "--since") == seconds
+
+
+@pytest.mark.parametrize("text", ["", "10x", "m", "-1s", "1h 30m", "nan", "inf", "10m5"])
+def test_parse_duration_refuses(text: str) -> None:
+    from kubetune.sdk.cli import parse_duration
+
+    with pytest.raises(errors.ConfigInvalid, match="not a duration"):
+        parse_duration(text, "--since")
+
+
+def _status(phase: str | None, *conditions: tuple[str, str]) -> Any:
+    from kubetune.api.spec import FinetuneRunStatus
+
+    return FinetuneRunStatus.model_validate({"phase": phase, "conditions": [
+        {"type": t, "status": s, "reason": "Because"} for t, s in conditions]})
+
+
+@pytest.mark.parametrize(("target", "status", "outcome"), [
+    ("condition=Succeeded", _status("Running", ("Running", "True")), "pending"),
+    ("condition=Succeeded", _status("Succeeded", ("Succeeded", "True")), "met"),
+    ("condition=succeeded", _status("Succeeded", ("Succeeded", "True")), "met"),
+    ("condition=Succeeded", _status("Failed", ("Failed", "True")), "failed"),
+    ("condition=Succeeded", _status("Cancelled", ("Cancelled", "True")), "failed"),
+    ("condition=Failed", _status("Failed", ("Failed", "True")), "met"),
+    ("condition=Failed", _status("Succeeded", ("Succeeded", "True")), "never"),
+    ("condition=Running=False", _status("Succeeded", ("Running", "False")), "met"),
+    ("condition=CleanedUp", _status("Succeeded", ("Succeeded", "True")), "pending"),  # comes after the end
+    ("phase=Running", _status("Pending"), "pending"),
+    ("phase=Pending", _status(None), "met"),
+    ("phase=running", _status("Running", ("Running", "True")), "met"),
+    ("phase=Running", _status("Succeeded", ("Succeeded", "True")), "never"),
+    ("phase=Running", _status("Failed", ("Failed", "True")), "failed"),
+])
+def test_wait_outcome(target: str, status: Any, outcome: str) -> None:
+    from kubetune.sdk.cli import parse_wait_for, wait_outcome
+
+    assert wait_outcome(parse_wait_for(target), status) == outcome
+
+
+def test_wait_for_refuses_what_cannot_be_waited_for() -> None:
+    from kubetune.sdk.cli import WaitFor, parse_wait_for
+
+    assert parse_wait_for("delete") == WaitFor("delete")
+    assert str(parse_wait_for("condition=Running=false")) == "condition=Running=False"
+    for text, match in (("phase=Done", "no such phase"), ("condition=", "not something"), ("ready", "not something"),
+                        ("condition=Ready=maybe", "not something"), ("delete=now", "not something")):
+        with pytest.raises(errors.ConfigInvalid, match=match):
+            parse_wait_for(text)
+    out = runner.invoke(app, ["wait", "r", "--for", "phase=Done"], env={"KUBECONFIG": "/absent"})
+    assert out.exit_code == errors.EXIT_USAGE and "Pending, Running, Succeeded" in out.stderr
+
+
+def test_logs_flags_are_checked_before_any_cluster_is_asked() -> None:
+    env = {"KUBECONFIG": "/absent"}
+    out = runner.invoke(app, ["logs", "r", "-f", "--tail", "5"], env=env)
+    assert out.exit_code == errors.EXIT_USAGE and "--follow" in out.stderr
+    out = runner.invoke(app, ["logs", "r", "--since", "5y"], env=env)
+    assert out.exit_code == errors.EXIT_USAGE and "not a duration" in out.stderr
+    assert runner.invoke(app, ["logs", "r", "--tail", "-2"], env=env).exit_code == errors.EXIT_USAGE
+    assert runner.invoke(app, ["logs", "r", "--tail", "-1", "--since", "10m"], env=env).exit_code == \
+        errors.EXIT_UNAVAILABLE
+
+
+def test_describe_page_shows_spec_conditions_and_events() -> None:
+    from datetime import datetime, timezone
+
+    from kubetune.sdk.cli import describe_view
+    from rich.console import Console
+
+    obj = {"metadata": {"name": "shoes", "namespace": "team", "creationTimestamp": "2026-01-01T10:00:00Z",
+                        "labels": {"team": "search"}},
+           "spec": {"model": {"name": "ViT-B-32", "pretrained": "laion2b_s34b_b79k"},
+                    "data": {"train": "s3://d/train.csv", "eval": "s3://d/eval.csv"}, "training": {"epochs": 3}},
+           "status": {"phase": "Failed", "message": "row 3: [image] x.png not found", "attempts": 2,
+                      "conditions": [{"type": "Running", "status": "False", "reason": "InvalidData",
+                                      "lastTransitionTime": "2026-01-01T10:04:00Z"},
+                                     {"type": "Failed", "status": "True", "reason": "InvalidData",
+                                      "message": "row 3: [image] x.png not found",
+                                      "lastTransitionTime": "2026-01-01T10:04:00Z"}]}}
+    events = [{"type": "Normal", "reason": "JobCreated", "message": "Job shoes-1 created", "count": 1,
+               "lastTimestamp": "2026-01-01T10:00:01Z", "source": {"component": "kopf"}},
+              {"type": "Warning", "reason": "Failed", "message": "InvalidData: row 3", "count": 2,
+               "lastTimestamp": "2026-01-01T10:04:00Z", "reportingComponent": "kubetune"}]
+    console = Console(record=True, width=160)
+    console.print(describe_view(obj, events, now=datetime(2026, 1, 1, 10, 5, tzinfo=timezone.utc)))
+    page = console.export_text()
+    assert "Name:" in page and "shoes" in page and "team=search" in page and "(5m ago)" in page
+    assert "ViT-B-32::laion2b_s34b_b79k" in page and "3 epochs · batch 64" in page and "train s3://d/train.csv" in page
+    assert "row 3: [image] x.png not found" in page  # markup-like text shown as written
+    conditions = page[page.index("Conditions:"):page.index("Events:")]
+    assert "Failed" in conditions and "True" in conditions and "InvalidData" in conditions and "1m" in conditions
+    events_part = page[page.index("Events:"):]
+    assert "JobCreated" in events_part and "4m" in events_part and "kopf" in events_part
+    assert "1m (x2)" in events_part and "kubetune" in events_part
+    console = Console(record=True, width=160)
+    console.print(describe_view({"metadata": {"name": "new"}, "spec": {"data": {"train": "x.csv"}}}, []))
+    page = console.export_text()
+    assert "Conditions:  <none>" in page and "Events:  <none>" in page
+
+
+def test_models_name_output() -> None:
+    names = invoke("models", "-o", "name").stdout.splitlines()
+    assert "ViT-B-32::laion2b_s34b_b79k" in names and all("::" in n for n in names)
+
+
+def test_models_stage_checks_its_arguments_then_needs_the_staging_module(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from kubetune.sdk.cli import STAGING_MODULE
+
+    for args, words in ((["ViT-B-32", "s3://models/vit"], "expected NAME::TAG"),
+                        (["ViT-B-32::openai", "models/vit"], "not an s3://BUCKET/PREFIX URI"),
+                        (["ViT-B-32::openai", "s3://models/vit", "--from", str(tmp_path / "absent.pt")],
+                         "no such file")):
+        out = runner.invoke(app, ["models", "stage", *args])
+        assert out.exit_code == errors.EXIT_USAGE and words in out.stderr, args
+    monkeypatch.setitem(sys.modules, STAGING_MODULE, None)  # the module cannot be imported
+    out = runner.invoke(app, ["models", "stage", "ViT-B-32::openai", "s3://models/vit"])
+    assert out.exit_code == errors.EXIT_MISSING_EXTRA and STAGING_MODULE in out.stderr and "hint: pip install" in \
+        out.stderr
+    calls: list[tuple[Any, ...]] = []
+    staging = types.ModuleType(STAGING_MODULE)
+    staging.stage_model = lambda ref, dest, source=None: calls.append((ref, dest, source)) or f"{dest}/weights.pt"  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, STAGING_MODULE, staging)
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"w")
+    out = runner.invoke(app, ["models", "stage", "ViT-B-32::openai", "s3://models/vit", "--from", str(weights)])
+    assert out.exit_code == 0, out.output
+    assert calls == [("ViT-B-32::openai", "s3://models/vit", str(weights))]
+    assert "s3://models/vit/weights.pt" in out.stdout
+
+
+def test_only_a_failed_run_exits_1() -> None:
+    from kubetune.sdk.cli import exit_code_of
+
+    assert exit_code_of(errors.RunFailed("r", "Failed", "OOMKilled", None)) == errors.EXIT_RUN_FAILED
+    assert exit_code_of(errors.KubetuneError("get finetunerun r: API error 500: boom")) == errors.EXIT_UNAVAILABLE
+    assert exit_code_of(errors.RunNotFound("r", "ns")) == errors.EXIT_NOT_FOUND
