@@ -159,7 +159,9 @@ def test_models_table_and_json() -> None:
     out = invoke("models")
     assert out.exit_code == 0 and "ViT-B-32" in out.output and "laion2b_s34b_b79k" in out.output
     rows = json.loads(invoke("models", "-o", "json").stdout)
-    assert {"name", "pretrained", "embed_dim", "description"} <= set(rows[0])
+    assert {"name", "pretrained", "default", "embed_dim", "description"} <= set(rows[0])
+    defaults = {row["name"]: row["pretrained"] for row in rows if row["default"]}
+    assert defaults["ViT-B-32"] == "laion2b_s34b_b79k" and "the tag a model name alone starts from" in out.output
     import yaml
 
     assert yaml.safe_load(invoke("models", "-o", "yaml").stdout) == rows

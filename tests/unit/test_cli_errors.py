@@ -19,7 +19,8 @@ import typer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kubetune.api import errors
-from kubetune.sdk.cli import EXIT_INTERNAL, app
+from kubetune.api.errors import EXIT_INTERNAL
+from kubetune.sdk.cli import app
 from typer.testing import CliRunner
 
 pytestmark = pytest.mark.unit

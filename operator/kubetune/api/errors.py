@@ -3,14 +3,14 @@
     try:
         run.save_artifact("model")
     except kubetune.RunNotFinished as exc:
-        print(exc.hint)            # "wait for it: run.wait() or `kubetune status NAME -w`"
+        print(exc.hint)            # "wait for it: run.wait() or `kubetune wait NAME`"
 """
 
 from __future__ import annotations
 
 # CLI exit codes (documented in docs/sdk.md): 0 ok, 1 the run failed, 2 bad usage/config, 3 not found,
 # 4 not finished yet, 5 the cluster or the store is unreachable, 6 artifact missing/corrupt, 7 missing extra,
-# 130 interrupted.
+# 70 a kubetune bug (sysexits' EX_SOFTWARE: an exception nobody expected), 130 interrupted.
 EXIT_OK = 0
 EXIT_RUN_FAILED = 1
 EXIT_USAGE = 2
@@ -19,6 +19,7 @@ EXIT_NOT_FINISHED = 4
 EXIT_UNAVAILABLE = 5
 EXIT_ARTIFACT = 6
 EXIT_MISSING_EXTRA = 7
+EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
 
 
@@ -67,7 +68,7 @@ class RunNotFinished(KubetuneError):
 
     def __init__(self, name: str, phase: str | None) -> None:
         super().__init__(f"run {name} is {phase or 'not started yet'}, not Succeeded",
-                         f"wait for it: run.wait() or `kubetune logs {name} -f`")
+                         f"wait for it: run.wait() or `kubetune wait {name}`")
         self.phase = phase
 
 

@@ -36,6 +36,7 @@ from typer.core import TyperGroup
 from kubetune import __version__
 from kubetune.api.errors import (
     EXIT_ARTIFACT,
+    EXIT_INTERNAL,
     EXIT_INTERRUPTED,
     EXIT_MISSING_EXTRA,
     EXIT_NOT_FINISHED,
@@ -58,9 +59,7 @@ if TYPE_CHECKING:
     from kubetune.api.runfile import RunFile
     from kubetune.sdk.client import Client, Run
 
-#: An exception the CLI did not expect: a kubetune bug (sysexits' EX_SOFTWARE). KUBETUNE_DEBUG=1 shows its traceback.
-EXIT_INTERNAL = 70
-DEBUG_ENV = "KUBETUNE_DEBUG"
+DEBUG_ENV = "KUBETUNE_DEBUG"  # set to 1: an unexpected exception (exit 70) shows its traceback
 RESOURCE = f"{SINGULAR}.{GROUP}"  # what `-o name` prints before the run's name, as kubectl does
 STAGING_MODULE = "kubetune.sdk.staging"
 
@@ -1125,9 +1124,11 @@ def models(ctx: typer.Context,
         for column in ("name", "pretrained", "dim", "params", "description"):
             table.add_column(column)
         for row in rows:
-            table.add_row(row["name"], row["pretrained"], str(row["embed_dim"] or ""), row["params"] or "",
-                          row["description"])
+            table.add_row(row["name"], row["pretrained"] + (" *" if row["default"] else ""),
+                          str(row["embed_dim"] or ""), row["params"] or "", row["description"])
         console.print(table)
+        console.print("* the tag a model name alone starts from (`pretrained: random`: a random init)",
+                      highlight=False, markup=False)
 
 
 @models_app.command("stage")
