@@ -212,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     metrics_port, health_port = 18980, 18981
     log_path = Path(f"/tmp/kubetune-bench-{ns}.log")
     op_env = {**env, "KUBETUNE_TRAINER_IMAGE": IMAGE, "KUBETUNE_IMAGE_PULL_POLICY": "Never",
-              "KUBETUNE_S3_SECRET": "", "KUBETUNE_STATUS_QPS": str(args.status_qps)}
+              "KUBETUNE_S3_SECRET": "", "KUBETUNE_STATUS_QPS": str(args.status_qps),
+              # stand-in pods write nothing; the 20Gi default would cap the node at a dozen pods
+              "KUBETUNE_EPHEMERAL_STORAGE": "256Mi"}
 
     def start_operator() -> subprocess.Popen[bytes]:
         with open(log_path, "ab") as log:

@@ -188,13 +188,15 @@ def test_runs_reach_their_phases_scraped_by_prometheus(release: Release, prometh
         pytest.skip("install failed")
     runs = _runs(rel)
     t0 = time.monotonic()
-    runs.create(run_manifest("ok", model=standin(steps=16, pace=0.5), training={"epochs": 2}))
+    runs.create(run_manifest("ok", model=standin(steps=32, pace=0.5), training={"epochs": 2}))
     runs.create(run_manifest("bad", model=standin(steps=4, pace=0.3, exit_code=1), runPolicy={"backoffLimit": 0}))
     runs.create(run_manifest("gpu-waiting", model=standin(), resources={"gpus": 1, "cpu": "50m", "memory": "64Mi"}))
     # While it runs, Prometheus sees its progress from the in-cluster operator.
     series = prometheus.wait_for_series(
         f'kubetune_run_progress_ratio{{job="{rel.job}", namespace="{rel.runs_namespace}", name="ok"}} > 0', 90)
     assert series, f"Prometheus never saw progress; operator log:\n{_operator_log(rel)}"
+    # Some series exist only while a run is Running (its last-progress time): read them now.
+    while_running = _exported_names(rel)
     try:
         final = runs.wait_phase("ok", "Succeeded", 120)
         runs.wait_phase("bad", "Failed", 60)
@@ -221,9 +223,18 @@ def test_runs_reach_their_phases_scraped_by_prometheus(release: Release, prometh
     check = subprocess.run([PROMTOOL, "check", "metrics"], input=exposition, capture_output=True, timeout=60)
     assert check.returncode == 0 and not check.stdout.strip() and not check.stderr.strip(), (
         check.stdout.decode() + check.stderr.decode())
-    rel.scraped = {m.decode() for m in re.findall(rb"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?=[{ ])", exposition, re.M)}
+    rel.scraped = _metric_names(exposition) | while_running
     missing = set(REQUESTED_FROM_OPERATOR) - rel.scraped
     assert not missing, f"the in-cluster operator does not export {sorted(missing)}"
+
+
+def _metric_names(exposition: bytes) -> set[str]:
+    return {m.decode() for m in re.findall(rb"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?=[{ ])", exposition, re.M)}
+
+
+def _exported_names(rel: Release) -> set[str]:
+    with urllib.request.urlopen(rel.metrics_url, timeout=10) as resp:
+        return _metric_names(resp.read())
 
 
 def _job_or_none(runs: Runs, name: str) -> Any:

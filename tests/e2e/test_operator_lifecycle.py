@@ -32,9 +32,10 @@ __all__ = ["crd_installed", "operator", "runs", "standin_image"]
 pytestmark = pytest.mark.e2e
 
 
-def _config_generation(runs: Runs, name: str) -> int:
-    (cm,) = runs.config_maps(name)
-    return int(json.loads(cm.data["run.yaml"])["metadata"]["generation"])
+def _config(runs: Runs, job_name: str) -> dict[str, Any]:
+    """The run config an attempt's pod reads: its Job's pod template annotation (downward API volume)."""
+    (job,) = [j for j in runs.jobs() if j.metadata.name == job_name]
+    return dict(json.loads(job.spec.template.metadata.annotations["kubetune.io/run-config"]))
 
 
 def _reasons(runs: Runs, name: str) -> list[str]:
@@ -64,12 +65,12 @@ def test_spec_edit_applies_from_the_next_attempt_only(standin_image: str, operat
     wait_for(lambda: (c := condition(runs.status("edit-ok"), "SpecValid")) and c["status"] == "True", 30,
              "the edit accepted")
     during = runs.status("edit-ok")
-    # The running attempt keeps its spec: the ConfigMap its pod mounts still says generation 1.
-    assert during["attempts"] == 1 and during["attemptGeneration"] == 1 and _config_generation(runs, "edit-ok") == 1
+    # The running attempt keeps its spec: the config in its Job's (immutable) pod template still says generation 1.
+    assert during["attempts"] == 1 and during["attemptGeneration"] == 1
+    assert _config(runs, "edit-ok-a1")["metadata"]["generation"] == 1
     final = runs.wait_phase("edit-ok", "Succeeded", 150)
     assert final["attempts"] == 2 and final["attemptGeneration"] == 2
-    (cm,) = runs.config_maps("edit-ok")
-    doc = json.loads(cm.data["run.yaml"])
+    doc = _config(runs, "edit-ok-a2")
     assert doc["metadata"]["generation"] == 2 and doc["spec"]["training"]["learningRate"] == 2e-6
 
 

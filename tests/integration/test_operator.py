@@ -40,7 +40,8 @@ def test_schema_rejects_bad_specs_with_field_paths(cluster: Any, crd_installed: 
     assert "Peak learning rate" in explain.stdout
 
 
-def test_run_gets_configmap_and_job_owned_by_it(cluster: Any, operator: Any, runs: Runs, namespace: str) -> None:
+def test_run_gets_a_job_owned_by_it_carrying_its_config(cluster: Any, operator: Any, runs: Runs,
+                                                        namespace: str) -> None:
     manifest = run_manifest("r1", model=standin(steps=50, pace=0.5), queueName="team-queue")
     kubectl(cluster.kubeconfig, "-n", namespace, "apply", "-f", "-", input=json.dumps(manifest))
     t0 = time.monotonic()
@@ -57,9 +58,8 @@ def test_run_gets_configmap_and_job_owned_by_it(cluster: Any, operator: Any, run
     pod_spec = job.spec.template.spec
     assert pod_spec.automount_service_account_token is False
     assert pod_spec.containers[0].security_context.read_only_root_filesystem is True
-    (cm,) = wait_for(lambda: runs.config_maps("r1"), 10, "the run's ConfigMap")
-    assert cm.metadata.owner_references[0].uid == uid
-    config = json.loads(cm.data["run.yaml"])
+    assert runs.config_maps("r1") == []  # the run config travels in the Job: the operator has no ConfigMap rights
+    config = json.loads(job.spec.template.metadata.annotations["kubetune.io/run-config"])
     assert config["metadata"]["uid"] == uid and config["spec"]["model"]["config"]["standin"]["steps"] == 50
     status = wait_for(lambda: (s := runs.status("r1")).get("jobName")
                       and condition(s, "Created").get("status") == "True" and s, 20, "status with the Job")

@@ -142,6 +142,8 @@ class OperatorProcess:
             "KUBETUNE_IMAGE_PULL_POLICY": "Never",
             "KUBETUNE_S3_SECRET": "",
             "KUBETUNE_TTL_CHECK_INTERVAL": "1",
+            # the stand-in and the tiny trainer write little; the 20Gi default would fit a dozen pods on the node
+            "KUBETUNE_EPHEMERAL_STORAGE": "1Gi",
             **(env or {}),
         }
         self.proc: subprocess.Popen[bytes] | None = None

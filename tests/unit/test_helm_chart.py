@@ -86,11 +86,25 @@ NON_DEFAULT: dict[str, Any] = {
 }
 
 
+SECURITY: dict[str, Any] = {
+    "operator": {"watchNamespaces": ["team-a", "team-b"]},
+    "runDefaults": {"trainer": {"image": "registry.example.com/ml/trainer:2", "ephemeralStorage": "50Gi"},
+                    "gpu": {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}},
+    "platformPolicy": {"allowedImages": ["registry.example.com/ml/*", "ghcr.io/team/trainer:*"],
+                       "allowedPriorityClasses": ["batch-low", "batch-high"], "allowedTolerationKeys": ["spot"],
+                       "maxGpusPerRun": 4},
+    "networkPolicy": {"enabled": True, "objectStore": {"cidrs": ["10.20.0.0/16", "192.168.7.10/32"],
+                                                       "ports": [443, 9000]},
+                      "extraEgress": [{"to": [{"ipBlock": {"cidr": "10.30.0.5/32"}}],
+                                       "ports": [{"protocol": "TCP", "port": 5000}]}]},
+}
+
+
 # ------------------------------------------------------------------------------------------ lint
 @pytest.mark.parametrize("values", [{}, NON_DEFAULT, {"operator": {"watchNamespaces": ["team-*"]}},
                                     {"leaderElection": {"enabled": False}, "rbac": {"crdScanning": False},
-                                     "grafana": {"dashboards": {"enabled": False}}}],
-                         ids=["default", "non-default", "glob", "minimal"])
+                                     "grafana": {"dashboards": {"enabled": False}}}, SECURITY],
+                         ids=["default", "non-default", "glob", "minimal", "security"])
 def test_lint_strict_clean(values: dict[str, Any]) -> None:
     report = helm.lint(CHART, values, strict=True, kube_version="v1.20.2", namespace=NS)
     problems = [m for m in report["messages"] if m["severity"] >= 2]
@@ -208,6 +222,43 @@ def test_default_rbac_cluster_wide_and_least_privilege() -> None:
     assert not {d["kind"] for d in docs} & {"KopfPeering", "ClusterKopfPeering"}
 
 
+def documented_grants() -> dict[tuple[str, str], set[str]]:
+    """(API group, resource) → verbs, from docs/helm.md's table of what the operator holds."""
+    text = (ROOT / "docs" / "helm.md").read_text()
+    table = text.split("<!-- operator-verbs: begin")[1].split("<!-- operator-verbs: end")[0]
+    grants: dict[tuple[str, str], set[str]] = {}
+    for row in table.splitlines():
+        found = re.match(r"\| `([^`]+)`(?: \(([^)]+)\))? \| ([a-z, ]+) \|", row)
+        if found:
+            grants.setdefault((found[2] or "", found[1]), set()).update(v.strip() for v in found[3].split(","))
+    return grants
+
+
+def granted(docs: list[dict[str, Any]]) -> dict[tuple[str, str], set[str]]:
+    """(API group, resource) → verbs over every Role and ClusterRole the chart renders."""
+    grants: dict[tuple[str, str], set[str]] = {}
+    for doc in docs:
+        for rule in doc.get("rules") or () if doc["kind"] in ("Role", "ClusterRole") else ():
+            for group in rule["apiGroups"]:
+                for resource in rule["resources"]:
+                    grants.setdefault((group, resource), set()).update(rule["verbs"])
+    return grants
+
+
+@pytest.mark.parametrize(("values", "cluster_wide"), [({}, True), ({"operator": {"watchNamespaces": ["team-*"]}}, True),
+                                                      (NON_DEFAULT, False), (SECURITY, False)],
+                         ids=["all namespaces", "glob", "named namespaces", "security"])
+def test_the_operator_holds_exactly_the_documented_verbs_and_no_config_maps(values: dict[str, Any],
+                                                                           cluster_wide: bool) -> None:
+    grants = granted(render(values))
+    assert not {("", "configmaps"), ("", "secrets"), ("", "pods/exec"), ("", "serviceaccounts/token")} & set(grants)
+    expected = documented_grants()
+    assert expected[("", "pods")] == {"get", "list", "watch"} and ("", "configmaps") not in expected
+    if not cluster_wide:
+        del expected[("", "namespaces")]  # kopf follows namespaces only to match patterns
+    assert grants == expected
+
+
 def test_leader_election_rbac_is_namespaced_and_limited_to_the_release_lease() -> None:
     for values in ({}, NON_DEFAULT):
         docs = render(values)
@@ -289,6 +340,69 @@ def test_non_default_render() -> None:
     assert env["KUBETUNE_S3_ENDPOINT"] == "http://s3.example:9000"  # explicit endpoint wins over MinIO
 
 
+def test_platform_policy_and_trainer_disk_values_reach_the_operator_settings() -> None:
+    from kubetune.lifecycle.policy import PlatformPolicy
+    from kubetune.operator.settings import OperatorSettings
+
+    container = one(render(SECURITY), "Deployment", "kt-kubetune")["spec"]["template"]["spec"]["containers"][0]
+    env = {k: v for k, v in env_of(container).items() if isinstance(v, str)}
+    settings = OperatorSettings.from_env(env)
+    assert settings.ephemeral_storage == "50Gi"
+    assert settings.platform_policy() == PlatformPolicy(
+        images=("registry.example.com/ml/*", "ghcr.io/team/trainer:*", "registry.example.com/ml/trainer:2"),
+        priority_classes=("batch-low", "batch-high"), toleration_keys=("spot", "nvidia.com/gpu"), max_gpus=4)
+    default_env = env_of(one(render(), "Deployment", "kt-kubetune")["spec"]["template"]["spec"]["containers"][0])
+    assert not {k for k in default_env if "ALLOWED" in k or "MAX_GPUS" in k}  # unset: anything is allowed
+    zero = env_of(one(render({"platformPolicy": {"maxGpusPerRun": 0}}), "Deployment", "kt-kubetune")["spec"][
+        "template"]["spec"]["containers"][0])
+    assert zero["KUBETUNE_MAX_GPUS_PER_RUN"] == "0"  # CPU-only platforms: 0 is a limit, not "unset"
+
+
+def _network_policy_roundtrip(doc: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` through the Kubernetes API's own model of a NetworkPolicy: a field it does not know is dropped."""
+    from kubernetes import client
+
+    api = client.ApiClient()
+    model = api.deserialize(json.dumps(doc), "V1NetworkPolicy", "application/json")
+    return dict(api.sanitize_for_serialization(model))
+
+
+def test_trainer_network_policy_is_off_by_default() -> None:
+    assert not find(render(), "NetworkPolicy")
+
+
+def test_trainer_network_policy_denies_ingress_and_allows_egress_to_dns_and_the_object_store_only() -> None:
+    from kubetune.operator import manifests
+
+    policies = find(render(SECURITY), "NetworkPolicy")
+    assert {p["metadata"]["namespace"] for p in policies} == {"team-a", "team-b"}  # the watched namespaces
+    policy = policies[0]
+    assert _network_policy_roundtrip(policy) == policy  # every field is one Kubernetes knows
+    spec = policy["spec"]
+    # it selects the operator's trainer pods, by the labels the operator puts on them
+    run = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FinetuneRun",
+           "metadata": {"name": "r", "namespace": "team-a", "uid": "u"}}
+    pod_labels = manifests.labels(run, 1)
+    assert spec["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert set(spec["policyTypes"]) == {"Ingress", "Egress"} and spec["ingress"] == []
+    dns, store, extra = spec["egress"]
+    assert dns["to"] == [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}]
+    assert sorted((p["protocol"], p["port"]) for p in dns["ports"]) == [("TCP", 53), ("UDP", 53)]
+    assert store == {"to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}, {"ipBlock": {"cidr": "192.168.7.10/32"}}],
+                     "ports": [{"protocol": "TCP", "port": 443}, {"protocol": "TCP", "port": 9000}]}
+    assert extra == SECURITY["networkPolicy"]["extraEgress"][0]
+    listed = find(render({**SECURITY, "operator": {}, "networkPolicy": {**SECURITY["networkPolicy"],
+                                                                         "namespaces": ["ml"]}}), "NetworkPolicy")
+    assert [p["metadata"]["namespace"] for p in listed] == ["ml"]  # cluster-wide mode with a list
+
+
+def test_trainer_network_policy_needs_namespaces_and_the_object_store() -> None:
+    with pytest.raises(helm.HelmError, match=r"networkPolicy\.enabled needs networkPolicy\.namespaces"):
+        render({"networkPolicy": {"enabled": True, "objectStore": {"cidrs": ["10.0.0.0/8"]}}})
+    with pytest.raises(helm.HelmError, match=r"needs networkPolicy\.objectStore\.cidrs"):
+        render({"operator": {"watchNamespaces": ["a"]}, "networkPolicy": {"enabled": True}})
+
+
 def test_minio_endpoint_default() -> None:
     docs = render({"minio": {"enabled": True}})
     env = env_of(one(docs, "Deployment", "kt-kubetune")["spec"]["template"]["spec"]["containers"][0])
@@ -355,6 +469,14 @@ def test_render_failures_explain_themselves() -> None:
     ({"metrics": {"prometheusRule": {"failedRuns": {"ratio": 1.5}}}}, r"ratio"),
     ({"metrics": {"prometheusRule": {"pendingFor": "30m"}}}, r"pendingFor"),  # now pendingSeconds
     ({"metrics": {"prometheusRule": {"selector": "{job=\"x\"}"}}}, r"selector"),  # matchers, not a selector
+    ({"platformPolicy": {"allowedImages": ["registry.example.com*"]}}, r"allowedImages"),
+    ({"platformPolicy": {"allowedImages": "registry.example.com/ml/*"}}, r"allowedImages.*(array|type)"),
+    ({"platformPolicy": {"maxGpusPerRun": -1}}, r"maxGpusPerRun"),
+    ({"platformPolicy": {"allowedPriorityClasses": ["High"]}}, r"allowedPriorityClasses"),
+    ({"platformPolicy": {"allowedRegistries": []}}, r"allowedRegistries"),
+    ({"networkPolicy": {"objectStore": {"cidrs": ["minio.example.com"]}}}, r"cidrs"),
+    ({"networkPolicy": {"objectStore": {"ports": [70000]}}}, r"ports"),
+    ({"runDefaults": {"trainer": {"ephemeralStorage": "lots"}}}, r"ephemeralStorage"),
 ])
 def test_schema_rejects_bad_values(values: dict[str, Any], expected: str) -> None:
     chart = helm.Chart.load(CHART)

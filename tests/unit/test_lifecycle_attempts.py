@@ -283,7 +283,7 @@ def test_a_job_deleted_while_followed_cancels_the_run() -> None:
     ("a valid live spec is used", True, None, True, "live"),
     ("a valid live spec wins over the last valid one", True, True, True, "live"),
     ("an invalid edit: the last valid spec goes on", False, True, True, "last_valid"),
-    ("an invalid edit, none known yet: read the ConfigMap's", False, None, True, "read_config_map"),
+    ("an invalid edit, none known yet: read the attempt's", False, None, True, "read_attempt_spec"),
     ("none valid, the run ran once: it fails (InvalidSpec)", False, False, True, "fail"),
     ("none valid, never ran: stop (accept failed it already)", False, False, False, "stop"),
 ])

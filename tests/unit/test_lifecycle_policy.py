@@ -1,20 +1,29 @@
-"""The rules for a run's course from outside its attempts (kubetune.lifecycle.policy): acceptance, when the
-supervisor and the TTL timer run, suspend and resume, TTL cleanup. Case by case, with a fake clock (``now`` is a
-plain float)."""
+"""The rules for a run's course from outside its attempts (kubetune.lifecycle.policy): acceptance, the platform's
+admission (allow-list, run config size), when the supervisor and the TTL timer run, suspend and resume, TTL
+cleanup. Case by case, with a fake clock (``now`` is a plain float)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import pytest
-from kubetune.api.spec import CANCEL_ANNOTATION, FinetuneRunStatus
+from kubetune.api.spec import CANCEL_ANNOTATION, FinetuneRunStatus, ResourcesSpec
 from kubetune.lifecycle.conditions import CLEANED_UP, RUNNING, SUSPENDED, get_condition, set_condition, transition
 from kubetune.lifecycle.formats import now_rfc3339
 from kubetune.lifecycle.policy import (
+    ADMITTED,
+    PlatformPolicy,
+    Refusal,
     accept_update,
     accepting,
+    admission,
+    image_allowed,
+    image_pattern_problem,
     is_active,
     is_suspended,
+    policy_violations,
+    readmitted,
+    refused_edit_update,
     resume_update,
     suspend_toggle,
     suspend_update,
@@ -86,8 +95,8 @@ def test_the_ttl_timer_runs_for_finished_runs_with_a_ttl_until_they_are_cleaned_
 
 def test_the_ttl_cleanup_says_what_it_deleted_and_marks_the_run_cleaned_up() -> None:
     status = phase("Succeeded")
-    message, update = ttl_update(status, 2, 1, T0 + 90)
-    assert message == "TTL after finish expired: deleted 2 Job(s) and 1 ConfigMap(s)."
+    message, update = ttl_update(status, 2, T0 + 90)
+    assert message == "TTL after finish expired: deleted 2 Job(s)."
     assert set(update) == {"conditions"}  # the run's phase and message stay
     assert cond(update, CLEANED_UP) == ("True", "TTLExpired", now_rfc3339(T0 + 90))
     assert not ttl_pending(TTL, {**status, **update})
@@ -125,6 +134,133 @@ def test_acceptance_fails_an_invalid_spec_and_holds_a_suspended_run(
     assert (change.phase, change.reason, change.message) == expected, case
     assert (update["phase"], update["message"], update["observedGeneration"]) == (expected[0], expected[2], 4), case
     assert (update.get("completionTime") is not None) is (expected[0] == "Failed"), case  # Failed is final
+
+
+# ------------------------------------------------------------------------------------ admission
+REGISTRY = "registry.example.com/ml"
+POLICY = PlatformPolicy(images=(f"{REGISTRY}/*", "docker.io/kubetune/trainer:0.2.0", "ghcr.io/team/trainer:*"),
+                        priority_classes=("batch-low", "batch-high"), toleration_keys=("nvidia.com/gpu", "spot"),
+                        max_gpus=4)
+TOLERATE_ALL = {"operator": "Exists"}
+
+
+@pytest.mark.parametrize(("case", "resources", "policy", "violations"), [
+    ("nothing set: the operator's defaults are the platform's", {}, POLICY, []),
+    ("an image under an allowed path", {"image": f"{REGISTRY}/trainer:1.0"}, POLICY, []),
+    ("deeper under an allowed path", {"image": f"{REGISTRY}/team/trainer@sha256:ab"}, POLICY, []),
+    ("an exact image", {"image": "docker.io/kubetune/trainer:0.2.0"}, POLICY, []),
+    ("any tag of an allowed repository", {"image": "ghcr.io/team/trainer:nightly"}, POLICY, []),
+    ("another tag than the exact one", {"image": "docker.io/kubetune/trainer:latest"}, POLICY,
+     ["spec.resources.image"]),
+    ("a registry whose name starts like the allowed one", {"image": "registry.example.com.evil.io/ml/x:1"}, POLICY,
+     ["spec.resources.image"]),
+    ("a sibling path", {"image": "registry.example.com/ml-other/x:1"}, POLICY, ["spec.resources.image"]),
+    ("the path itself is no image under it", {"image": f"{REGISTRY}/"}, POLICY, ["spec.resources.image"]),
+    ("another repository than the any-tag one", {"image": "ghcr.io/team/trainer-x:1"}, POLICY,
+     ["spec.resources.image"]),
+    ("an allowed priority class", {"priorityClassName": "batch-low"}, POLICY, []),
+    ("another priority class", {"priorityClassName": "system-cluster-critical"}, POLICY,
+     ["spec.resources.priorityClassName"]),
+    ("allowed taint keys", {"tolerations": [{"key": "spot", "operator": "Exists"},
+                                            {"key": "nvidia.com/gpu", "operator": "Exists"}]}, POLICY, []),
+    ("a control-plane toleration", {"tolerations": [{"key": "spot", "operator": "Exists"},
+                                                   {"key": "node-role.kubernetes.io/control-plane",
+                                                    "operator": "Exists"}]}, POLICY,
+     ["spec.resources.tolerations[1].key"]),
+    ("a toleration without a key tolerates every taint", {"tolerations": [TOLERATE_ALL]}, POLICY,
+     ["spec.resources.tolerations[0].key"]),
+    ("GPUs at the limit", {"gpus": 4}, POLICY, []),
+    ("GPUs over the limit", {"gpus": 8}, POLICY, ["spec.resources.gpus"]),
+    ("everything wrong at once, in field order", {"image": "evil/miner:1", "priorityClassName": "x", "gpus": 16,
+                                                  "tolerations": [TOLERATE_ALL]}, POLICY,
+     ["spec.resources.image", "spec.resources.priorityClassName", "spec.resources.tolerations[0].key",
+      "spec.resources.gpus"]),
+    ("no allow-list: anything", {"image": "evil/miner:1", "priorityClassName": "x", "gpus": 16,
+                                 "tolerations": [TOLERATE_ALL]}, PlatformPolicy(), []),
+    ("no GPUs at all", {"gpus": 1}, PlatformPolicy(max_gpus=0), ["spec.resources.gpus"]),
+])
+def test_the_platform_allow_list_names_each_field_it_refuses(case: str, resources: dict[str, Any],
+                                                              policy: PlatformPolicy, violations: list[str]) -> None:
+    found = policy_violations(ResourcesSpec.model_validate(resources), policy)
+    assert [path for path, _ in found] == violations, case
+
+
+@pytest.mark.parametrize(("resources", "reason"), [
+    ({"image": "evil/miner:1"}, "image 'evil/miner:1' is not allowed; allowed: 'registry.example.com/ml/*', "
+                                "'docker.io/kubetune/trainer:0.2.0', 'ghcr.io/team/trainer:*'"),
+    ({"priorityClassName": "x"}, "priority class 'x' is not allowed; allowed: 'batch-low', 'batch-high'"),
+    ({"tolerations": [TOLERATE_ALL]}, "a toleration without a key (every taint) is not allowed; allowed keys: "
+                                      "'nvidia.com/gpu', 'spot'"),
+    ({"gpus": 8}, "8 GPUs is more than the 4 allowed per run"),
+])
+def test_a_refusal_says_what_is_allowed(resources: dict[str, Any], reason: str) -> None:
+    ((_, found),) = policy_violations(ResourcesSpec.model_validate(resources), POLICY)
+    assert found == reason
+
+
+@pytest.mark.parametrize(("pattern", "valid"), [
+    ("registry.example.com/ml/trainer:1.0", True),
+    ("registry.example.com/ml/*", True),
+    ("registry.example.com/ml/trainer:*", True),
+    ("registry.example.com/ml/trainer@*", True),
+    ("registry.example.com*", False),  # would allow registry.example.com.attacker.io
+    ("registry.example.com/ml/train*", False),
+    ("*", False),
+    ("/*", False),
+    ("registry.example.com/*/trainer:1", False),
+    ("", False),
+    ("a b", False),
+])
+def test_only_path_tag_or_digest_wildcards_make_image_patterns(pattern: str, valid: bool) -> None:
+    assert (image_pattern_problem(pattern) is None) is valid, pattern
+    if valid and pattern.endswith("*"):
+        assert not image_allowed(pattern[:-1], [pattern])  # the bare prefix is no image under it
+
+
+@pytest.mark.parametrize(("case", "resources", "config_bytes", "reason"), [
+    ("allowed, under the budget", {}, 999, None),
+    ("exactly at the budget", {}, 1_000, None),
+    ("over the budget", {}, 1_001, "ConfigTooLarge"),
+    ("a violation is named before the size", {"gpus": 8}, 1_001, "PolicyViolation"),
+])
+def test_admission_checks_the_allow_list_then_the_run_config_size(case: str, resources: dict[str, Any],
+                                                                  config_bytes: int, reason: str | None) -> None:
+    refusal = admission(ResourcesSpec.model_validate(resources), POLICY, config_bytes=config_bytes,
+                        config_limit=1_000)
+    assert (refusal.reason if refusal else None) == reason, case
+
+
+def test_acceptance_fails_a_refused_run_with_admitted_false_and_no_job() -> None:
+    refusal = admission(ResourcesSpec.model_validate({"gpus": 8}), POLICY, config_bytes=1, config_limit=10)
+    assert refusal is not None
+    for suspended in (False, True):  # suspended or not, it would never be admitted
+        accepted = accept_update({}, 3, invalid=None, suspended=suspended, now=T0, refusal=refusal)
+        assert accepted is not None
+        change, update = accepted
+        assert (change.phase, change.reason) == ("Failed", "PolicyViolation")
+        assert change.message == ("Not admitted (PolicyViolation): spec.resources.gpus: 8 GPUs is more than the 4 "
+                                  "allowed per run")
+        assert update["phase"] == "Failed" and update["observedGeneration"] == 3
+        assert cond(update, ADMITTED) == ("False", "PolicyViolation", now_rfc3339(T0))
+        assert get_condition(update["conditions"], ADMITTED)["message"] == change.message  # type: ignore[index]
+    # an invalid spec is named as such first (its fields cannot be checked against the allow-list)
+    accepted = accept_update({}, 3, invalid="spec.data: required", suspended=False, now=T0, refusal=refusal)
+    assert accepted is not None and accepted[0].reason == "InvalidSpec"
+
+
+def test_a_refused_edit_is_not_applied_and_an_admitted_one_clears_the_refusal() -> None:
+    running = FinetuneRunStatus.model_validate({**phase("Running"), "attemptGeneration": 1})
+    refusal = Refusal("PolicyViolation", (("spec.resources.gpus", "8 GPUs is more than the 4 allowed per run"),))
+    update = refused_edit_update(running, 2, refusal, T0)
+    assert update["message"] == ("Spec generation 2 is not admitted (PolicyViolation) and not applied: "
+                                 "spec.resources.gpus: 8 GPUs is more than the 4 allowed per run. The run goes on "
+                                 "with generation 1.")
+    assert "observedGeneration" not in update and "phase" not in update  # the run goes on as it was
+    assert cond(update, ADMITTED) == ("False", "PolicyViolation", now_rfc3339(T0))
+    cleared = readmitted(update["conditions"], 3, T0 + 5)
+    assert cond({"conditions": cleared}, ADMITTED) == ("True", "Admitted", now_rfc3339(T0 + 5))
+    never_refused = phase("Running")["conditions"]
+    assert readmitted(never_refused, 3, T0) == never_refused  # no Admitted condition where nothing was refused
 
 
 def test_an_invalid_spec_message_is_clipped_in_the_status_but_whole_for_the_event() -> None:

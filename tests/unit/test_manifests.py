@@ -1,8 +1,10 @@
-"""Pure manifest builders: ConfigMap and per-attempt Job."""
+"""Pure manifest builders: the per-attempt Job, with the run config in its pod template."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,6 +12,7 @@ import yaml
 from kubetune.api.spec import FinetuneRunSpec
 from kubetune.operator import manifests
 from kubetune.operator.settings import Capabilities, OperatorSettings
+from kubetune.operator.supervisor import admission_refusal
 
 pytestmark = pytest.mark.unit
 
@@ -39,19 +42,17 @@ def test_job_names_are_deterministic_and_short() -> None:
     assert manifests.job_name(long, 3) == manifests.job_name(long, 3)
     assert manifests.job_name(long + "a", 1) != manifests.job_name(long + "b", 1)
     assert len(manifests.run_label(long)) <= 63
-    assert len(manifests.config_map_name("y" * 253)) <= 253
 
 
 def test_owner_references_and_labels() -> None:
     run = _run()
     spec = _spec(run)
-    for child in (manifests.config_map(run, spec, SETTINGS), manifests.job(run, spec, SETTINGS, attempt=2)):
-        (ref,) = child["metadata"]["ownerReferences"]
-        assert ref == {"apiVersion": "kubetune.io/v1alpha1", "kind": "FinetuneRun", "name": "clip-ft",
-                       "uid": "1234-uid", "controller": True, "blockOwnerDeletion": True}
-        assert child["metadata"]["namespace"] == "team-a"
-        assert child["metadata"]["labels"][manifests.RUN_LABEL] == "clip-ft"
     job = manifests.job(run, spec, SETTINGS, attempt=2)
+    (ref,) = job["metadata"]["ownerReferences"]
+    assert ref == {"apiVersion": "kubetune.io/v1alpha1", "kind": "FinetuneRun", "name": "clip-ft",
+                   "uid": "1234-uid", "controller": True, "blockOwnerDeletion": True}
+    assert job["metadata"]["namespace"] == "team-a"
+    assert job["metadata"]["labels"][manifests.RUN_LABEL] == "clip-ft"
     assert job["metadata"]["name"] == "clip-ft-a2"
     assert job["metadata"]["labels"][manifests.ATTEMPT_LABEL] == "2"
     assert job["spec"]["template"]["metadata"]["labels"][manifests.RUN_LABEL] == "clip-ft"
@@ -59,17 +60,138 @@ def test_owner_references_and_labels() -> None:
     assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
 
 
-def test_config_map_holds_the_resolved_run() -> None:
+def _config(job: dict[str, Any]) -> Any:
+    """The run config as the trainer reads it: the file the downward API volume makes of the annotation."""
+    return yaml.safe_load(job["spec"]["template"]["metadata"]["annotations"][manifests.CONFIG_ANNOTATION])
+
+
+def test_the_pod_template_carries_the_resolved_run_config_at_the_path_the_trainer_reads() -> None:
     run = _run()
-    cm = manifests.config_map(run, _spec(run), SETTINGS)
-    assert cm["metadata"]["name"] == "clip-ft-config"
-    doc = yaml.safe_load(cm["data"]["run.yaml"])
+    job = manifests.job(run, _spec(run), SETTINGS, attempt=1)
+    container, pod = _container(job), job["spec"]["template"]["spec"]
+    # KUBETUNE_CONFIG names the file the "config" volume's only item makes of the annotation
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "config"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "config"]
+    (item,) = volume["downwardAPI"]["items"]
+    assert env["KUBETUNE_CONFIG"] == f"{mount['mountPath']}/{item['path']}" == "/etc/kubetune/run.yaml"
+    assert item["fieldRef"] == {"fieldPath": "metadata.annotations['kubetune.io/run-config']"}
+    assert mount["readOnly"] is True
+    doc = _config(job)
     assert doc["metadata"] == {"name": "clip-ft", "namespace": "team-a", "uid": "1234-uid", "generation": 2}
     spec = FinetuneRunSpec.model_validate(doc["spec"])  # the trainer reads it back like this
     assert spec.output.endpoint == "http://10.0.0.1:9000" and spec.output.bucket == "models"
     assert spec.output.credentials_secret is not None and spec.output.credentials_secret.name == "s3-creds"
     assert spec.resources.image == "kubetune/trainer:test"
     assert spec.training.epochs == 5  # defaults are resolved
+    # stdlib-only readers (json.load) get the same spec
+    as_json = json.loads(job["spec"]["template"]["metadata"]["annotations"][manifests.CONFIG_ANNOTATION])
+    assert FinetuneRunSpec.model_validate(as_json["spec"]) == spec
+
+
+def test_nothing_in_a_job_refers_to_a_config_map() -> None:
+    """The operator holds no ConfigMap rights: an attempt needs no ConfigMap to exist."""
+    run = _run()
+    job = manifests.job(run, _spec(run), SETTINGS, attempt=1)
+    assert "configMap" not in json.dumps(job["spec"]["template"]["spec"])
+
+
+def test_each_attempt_keeps_the_spec_it_was_built_from() -> None:
+    """A Job's template is immutable and carries its attempt's run config: an edit reaches the next attempt's
+    Job only, and a restarted operator reads the running attempt's spec back from its Job."""
+    first = _run()
+    edited = {**first, "metadata": {**first["metadata"], "generation": 3},
+              "spec": {"data": {"train": "s3://data/train.csv"}, "training": {"learningRate": 2e-6}}}
+    job1 = manifests.job(first, _spec(first), SETTINGS, attempt=1)
+    job2 = manifests.job(edited, _spec(edited), SETTINGS, attempt=2)
+    spec1, generation1 = manifests.applied_spec(job1)
+    spec2, generation2 = manifests.applied_spec(job2)
+    assert (generation1, generation2) == (2, 3)
+    assert spec1 == manifests.resolve_spec(_spec(first), SETTINGS) and spec1.training.learning_rate == 1e-5
+    assert spec2 is not None and spec2.training.learning_rate == 2e-6
+
+
+@pytest.mark.parametrize("job", [None, {}, {"spec": {"template": {"metadata": {"annotations": {}}}}},
+                                 {"spec": {"template": {"metadata": {"annotations": {
+                                     manifests.CONFIG_ANNOTATION: "{not json"}}}}}],
+                         ids=["no Job", "empty", "an older operator's Job (ConfigMap)", "unreadable"])
+def test_a_job_without_a_readable_config_has_no_applied_spec(job: Any) -> None:
+    assert manifests.applied_spec(job) == (None, None)
+
+
+def _largest_open_clip_config() -> dict[str, Any]:
+    """The largest model config open_clip ships (read without importing open_clip, and torch with it)."""
+    found = importlib.util.find_spec("open_clip")
+    if found is None or found.origin is None:
+        pytest.skip("open_clip is not installed")
+    configs = sorted((Path(found.origin).parent / "model_configs").glob("*.json"), key=lambda p: p.stat().st_size)
+    return dict(json.loads(configs[-1].read_text()))
+
+
+def _largest_realistic_spec() -> dict[str, Any]:
+    """Every field the schema bounds at its bound (URIs of 2 KiB, 64 zero-shot templates of 200 characters, 32
+    tolerations, ...), the largest open_clip model config as a custom config, and 16 node labels."""
+    uri = "s3://bucket/" + "d" * 2036
+    return {
+        "model": {"name": "m" * 200, "config": _largest_open_clip_config(), "pretrained": "random"},
+        "data": {"train": uri, "eval": uri, "query": uri, "index": uri, "reference": uri, "zeroShot": uri,
+                 "textColumn": "t" * 100, "imageColumn": "i" * 100},
+        "training": {"maxSteps": 10**9, "gradClipNorm": 1.0},
+        "callbacks": {
+            "evaluation": {"zeroShotTemplates": ["{}" + "x" * 198] * 64, "maxQueries": 10**9},
+            "bestModel": {"monitor": "m" * 100}, "earlyStopping": {"monitor": "m" * 100},
+            "wiseFt": {"sweep": [i / 20 for i in range(21)], "metric": "m" * 100},
+            "wandb": {"project": "p" * 128, "entity": "e" * 128, "runName": "r" * 128,
+                      "apiKeySecret": {"name": "s" * 253, "key": "k" * 253}},
+            "mlflow": {"trackingUri": "http://mlflow/" + "u" * 2030, "experiment": "e" * 256, "runName": "r" * 250}},
+        "output": {"endpoint": "http://" + "h" * 2000, "bucket": "b" * 63, "prefix": "p" * 1024, "region": "r" * 64,
+                   "credentialsSecret": {"name": "s" * 253, "accessKeyKey": "a" * 253, "secretKeyKey": "k" * 253}},
+        "resources": {"image": "i" * 1024, "priorityClassName": "p" * 253, "imagePullSecrets": ["s" * 253] * 16,
+                      "nodeSelector": {f"example.com/label-{i:02}" + "k" * 40: "v" * 63 for i in range(16)},
+                      "tolerations": [{"key": "k" * 316, "operator": "Equal", "value": "v" * 63,
+                                       "effect": "NoExecute", "tolerationSeconds": 10**9}] * 32},
+        "runPolicy": {"activeDeadlineSeconds": 10**9, "ttlSecondsAfterFinished": 10**9},
+        "queueName": "q" * 63,
+    }
+
+
+def test_the_largest_realistic_spec_fits_the_pod_template_annotations_with_room() -> None:
+    run = _run(name="n" * 253, spec=_largest_realistic_spec())
+    size = manifests.config_bytes(run, _spec(run), SETTINGS)
+    # measured: 59.6 KB, a quarter of the 224 KiB budget; a typical run's is 1.5 KB
+    assert size < manifests.CONFIG_BUDGET // 3, size
+    assert admission_refusal(run, _spec(run), SETTINGS) is None
+    typical = _run()
+    assert manifests.config_bytes(typical, _spec(typical), SETTINGS) < 2048
+
+
+def test_a_run_config_too_large_for_the_pod_template_is_refused_with_its_size() -> None:
+    huge = _run(spec={"data": {"train": "s3://d/t.csv"},
+                      "model": {"name": "custom", "config": {"blob": "x" * manifests.CONFIG_BUDGET}}})
+    refusal = admission_refusal(huge, _spec(huge), SETTINGS)
+    assert refusal is not None and refusal.reason == "ConfigTooLarge"
+    size = manifests.config_bytes(huge, _spec(huge), SETTINGS)
+    assert size > manifests.CONFIG_BUDGET
+    assert f"the run config is {size} bytes, more than the {manifests.CONFIG_BUDGET}" in refusal.message
+    assert manifests.CONFIG_BUDGET < manifests.ANNOTATIONS_LIMIT == 256 * 1024
+
+
+def test_scratch_disk_is_the_emptydir_size_limit_and_the_ephemeral_storage_request_and_limit() -> None:
+    for spec, expected in ((None, "20Gi"), ("75Gi", "75Gi")):
+        run = _run(spec={"data": {"train": "s3://d/t.csv"}, "resources": {"ephemeralStorage": spec} if spec else {}})
+        job = manifests.job(run, _spec(run), SETTINGS, attempt=1)
+        resources = _container(job)["resources"]
+        assert resources["requests"]["ephemeral-storage"] == resources["limits"]["ephemeral-storage"] == expected
+        volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+        (tmp,) = [m for m in _container(job)["volumeMounts"] if m["mountPath"] == "/tmp"]
+        assert volumes[tmp["name"]]["emptyDir"] == {"sizeLimit": expected}
+        assert _config(job)["spec"]["resources"]["ephemeralStorage"] == expected  # the resolved config says so
+    other_default = OperatorSettings(ephemeral_storage="5Gi")
+    plain = _run()
+    assert _container(manifests.job(plain, _spec(plain), other_default, attempt=1))["resources"]["limits"][
+        "ephemeral-storage"] == "5Gi"
+    with pytest.raises(ValueError, match="ephemeralStorage"):
+        FinetuneRunSpec.model_validate({"data": {"train": "s3://d/t.csv"}, "resources": {"ephemeralStorage": "lots"}})
 
 
 def test_run_values_win_over_operator_defaults() -> None:
@@ -115,7 +237,7 @@ def test_security_context_is_hardened() -> None:
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert "emptyDir" in volumes[mounts["/tmp"]["name"]]
     assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
-    assert volumes["config"]["configMap"]["name"] == "clip-ft-config"
+    assert set(volumes["config"]) == {"name", "downwardAPI"}
 
 
 def test_scheduling_gpu_and_queue() -> None:
@@ -135,7 +257,7 @@ def test_scheduling_gpu_and_queue() -> None:
     res = _container(job)["resources"]
     assert res["limits"]["nvidia.com/gpu"] == "2"
     assert "nvidia.com/gpu" not in res["requests"]
-    assert res["requests"] == {"cpu": "8", "memory": "32Gi"}
+    assert res["requests"] == {"cpu": "8", "memory": "32Gi", "ephemeral-storage": "20Gi"}
     cpu_only = _run(spec={"data": {"train": "s3://d/t.csv"}, "resources": {"gpus": 0}})
     assert "nvidia.com/gpu" not in _container(manifests.job(cpu_only, _spec(cpu_only), SETTINGS, attempt=1))[
         "resources"]["limits"]
@@ -217,6 +339,48 @@ def test_settings_gpu_defaults_from_env() -> None:
             OperatorSettings.from_env(bad)
 
 
+POLICY_ENV = {"KUBETUNE_ALLOWED_IMAGES": '["registry.example.com/ml/*", "ghcr.io/team/trainer:*"]',
+              "KUBETUNE_ALLOWED_PRIORITY_CLASSES": '["batch-low"]', "KUBETUNE_ALLOWED_TOLERATION_KEYS": '["team"]',
+              "KUBETUNE_MAX_GPUS_PER_RUN": "4"}
+
+
+def test_settings_platform_allow_list_from_env() -> None:
+    from kubetune.lifecycle.policy import PlatformPolicy
+
+    s = OperatorSettings.from_env({**POLICY_ENV, **GPU_ENV, "KUBETUNE_TRAINER_IMAGE": "kubetune/trainer:test"})
+    # The operator's own defaults (its trainer image, its GPU tolerations) are the platform's: always allowed.
+    assert s.platform_policy() == PlatformPolicy(
+        images=("registry.example.com/ml/*", "ghcr.io/team/trainer:*", "kubetune/trainer:test"),
+        priority_classes=("batch-low",), toleration_keys=("team", "nvidia.com/gpu", "spot"), max_gpus=4)
+    unset = {name: "" for name in POLICY_ENV}
+    assert OperatorSettings.from_env(unset).platform_policy() == PlatformPolicy()  # empty: anything
+    assert OperatorSettings().platform_policy() == PlatformPolicy()
+    for bad, match in [({"KUBETUNE_ALLOWED_IMAGES": '["registry.example.com*"]'},
+                        r"KUBETUNE_ALLOWED_IMAGES: 'registry.example.com\*': a '\*' may only end the pattern"),
+                       ({"KUBETUNE_ALLOWED_IMAGES": '"registry.example.com/ml/*"'}, "JSON array of strings"),
+                       ({"KUBETUNE_ALLOWED_PRIORITY_CLASSES": "[1]"}, "got a number in it"),
+                       ({"KUBETUNE_ALLOWED_TOLERATION_KEYS": '[""]'}, "empty name allows nothing"),
+                       ({"KUBETUNE_MAX_GPUS_PER_RUN": "-1"}, "KUBETUNE_MAX_GPUS_PER_RUN: .*greater than or equal")]:
+        with pytest.raises(ValueError, match=match):
+            OperatorSettings.from_env(bad)
+
+
+def test_a_spec_read_back_from_its_job_is_admitted_again_under_a_strict_allow_list() -> None:
+    """After a restart the supervisor may go on with the spec in the running attempt's Job, which has the
+    operator's defaults filled in: they must not make the run fail its admission."""
+    strict = OperatorSettings.from_env({**POLICY_ENV, **GPU_ENV, "KUBETUNE_TRAINER_IMAGE": "kubetune/trainer:test"})
+    run = _run(spec={"data": {"train": "s3://d/t.csv"}, "resources": {"gpus": 2}})
+    assert admission_refusal(run, _spec(run), strict) is None
+    applied, _ = manifests.applied_spec(manifests.job(run, _spec(run), strict, attempt=1))
+    assert applied is not None and applied.resources.image == "kubetune/trainer:test"
+    assert len(applied.resources.tolerations) == 2  # the GPU defaults
+    assert admission_refusal(run, applied, strict) is None
+    greedy = _run(spec={"data": {"train": "s3://d/t.csv"}, "resources": {"gpus": 8, "image": "evil/miner:1"}})
+    refusal = admission_refusal(greedy, _spec(greedy), strict)
+    assert refusal is not None and [path for path, _ in refusal.errors] == ["spec.resources.image",
+                                                                            "spec.resources.gpus"]
+
+
 def test_gpu_defaults_apply_to_gpu_jobs_only_and_spec_wins() -> None:
     settings = OperatorSettings.from_env({**GPU_ENV, "KUBETUNE_TRAINER_IMAGE": "kubetune/trainer:test"})
     defaults = json.loads(GPU_ENV["KUBETUNE_GPU_TOLERATIONS"])
@@ -236,7 +400,7 @@ def test_gpu_defaults_apply_to_gpu_jobs_only_and_spec_wins() -> None:
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true", "pool": "a100", "zone": "z1"}
     assert pod["tolerations"] == [{"key": "team", "operator": "Exists"}, defaults[0], defaults[1]]
     # The resolved run config (run.yaml) shows the same placement.
-    doc = yaml.safe_load(manifests.config_map(own, _spec(own), settings)["data"]["run.yaml"])
+    doc = _config(manifests.job(own, _spec(own), settings, attempt=1))
     assert doc["spec"]["resources"]["nodeSelector"]["nvidia.com/gpu.present"] == "true"
     assert len(doc["spec"]["resources"]["tolerations"]) == 3
     # CPU-only runs keep their own placement, without the GPU defaults.

@@ -30,6 +30,11 @@ DEFAULTS: dict[str, Any] = {
     "ttl_check_interval": 30.0,
     "gpu_node_selector": {},
     "gpu_tolerations": [],
+    "ephemeral_storage": "20Gi",
+    "allowed_images": [],
+    "allowed_priority_classes": [],
+    "allowed_toleration_keys": [],
+    "max_gpus_per_run": None,
 }
 GPU = '{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}'
 

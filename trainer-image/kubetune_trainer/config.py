@@ -69,8 +69,8 @@ def build_parser(env: TrainerEnv | None = None) -> argparse.ArgumentParser:
 
 def resolve(args: argparse.Namespace, env: TrainerEnv | None = None) -> RunConfig:
     """The run config from the flags, the config file and ``env``. A config whose ``metadata.uid`` is not the
-    run uid the operator passed is refused: it is left from an earlier run of the same name (a ConfigMap not yet
-    replaced), and training its spec would write into the new run's store."""
+    run uid the operator passed is refused: it is left from an earlier run of the same name (a Job of an earlier
+    run not yet gone), and training its spec would write into the new run's store."""
     env = env or TrainerEnv()
     run = load_run_file(args.config)
     spec, meta_name, meta_namespace, meta_uid = run.spec, run.name, run.namespace, run.uid

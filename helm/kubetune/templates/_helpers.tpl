@@ -71,7 +71,8 @@ app.kubernetes.io/part-of: kubetune
 {{- end -}}
 {{- end -}}
 
-{{/* Rules the operator needs in every namespace it watches (namespaced Role or ClusterRole). */}}
+{{/* Rules the operator needs in every namespace it watches (namespaced Role or ClusterRole); docs/helm.md
+(Security) says why each verb is there. No ConfigMaps and no Secrets: a run's config travels in its Job. */}}
 {{- define "kubetune.operatorRules" -}}
 - apiGroups: ["kubetune.io"]
   resources: ["finetuneruns"]
@@ -86,9 +87,6 @@ app.kubernetes.io/part-of: kubetune
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "delete"]
-- apiGroups: [""]
-  resources: ["configmaps"]
-  verbs: ["get", "list", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch"]

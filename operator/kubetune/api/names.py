@@ -41,11 +41,6 @@ def job_name(name: str, attempt: int) -> str:
     return _shorten(name, _LABEL_MAX - len(suffix)) + suffix
 
 
-def config_map_name(name: str) -> str:
-    suffix = "-config"
-    return _shorten(name, _NAME_MAX - len(suffix)) + suffix
-
-
 def run_name_problem(name: object) -> str | None:
     """Why the API server would refuse ``name`` as a FinetuneRun's ``metadata.name``; None when it is fine."""
     if not isinstance(name, str):

@@ -322,6 +322,11 @@ class ResourcesSpec(_Model):
     cpu: Annotated[str, Field(pattern=QUANTITY_PATTERN, max_length=20, description="CPU request and limit.")] = "4"
     memory: Annotated[str, Field(pattern=QUANTITY_PATTERN, max_length=20, description=(
         "Memory request and limit."))] = "16Gi"
+    ephemeral_storage: Annotated[str | None, Field(pattern=QUANTITY_PATTERN, max_length=20, description=(
+        "Local disk of the trainer (a Kubernetes quantity, e.g. 50Gi): the size limit of its scratch /tmp (data "
+        "cache, checkpoints and the artifact before upload) and the container's ephemeral-storage request and "
+        "limit; the kubelet evicts a pod that writes more. Empty: the operator's default (Helm value "
+        "runDefaults.trainer.ephemeralStorage, 20Gi)."))] = None
     node_selector: Annotated[dict[str, str], Field(description="Node labels the trainer pod requires.")] = {}
     tolerations: Annotated[list[Toleration], Field(max_length=32, description="Taints the pod tolerates.")] = []
     priority_class_name: Annotated[str | None, Field(max_length=253, description="PriorityClass.")] = None
@@ -339,7 +344,8 @@ class RunPolicySpec(_Model):
     active_deadline_seconds: Annotated[int | None, Field(ge=1, description=(
         "Fail the run when it has been active this long."))] = None
     ttl_seconds_after_finished: Annotated[int | None, Field(ge=0, description=(
-        "Delete the run's Job and ConfigMap this long after it finished (the run and its artifact stay)."))] = None
+        "Delete the run's Jobs (with them their run configs) this long after it finished (the run and its "
+        "artifact stay)."))] = None
     suspend: Annotated[bool, Field(description=(
         "Suspend the run: its Job is deleted (checkpoints kept); unsuspend resumes from the last checkpoint."))] = False
     checkpoint_every_steps: Annotated[int, Field(ge=0, description=(
@@ -405,7 +411,7 @@ def cross_field_errors(spec: FinetuneRunSpec) -> list[tuple[str, str]]:
         errors.append(("spec.output.endpoint", "credentials must not be in the endpoint URL; use credentialsSecret"))
     mlflow = spec.callbacks.mlflow
     if mlflow is not None and re.match(r"^https?://[^/]*@", mlflow.tracking_uri):
-        # the URI is logged and kept in the run's ConfigMap and status: a password there would leak
+        # the URI is logged and kept in the run's Job (its run config) and status: a password there would leak
         errors.append(("spec.callbacks.mlflow.trackingUri", "credentials must not be in the tracking URI"))
     return errors
 

@@ -10,8 +10,9 @@ Variables the trainer reads that are not kubetune's own (``RANK``/``WORLD_SIZE``
 ==========================  =====================================  ==============================================
 variable                    set by                                 what the trainer does with it
 ==========================  =====================================  ==============================================
-KUBETUNE_CONFIG             operator (the ConfigMap's mount),      reads the run config from that path (``--config``
-                            the trainer image                      wins)
+KUBETUNE_CONFIG             operator (the downward API volume      reads the run config from that path (``--config``
+                            of the Job's run-config annotation),   wins)
+                            the trainer image
 KUBETUNE_RUN_NAME           operator                               run name when neither ``--run-name`` nor the
                                                                    config's ``metadata.name`` gives one
 KUBETUNE_RUN_NAMESPACE      operator                               namespace when neither ``--namespace`` nor

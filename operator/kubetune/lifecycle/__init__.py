@@ -15,7 +15,7 @@ backoff                                                                ``create_
 how long a retry waits before its attempt                              :mod:`.attempts` (``retry_delay``)
 activeDeadlineSeconds without the time suspended; resuming keeps that  :mod:`.attempts` (``deadline_left``,
 time                                                                   ``suspended_seconds``, ``resumed_update``)
-which spec a decision uses (live, last valid, the ConfigMap's), an     :mod:`.attempts` (``spec_to_run``,
+which spec a decision uses (live, last valid, the running Job's), an  :mod:`.attempts` (``spec_to_run``,
 invalid one fails the run                                              ``invalid_spec``)
 a spec edit of an active run applies from the next attempt             :mod:`.attempts` (``spec_edit_update``)
 what an observed pod/Job means while following: follow its log, wait,  :mod:`.follow` (``next_step``,
@@ -29,6 +29,9 @@ what an ended attempt means: succeed, retry from the checkpoint, fail  :mod:`.ou
 the status patch that records it (retries, Restarting, messages)       :mod:`.outcome` (``finish_update``)
 a new run: accepted once; an invalid spec fails it, a suspended one    :mod:`.policy` (``accepting``,
 waits                                                                  ``accept_update``)
+the platform's admission: its allow-list (images, priority classes,    :mod:`.policy` (``admission``,
+toleration keys, GPUs), the run config's size; a refused run or edit   ``policy_violations``, ``Refusal``,
+                                                                       ``refused_edit_update``, ``readmitted``)
 when the supervisor runs (not ended, not suspended, no cancel)         :mod:`.policy` (``is_active``,
                                                                        ``is_suspended``)
 suspend and resume: when a flip applies, their patches                 :mod:`.policy` (``suspend_toggle``,

@@ -35,7 +35,7 @@ from kubetune.operator.manifests import job_name as attempt_job_name
 
 Action = Literal["follow", "create", "wait_previous", "fail_deadline", "job_deleted"]
 Reason = Literal["initial", "retry", "resume"]
-SpecSource = Literal["live", "last_valid", "read_config_map", "fail", "stop"]
+SpecSource = Literal["live", "last_valid", "read_attempt_spec", "fail", "stop"]
 
 #: Refused Job creates are retried after 5, 10, 20, ... seconds, at most this many.
 CREATE_BACKOFF_MAX_SECONDS = 300.0
@@ -240,14 +240,14 @@ def create_backoff(failures: int) -> float:
 
 def spec_to_run(*, live_valid: bool, last_valid: bool | None, ran_once: bool) -> SpecSource:
     """Which spec the supervisor's next decision uses: the live one when it is valid. After an invalid edit, the
-    last valid one (``last_valid``: one is known; None: not looked for yet, ``read_config_map`` then reads the
+    last valid one (``last_valid``: one is known; None: not looked for yet, ``read_attempt_spec`` then reads the
     spec the run's attempts were last built from), so that supervision goes on (:func:`spec_edit_update`
     reports the edit). With none valid the supervisor stops: ``fail`` (:func:`invalid_spec`) when the run ran
     once; ``stop`` when it never did (its acceptance failed it already)."""
     if live_valid:
         return "live"
     if last_valid is None:
-        return "read_config_map"
+        return "read_attempt_spec"
     if last_valid:
         return "last_valid"
     return "fail" if ran_once else "stop"

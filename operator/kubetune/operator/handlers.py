@@ -9,7 +9,10 @@ effects; the TTL timer interval comes from the settings object).
   ``KUBERNETES_SERVICE_HOST``/``KUBERNETES_SERVICE_PORT`` (set in every pod) rather than kopf's
   ``https://kubernetes.default.svc``, which needs cluster DNS; the same credentials build the async client;
 - ``on.create`` / ``on.resume``: cross-field validation → ``Failed``/``InvalidSpec`` condition and a Warning
-  Event with the field paths, and no Job; ``Suspended`` when created suspended;
+  Event with the field paths, and no Job; a valid run the platform refuses (its allow-list, or a run config too
+  large for the pod template: :func:`~kubetune.operator.supervisor.admission_refusal`) → ``Failed``,
+  ``Admitted=False`` (``PolicyViolation``/``ConfigTooLarge``) and a Warning Event, and no Job; ``Suspended`` when
+  created suspended;
 - ``daemon``: the :class:`Supervisor` of an active run (neither finished nor suspended);
 - ``cancel`` (``on.field`` of the annotation ``kubetune.io/cancel-requested``, and ``on.resume``, while the
   run carries it and has not ended): delete the Jobs (checkpoints stay in S3) → ``Cancelled`` (terminal:
@@ -17,11 +20,13 @@ effects; the TTL timer interval comes from the settings object).
 - ``on.field(spec.runPolicy.suspend)``: suspend deletes the attempt's Job (checkpoints stay in S3); unsuspend
   lets the daemon resume with a new attempt;
 - ``on.update(spec)``: re-validate; the ``SpecValid`` condition and an Event say whether (and from when) the
-  edit applies: the running attempt keeps its spec, the next attempt's ConfigMap and Job are built from the
-  latest valid one (:mod:`kubetune.lifecycle.attempts`);
+  edit applies: the running attempt keeps its spec (in its Job's immutable pod template), the next attempt's Job
+  is built from the latest valid one (:mod:`kubetune.lifecycle.attempts`); an edit the platform refuses is not
+  applied (``Admitted=False``, a Warning Event);
 - ``on.delete``: kopf stops the daemon (and so the log following) first; Jobs are deleted at once;
-- ``timer``: TTL after finish: delete Jobs and ConfigMap, keep the run and its artifact (once: the timer
-  stops when the run is ``CleanedUp``);
+- ``timer``: TTL after finish: delete the Jobs (with them their run configs), keep the run and its artifact
+  (once: the timer stops when the run is ``CleanedUp``). The operator holds no ConfigMap rights: ConfigMaps an
+  older version wrote go with their run (owner references, the garbage collector);
 - ``on.event`` for runs/Jobs/pods: the metrics table; the Job/pod index the supervisors wait on;
 
 Every handler's errors are counted in ``kubetune_reconcile_errors_total{handler}`` (see :mod:`.metrics`).
@@ -50,6 +55,8 @@ from kubetune.lifecycle.policy import (
     cancel_update,
     is_active,
     is_suspended,
+    readmitted,
+    refused_edit_update,
     resume_update,
     suspend_toggle,
     suspend_update,
@@ -60,8 +67,8 @@ from kubetune.lifecycle.policy import (
 )
 from kubetune.operator import manifests
 from kubetune.operator.context import Context
-from kubetune.operator.kube import Kube, config_maps_path, jobs_path
-from kubetune.operator.supervisor import Supervisor
+from kubetune.operator.kube import Kube, jobs_path
+from kubetune.operator.supervisor import Supervisor, admission_refusal
 
 SERVICE_ACCOUNT_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 PREFIX = "kubetune.io"
@@ -139,6 +146,13 @@ def _selector(name: str) -> str:
     return f"{manifests.RUN_LABEL}={manifests.run_label(name)}"
 
 
+def _run(body: kopf.Body) -> dict[str, Any]:
+    """The run as the manifest builders take it."""
+    meta = body.get("metadata") or {}
+    return {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
+            "metadata": {k: meta[k] for k in ("name", "namespace", "uid", "generation") if k in meta}}
+
+
 # -------------------------------------------------------------------------------------------- activities
 async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     configure_kopf(settings)
@@ -159,16 +173,19 @@ def login(memo: kopf.Memo, **kwargs: Any) -> Any:
 # -------------------------------------------------------------------------------------------- runs
 async def accept(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta, patch: kopf.Patch,
                  memo: kopf.Memo, **_: Any) -> None:
-    """A new run (or one seen again after a restart): an invalid spec fails it at once, with the field paths;
-    a run created suspended waits. Everything else is the supervisor's."""
-    metrics = _ctx(memo).metrics
+    """A new run (or one seen again after a restart): an invalid spec fails it at once, with the field paths, and
+    so does one the platform does not admit; a run created suspended waits. Everything else is the
+    supervisor's."""
+    ctx = _ctx(memo)
+    metrics = ctx.metrics
     with metrics.timed("accept"):
         if not accepting(status, meta):
             return  # already handled (resume after restart), or cancelled: `cancel` takes over
         model, errors = validate_spec(spec)
         invalid = format_errors(errors) if model is None else None
+        refusal = admission_refusal(_run(body), model, ctx.settings) if model is not None else None
         accepted = accept_update(status, meta.get("generation"), invalid=invalid, suspended=is_suspended(spec),
-                                 now=time.time())
+                                 now=time.time(), refusal=refusal)
         if accepted is None:
             return
         change, update = accepted
@@ -222,13 +239,22 @@ async def spec_updated(body: kopf.Body, diff: kopf.Diff, spec: kopf.Spec, status
                        patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
     if all(tuple(d[1]) == ("runPolicy", "suspend") or _only_suspend(d) for d in diff):
         return  # handled by suspend_changed
-    with _ctx(memo).metrics.timed("update"):
+    ctx = _ctx(memo)
+    with ctx.metrics.timed("update"):
         if is_terminal(status):
             kopf.info(body, reason="SpecChangeIgnored", message="The run has finished; spec changes have no effect.")
             return
-        errors = validate_spec(spec)[1]
-        update = spec_edit_update(FinetuneRunStatus.model_validate(dict(status)), meta.get("generation"),
-                                  format_errors(errors) if errors else None, time.time())
+        model, errors = validate_spec(spec)
+        refusal = admission_refusal(_run(body), model, ctx.settings) if model is not None else None
+        typed, generation, now = FinetuneRunStatus.model_validate(dict(status)), meta.get("generation"), time.time()
+        if refusal is not None:
+            update = refused_edit_update(typed, generation, refusal, now)
+            patch.status.update(update)
+            kopf.warn(body, reason=refusal.reason, message=update["message"][:1024])
+            return
+        update = spec_edit_update(typed, generation, format_errors(errors) if errors else None, now)
+        if not errors:
+            update["conditions"] = readmitted(update["conditions"], generation, now)
         patch.status.update(update)
         if errors:
             kopf.warn(body, reason="InvalidSpecUpdate", message=update["message"][:1024])
@@ -252,10 +278,8 @@ async def ttl(body: kopf.Body, spec: kopf.Spec, status: kopf.Status, patch: kopf
         return
     ctx = _ctx(memo)
     with ctx.metrics.timed("ttl"):
-        selector = _selector(str(name))
-        jobs = await ctx.kube.delete_collection(jobs_path(str(namespace)), selector)
-        cms = await ctx.kube.delete_collection(config_maps_path(str(namespace)), selector)
-        message, update = ttl_update(status, jobs, cms, time.time())
+        jobs = await ctx.kube.delete_collection(jobs_path(str(namespace)), _selector(str(name)))
+        message, update = ttl_update(status, jobs, time.time())
         patch.status.update(update)
         kopf.info(body, reason="TTLExpired", message=message)
 

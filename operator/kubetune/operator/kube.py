@@ -67,10 +67,6 @@ def pods_path(namespace: str, name: str | None = None, subresource: str | None =
     return path + (f"/{subresource}" if subresource else "")
 
 
-def config_maps_path(namespace: str, name: str | None = None) -> str:
-    return f"/api/v1/namespaces/{quote(namespace)}/configmaps" + (f"/{quote(name)}" if name else "")
-
-
 def split_log_line(raw: str) -> tuple[str | None, str]:
     """``"<RFC3339 timestamp> <text>"`` (``timestamps=true``) → (timestamp, text)."""
     stamp, sep, text = raw.partition(" ")

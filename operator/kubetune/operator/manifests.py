@@ -1,4 +1,4 @@
-"""Pure builders: a FinetuneRun → the children the operator owns (a ConfigMap and one Job per attempt).
+"""Pure builders: a FinetuneRun → the children the operator owns (one Job per attempt).
 
 No I/O, no Kubernetes client, no kopf: every function takes plain dicts / models and returns dicts that can be
 sent to the API server as they are (and compared in unit tests).
@@ -9,9 +9,16 @@ Design:
   Job that resumes from the latest checkpoint; permanent: fail fast). A deterministic name makes creation
   idempotent: an operator restarted between "create Job" and "record it in status" gets 409 and adopts it,
   so there is never a duplicate Job.
-- The resolved run config (spec with defaults applied and the operator's defaults filled in) goes into a
-  ConfigMap at key ``run.yaml``, mounted read-only at ``/etc/kubetune/run.yaml``. It is written as JSON,
-  which is valid YAML: ``yaml.safe_load`` and ``json.load`` both read it.
+- The resolved run config (spec with defaults applied and the operator's defaults filled in) goes into the
+  attempt's pod template, annotation ``kubetune.io/run-config``, which a downward API volume shows the trainer
+  as ``/etc/kubetune/run.yaml`` (read-only). So the operator needs no ConfigMap rights at all (in cluster-wide
+  mode those would reach every namespace's ConfigMaps, kube-system's included), and the running attempt keeps
+  its spec by construction: a Job's template is immutable. It is written as JSON, which is valid YAML:
+  ``yaml.safe_load`` and ``json.load`` both read it. Annotations hold 256 KiB in all (:data:`CONFIG_BUDGET`):
+  a run whose config does not fit is refused (``ConfigTooLarge``, :func:`config_bytes`) before any Job.
+- The trainer's scratch ``/tmp`` is an emptyDir of ``spec.resources.ephemeralStorage`` (the operator's default
+  when unset), which is also the container's ephemeral-storage request and limit: the scheduler places the pod
+  on a node with that much disk, and the kubelet evicts a trainer that writes more instead of filling the node.
 - S3 credentials reach the trainer through ``secretKeyRef`` only: the operator never reads Secret values.
 - Runs that request GPUs get the operator's GPU placement defaults (``OperatorSettings.gpu_node_selector`` and
   ``gpu_tolerations``, from the chart's ``runDefaults.gpu``): node selectors are merged (the run's own value wins
@@ -26,6 +33,7 @@ Design:
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from kubetune.api.names import (
@@ -33,7 +41,6 @@ from kubetune.api.names import (
     RUN_LABEL,
     RUN_NAME_ANNOTATION,
     RUN_UID_ANNOTATION,
-    config_map_name,
     job_name,
     run_label,
 )
@@ -46,6 +53,14 @@ GPU_RESOURCE = "nvidia.com/gpu"
 CONFIG_KEY = "run.yaml"
 CONFIG_DIR = "/etc/kubetune"
 CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_KEY}"
+CONFIG_ANNOTATION = "kubetune.io/run-config"
+EPHEMERAL_STORAGE = "ephemeral-storage"
+#: Kubernetes' cap on one object's annotations, keys and values together (apimachinery's
+#: TotalAnnotationSizeLimitB).
+ANNOTATIONS_LIMIT = 256 * 1024
+#: What the operator puts in an attempt's pod template annotations may use; the rest is left to what mutating
+#: admission webhooks (service meshes, policy engines) add to the pod.
+CONFIG_BUDGET = ANNOTATIONS_LIMIT - 32 * 1024
 CONTAINER_NAME = "trainer"
 # The trainer writes its final events there (kubetune.api.events.termination_message); FallbackToLogsOnError puts
 # the log's tail there instead when a crashed trainer wrote nothing.
@@ -102,6 +117,7 @@ def resolve_spec(spec: FinetuneRunSpec, settings: OperatorSettings) -> FinetuneR
     resources = spec.resources.model_copy(update={
         "image": spec.resources.image or settings.trainer_image,
         "image_pull_policy": spec.resources.image_pull_policy or settings.image_pull_policy,
+        "ephemeral_storage": spec.resources.ephemeral_storage or settings.ephemeral_storage,
         **gpu_placement(spec.resources, settings),
     })
     return spec.model_copy(update={"output": output, "resources": resources})
@@ -109,7 +125,7 @@ def resolve_spec(spec: FinetuneRunSpec, settings: OperatorSettings) -> FinetuneR
 
 def run_config(run: dict[str, Any], spec: FinetuneRunSpec, settings: OperatorSettings) -> dict[str, Any]:
     """The document the trainer reads from /etc/kubetune/run.yaml: a FinetuneRun with the resolved spec
-    (``FinetuneRunSpec.model_validate(doc["spec"])`` reads it back)."""
+    (``FinetuneRunSpec.model_validate(doc["spec"])`` reads it back, and :func:`applied_spec` from a Job)."""
     meta = run["metadata"]
     return {
         "apiVersion": API_VERSION,
@@ -120,21 +136,34 @@ def run_config(run: dict[str, Any], spec: FinetuneRunSpec, settings: OperatorSet
     }
 
 
-def config_map(run: dict[str, Any], spec: FinetuneRunSpec, settings: OperatorSettings) -> dict[str, Any]:
-    meta = run["metadata"]
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": {
-            "name": config_map_name(meta["name"]),
-            "namespace": meta["namespace"],
-            "labels": labels(run),
-            "annotations": run_annotations(run),
-            "ownerReferences": [owner_reference(run)],
-        },
-        # JSON is valid YAML: the trainer reads it with yaml.safe_load, stdlib-only tools with json.load.
-        "data": {CONFIG_KEY: json.dumps(run_config(run, spec, settings), indent=2, allow_nan=False) + "\n"},
-    }
+def pod_annotations(run: dict[str, Any], spec: FinetuneRunSpec, settings: OperatorSettings) -> dict[str, str]:
+    """The attempt's pod template annotations: the run's name and uid, and its run config."""
+    # JSON is valid YAML: the trainer reads it with yaml.safe_load, stdlib-only tools with json.load. One line,
+    # ASCII only: every byte counts against the annotations' cap.
+    config = json.dumps(run_config(run, spec, settings), separators=(", ", ": "), allow_nan=False)
+    return {**run_annotations(run), CONFIG_ANNOTATION: config}
+
+
+def annotations_size(annotations: Mapping[str, str]) -> int:
+    """Bytes of ``annotations`` as the API server counts them against :data:`ANNOTATIONS_LIMIT`."""
+    return sum(len(key.encode()) + len(value.encode()) for key, value in annotations.items())
+
+
+def config_bytes(run: dict[str, Any], spec: FinetuneRunSpec, settings: OperatorSettings) -> int:
+    """What the run's pod template annotations take; more than :data:`CONFIG_BUDGET` is refused."""
+    return annotations_size(pod_annotations(run, spec, settings))
+
+
+def applied_spec(job: Mapping[str, Any] | None) -> tuple[FinetuneRunSpec | None, int | None]:
+    """The (resolved) spec and generation an attempt's Job was built from; (None, None) when ``job`` carries
+    no readable run config (none given, or a Job of an operator that kept it in a ConfigMap)."""
+    template = ((job or {}).get("spec") or {}).get("template") or {}
+    annotations = (template.get("metadata") or {}).get("annotations") or {}
+    try:
+        doc = json.loads(annotations[CONFIG_ANNOTATION])
+        return FinetuneRunSpec.model_validate(doc["spec"]), (doc.get("metadata") or {}).get("generation")
+    except (KeyError, TypeError, ValueError):
+        return None, None
 
 
 def trainer_env(run: dict[str, Any], attempt: int, resume_from: str | None,
@@ -175,6 +204,8 @@ def _env(run: dict[str, Any], spec: FinetuneRunSpec, attempt: int, resume_from: 
 
 def _resources(spec: FinetuneRunSpec) -> dict[str, Any]:
     amounts: dict[str, Any] = {"cpu": spec.resources.cpu, "memory": spec.resources.memory}
+    if spec.resources.ephemeral_storage:
+        amounts[EPHEMERAL_STORAGE] = spec.resources.ephemeral_storage
     limits = dict(amounts)
     if spec.resources.gpus > 0:
         limits[GPU_RESOURCE] = str(spec.resources.gpus)
@@ -231,9 +262,9 @@ def job(run: dict[str, Any], spec: FinetuneRunSpec, settings: OperatorSettings, 
             },
         }],
         "volumes": [
-            {"name": "config", "configMap": {"name": config_map_name(meta["name"]),
-                                             "items": [{"key": CONFIG_KEY, "path": CONFIG_KEY}]}},
-            {"name": "tmp", "emptyDir": {}},
+            {"name": "config", "downwardAPI": {"defaultMode": 0o444, "items": [{
+                "path": CONFIG_KEY, "fieldRef": {"fieldPath": f"metadata.annotations['{CONFIG_ANNOTATION}']"}}]}},
+            {"name": "tmp", "emptyDir": {"sizeLimit": res.ephemeral_storage}},
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": settings.shm_size}},
         ],
     }
@@ -251,7 +282,8 @@ def job(run: dict[str, Any], spec: FinetuneRunSpec, settings: OperatorSettings, 
         "backoffLimit": 0,
         "completions": 1,
         "parallelism": 1,
-        "template": {"metadata": {"labels": pod_labels, "annotations": run_annotations(run)}, "spec": pod_spec},
+        "template": {"metadata": {"labels": pod_labels, "annotations": pod_annotations(run, spec, settings)},
+                     "spec": pod_spec},
     }
     if active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = max(1, int(active_deadline_seconds))

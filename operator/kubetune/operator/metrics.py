@@ -297,7 +297,7 @@ class Metrics:
                                       registry=r, buckets=LAG_BUCKETS)
         self.jobs_created = Counter("kubetune_jobs_created_total", "Trainer Jobs created.", ["reason"], registry=r)
         self.jobs_refused = Counter("kubetune_job_creates_refused_total",
-                                    "Trainer Job (or ConfigMap) creates the API server refused.", registry=r)
+                                    "Trainer Job creates the API server refused.", registry=r)
         self.status_patches = Counter("kubetune_status_patches_total", "Status patches sent by log followers.",
                                       registry=r)
         self.trainer_events = Counter("kubetune_trainer_events_total", "Structured trainer events parsed.",

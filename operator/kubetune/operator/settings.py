@@ -18,7 +18,7 @@ import os
 import re
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field, ValidationError
 from pydantic.fields import FieldInfo
@@ -27,6 +27,9 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSetti
 
 from kubetune.api.spec import QUANTITY_PATTERN, Toleration
 from kubetune.api.trainer_env import MODEL_MIRROR_PATTERN
+
+if TYPE_CHECKING:
+    from kubetune.lifecycle.policy import PlatformPolicy
 
 ENV_PREFIX = "KUBETUNE_"
 
@@ -65,6 +68,33 @@ def _json_kind(value: Any) -> str:
     return type(value).__name__
 
 
+def _json_strings(value: Any) -> Any:
+    if value is None:  # JSON null
+        return ()
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"expected a JSON array of strings, got {_json_kind(value)}")
+    for item in value:
+        if not isinstance(item, str):
+            raise ValueError(f"expected a JSON array of strings, got {_json_kind(item)} in it")
+    return value
+
+
+def _names(value: tuple[str, ...]) -> tuple[str, ...]:
+    if any(not v.strip() for v in value):
+        raise ValueError("an empty name allows nothing: leave it out")
+    return value
+
+
+def _image_patterns(value: tuple[str, ...]) -> tuple[str, ...]:
+    # imported here: kubetune.lifecycle imports the manifests, which import these settings
+    from kubetune.lifecycle.policy import image_pattern_problem
+
+    problems = [p for p in map(image_pattern_problem, value) if p]
+    if problems:
+        raise ValueError("; ".join(problems))
+    return value
+
+
 def _node_labels(value: Mapping[str, str]) -> Mapping[str, str]:
     if any(not key for key in value):
         raise ValueError("a node label key must not be empty")
@@ -90,6 +120,7 @@ def _model_mirror(value: str | None) -> str | None:
 
 
 OptionalStr = Annotated[str | None, BeforeValidator(_empty_is_none)]
+StringList = Annotated[tuple[str, ...], BeforeValidator(_json_strings), AfterValidator(_names)]
 PositiveNumber = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
@@ -119,6 +150,9 @@ class OperatorSettings(BaseSettings):
     shm_size: Annotated[str, Field(pattern=QUANTITY_PATTERN, description=(
         "Size limit (a Kubernetes quantity) of the memory-backed /dev/shm (PyTorch DataLoader workers share "
         "tensors through it)."))] = "1Gi"
+    ephemeral_storage: Annotated[str, Field(pattern=QUANTITY_PATTERN, description=(
+        "Local disk (a Kubernetes quantity) of trainer pods whose run sets no spec.resources.ephemeralStorage: "
+        "the size limit of the scratch /tmp and the container's ephemeral-storage request and limit."))] = "20Gi"
     termination_grace_seconds: Annotated[int, Field(ge=0, description=(
         "Grace period for the trainer to checkpoint on SIGTERM (suspend, preemption)."))] = 60
     status_interval: Annotated[PositiveNumber, Field(description=(
@@ -138,6 +172,31 @@ class OperatorSettings(BaseSettings):
         "Tolerations (a JSON array, Kubernetes form, camelCase) added after the run's own "
         "spec.resources.tolerations to pods of runs that request GPUs (e.g. for the nvidia.com/gpu NoSchedule "
         "taint)."))
+    allowed_images: Annotated[StringList, AfterValidator(_image_patterns)] = Field(default=(), description=(
+        "Platform allow-list (a JSON array): images a run may set in spec.resources.image, exact or ending in "
+        "/* (anything under that path), :* (any tag) or @* (any digest). Empty: any image. The default trainer "
+        "image is always allowed."))
+    allowed_priority_classes: StringList = Field(default=(), description=(
+        "Platform allow-list (a JSON array): PriorityClasses a run may set in spec.resources.priorityClassName. "
+        "Empty: any."))
+    allowed_toleration_keys: StringList = Field(default=(), description=(
+        "Platform allow-list (a JSON array): taint keys a run's own spec.resources.tolerations may name (a "
+        "toleration without a key is then refused). Empty: any. The GPU tolerations above are always added."))
+    max_gpus_per_run: Annotated[Annotated[int, Field(ge=0)] | None, BeforeValidator(_empty_is_none), Field(description=(
+        "Most GPUs (spec.resources.gpus) one run may request. Empty: no limit."))] = None
+
+    def platform_policy(self) -> PlatformPolicy:
+        """The allow-list the operator admits runs with (:func:`kubetune.lifecycle.policy.admission`). The
+        operator's own defaults are the platform's: the default trainer image and the GPU tolerations' keys are
+        allowed with any list (a spec read back from a Job has them filled in)."""
+        from kubetune.lifecycle.policy import PlatformPolicy  # see _image_patterns
+
+        images = (*self.allowed_images, self.trainer_image) if self.allowed_images else ()
+        keys = self.allowed_toleration_keys
+        if keys:
+            keys = (*keys, *(str(t.get("key") or "") for t in self.gpu_tolerations))
+        return PlatformPolicy(images=images, priority_classes=self.allowed_priority_classes, toleration_keys=keys,
+                              max_gpus=self.max_gpus_per_run)
 
     @classmethod
     def settings_customise_sources(

@@ -3,9 +3,10 @@
 One asyncio task per active run (kopf spawns it while the run is neither finished nor suspended, and stops it
 when that changes, when the run is deleted, or when the operator exits):
 
-1. make sure the current attempt's ConfigMap and Job exist (deterministic names; the intent — attempt number
-   and Job name — is written to status *before* the Job is created, so a restarted operator finishes that
-   same attempt instead of starting another: no duplicate Jobs, ever);
+1. make sure the current attempt's Job exists, its run config in its pod template (deterministic names; the
+   intent — attempt number and Job name — is written to status *before* the Job is created, so a restarted
+   operator finishes that same attempt instead of starting another: no duplicate Jobs, ever); a spec the
+   platform does not admit (:func:`admission_refusal`) gets no Job;
 2. wait for the attempt's pod (from the Job/pod watch index, no polling);
 3. follow the trainer container's log (``follow=true&timestamps=true``; reconnects resume after the last
    line seen), fold each line into the status with :class:`kubetune.lifecycle.fold.StatusFolder`, and patch the
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import random
 import time
@@ -73,22 +73,30 @@ from kubetune.lifecycle.follow import (
 from kubetune.lifecycle.formats import now_rfc3339, parse_rfc3339
 from kubetune.lifecycle.observed import JobState, PodState, job_state, pod_state
 from kubetune.lifecycle.outcome import FINISH_FIELDS, Outcome, finish_message, finish_update, outcome_of
-from kubetune.lifecycle.policy import cancel_request, is_suspended
+from kubetune.lifecycle.policy import Refusal, admission, cancel_request, is_suspended
 from kubetune.operator import manifests
 from kubetune.operator.context import Context
 from kubetune.operator.kube import (
     KubeError,
-    config_maps_path,
     jobs_path,
     pods_path,
     runs_path,
     split_log_line,
 )
+from kubetune.operator.settings import OperatorSettings
 
 STREAM_BACKLOG_SECONDS = 5.0  # lines older than this when their stream opened are backlog, not live
 RESYNC_SECONDS = 120.0  # a waiting supervisor re-reads its Job and pods this often (see maybe_resync)
 WATCH_CATCH_UP_SECONDS = 10.0  # how long a pod gone from the API server may wait for its DELETED watch event
 URGENT_EVENTS = frozenset({"started", "finished", "failed", "artifact"})
+
+
+def admission_refusal(run: dict[str, Any], spec: FinetuneRunSpec, settings: OperatorSettings) -> Refusal | None:
+    """Whether the platform refuses a valid run (:func:`kubetune.lifecycle.policy.admission`): its allow-list
+    (``settings``), and whether the run config fits its attempt's pod template. The ``accept`` handler applies it
+    to a new run, the supervisor before each attempt, ``spec_updated`` to an edit."""
+    return admission(spec.resources, settings.platform_policy(),
+                     config_bytes=manifests.config_bytes(run, spec, settings), config_limit=manifests.CONFIG_BUDGET)
 
 
 class Supervisor:
@@ -236,14 +244,21 @@ class Supervisor:
     # ------------------------------------------------------------------------------------ spec
     async def current_spec(self) -> FinetuneRunSpec | None:
         """The spec the next decision uses (:func:`kubetune.lifecycle.attempts.spec_to_run`); ``self.spec`` is
-        the last valid one. None: nothing valid to run."""
+        the last valid one. None: nothing valid to run. A live spec the platform refuses (:func:`admission_refusal`)
+        counts as invalid: the edit is not applied, and a run left with nothing else fails with the refusal's
+        reason. (The spec read back from the running attempt's Job is not judged again here: that attempt keeps
+        it; :meth:`ensure_attempt` checks the spec of each new attempt.)"""
         live = self.body.get("spec") or {}
         model, errors = validate_spec(live)
+        problem = format_errors(errors)
+        refusal = None if model is None else self.admission(model)
+        if refusal is not None:
+            model, problem = None, refusal.detail
         last_valid: bool | None = True if self.spec is not None else None
         while True:
             source = spec_to_run(live_valid=model is not None, last_valid=last_valid,
                                  ran_once=bool(self.status.get("attempts")))
-            if source != "read_config_map":
+            if source != "read_attempt_spec":
                 break
             self.spec, self.spec_generation = await self._applied_spec()
             last_valid = self.spec is not None
@@ -252,24 +267,28 @@ class Supervisor:
             self.spec_generation = (self.body.get("metadata") or {}).get("generation")
             return model
         if source == "last_valid":
-            self.logger.info(f"Spec invalid ({format_errors(errors)}); going on with generation "
-                             f"{self.spec_generation}.")
+            self.logger.info(f"Spec not applied ({problem}); going on with generation {self.spec_generation}.")
             return self.spec
-        change = invalid_spec(format_errors(errors))
+        change = refusal.change() if refusal is not None else invalid_spec(problem)
         self.logger.info(f"Not starting: {change.message}")
         if source == "fail":
-            self.set_phase(change.phase, change.reason, change.message[:1024], event="Warning")
+            if refusal is not None:
+                self.folder.update(refusal.update(self.status, time.time()))
+                kopf.event(self.body, type="Warning", reason=refusal.reason, message=refusal.message[:1024])
+            else:
+                self.set_phase(change.phase, change.reason, change.message[:1024], event="Warning")
             await self.flush(urgent=True)
         return None
 
+    def admission(self, spec: FinetuneRunSpec) -> Refusal | None:
+        return admission_refusal(self.run_object(), spec, self.ctx.settings)
+
     async def _applied_spec(self) -> tuple[FinetuneRunSpec | None, int | None]:
-        """The (resolved) spec and generation in the run's ConfigMap, if it exists and is valid."""
-        cm = await self.ctx.kube.get(config_maps_path(self.namespace, manifests.config_map_name(self.name)))
-        try:
-            doc = json.loads(((cm or {}).get("data") or {})[manifests.CONFIG_KEY])
-            return FinetuneRunSpec.model_validate(doc["spec"]), (doc.get("metadata") or {}).get("generation")
-        except (KeyError, TypeError, ValueError):
-            return None, None
+        """The (resolved) spec and generation the current attempt's Job was built from, if it still exists and
+        carries one (:func:`kubetune.operator.manifests.applied_spec`)."""
+        job_name = self.status.get("jobName")
+        job = await self.ctx.kube.get(jobs_path(self.namespace, str(job_name))) if job_name else None
+        return manifests.applied_spec(job)
 
     # ------------------------------------------------------------------------------------ attempts
     async def ensure_attempt(self, spec: FinetuneRunSpec) -> str | None:
@@ -306,6 +325,14 @@ class Supervisor:
             if decision.action == "wait_previous":
                 await self._stop_previous(decision)
                 continue
+            refusal = self.admission(spec)
+            if refusal is not None:
+                # The spec read back from the last attempt's Job, which the platform's policy no longer admits
+                # (it changed, and the operator restarted): no new Job.
+                self.folder.update(refusal.update(self.status, now))
+                kopf.event(self.body, type="Warning", reason=refusal.reason, message=refusal.message[:1024])
+                await self.flush(urgent=True)
+                return None
             if decision.new_attempt:
                 # Recorded now, written with the Created (or JobCreateFailed) patch: see intent_update.
                 generation = (self.body.get("metadata") or {}).get("generation")
@@ -348,7 +375,7 @@ class Supervisor:
             await self._resync_pods()  # a missed watch event must not keep the run waiting
 
     async def _create_refused(self, job_name: str, error: KubeError) -> None:
-        """The API server refused the attempt's ConfigMap or Job (a missing PriorityClass, an invalid
+        """The API server refused the attempt's Job (a missing PriorityClass, an invalid
         toleration, a quota): :func:`kubetune.lifecycle.attempts.create_refused_update` says what to write and
         how long to wait before the same attempt is created again."""
         self.create_failures += 1
@@ -366,15 +393,12 @@ class Supervisor:
         ctx = self.ctx
         run = self.run_object()
         capabilities = await ctx.server_capabilities()
-        cm = manifests.config_map(run, spec, ctx.settings)
         left = deadline_left(spec.run_policy.active_deadline_seconds, self.typed_status(), time.time())
         job = manifests.job(run, spec, ctx.settings, attempt=attempt, resume_from=self.status.get("checkpoint"),
                             active_deadline_seconds=int(left) if left is not None else None,
                             capabilities=capabilities)
         with ctx.metrics.timed("create_attempt"):
-            # The ConfigMap first: it carries this attempt's spec (earlier attempts' pods are gone by now, so
-            # none of them sees it change), and the pod would wait for it otherwise.
-            await self._apply_config_map(cm)
+            # The Job carries this attempt's spec in its (immutable) pod template: nothing else to write first.
             created = await self._create_owned(jobs_path(self.namespace), job)
         job_name = job["metadata"]["name"]
         if self.should_stop():
@@ -398,16 +422,6 @@ class Supervisor:
         self.folder.started = self.folder.finished = False
         self.folder.last_failed = None
         return job_name
-
-    async def _apply_config_map(self, cm: dict[str, Any]) -> None:
-        collection = config_maps_path(self.namespace)
-        existing, created = await self.ctx.kube.create(collection, cm)
-        if created:
-            return
-        self._check_owner(cm, existing)
-        if existing.get("data") != cm["data"]:
-            await self.ctx.kube.merge_patch(config_maps_path(self.namespace, cm["metadata"]["name"]),
-                                            {"data": cm["data"]})
 
     async def _create_owned(self, collection: str, obj: dict[str, Any]) -> bool:
         existing, created = await self.ctx.kube.create(collection, obj)

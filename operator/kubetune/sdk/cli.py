@@ -782,7 +782,7 @@ def describe(name: str, namespace: NamespaceOpt = None, kubeconfig: KubeconfigOp
 @app.command()
 def delete(names: Annotated[list[str], typer.Argument(help="Run names.")],
            namespace: NamespaceOpt = None, kubeconfig: KubeconfigOpt = None, context: ContextOpt = None) -> None:
-    """Delete runs: each FinetuneRun with its Job and ConfigMap (its artifact and checkpoints in S3 stay)."""
+    """Delete runs: each FinetuneRun with its Jobs (its artifact and checkpoints in S3 stay)."""
     with errors():
         client = _client(namespace, kubeconfig, context)
         missing = []

@@ -222,7 +222,7 @@ class Client:
         return sorted(runs, key=lambda r: (r.namespace, r.created or "", r.name))
 
     def delete_run(self, name: str, namespace: str | None = None) -> None:
-        """Delete a FinetuneRun: its Job and ConfigMap go with it; its artifact and checkpoints in S3 stay."""
+        """Delete a FinetuneRun: its Jobs go with it; its artifact and checkpoints in S3 stay."""
         ns = namespace or self.namespace
         self._call(f"delete finetunerun {name}", lambda: self._custom().delete_namespaced_custom_object(
             GROUP, VERSION, ns, PLURAL, name), name, ns)
@@ -769,7 +769,7 @@ class Run:
         The run is annotated ``kubetune.io/cancel-requested`` (the UTC time) and
         ``kubetune.io/cancel-requested-by`` (the local user); the operator deletes its Job (the checkpoints stay
         in S3), never retries or re-launches it, and sets ``phase: Cancelled``, which :meth:`wait` reports
-        (:class:`RunFailed`). With ``delete=True`` the FinetuneRun itself is deleted (its Job and ConfigMap go
+        (:class:`RunFailed`). With ``delete=True`` the FinetuneRun itself is deleted (its Jobs go
         with it; the artifact and checkpoints in S3 stay).
         """
         custom = self.client._custom()
