@@ -1,4 +1,4 @@
-"""Session fixtures for real infrastructure: S3 (moto server), the Kubernetes cluster, Prometheus.
+"""Session fixtures for real infrastructure: S3 (a SeaweedFS server), the Kubernetes cluster, Prometheus.
 
 Fixture contract (stable; tests across the repo rely on it):
 - ``s3_server`` (session): :class:`tests.cluster.s3.S3Server` with host/pod endpoints and credentials.

@@ -17,7 +17,9 @@ import time
 from dataclasses import dataclass, field
 
 _RST_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST, as a dead server would
-_REQUEST_LINE = re.compile(rb"(?m)^([A-Z]{3,7}) (\S+) HTTP/1\.[01]\r$")
+# Not anchored at a line start: on a kept-alive connection a request follows the previous body directly
+# (`{}PUT /bucket/key HTTP/1.1`), as the minio client sends them to a server that keeps connections open.
+_REQUEST_LINE = re.compile(rb"(GET|HEAD|PUT|POST|DELETE|OPTIONS|PATCH) (/\S*) HTTP/1\.[01]\r\n")
 
 
 @dataclass
@@ -105,7 +107,7 @@ class TcpProxy:
             while data := src.recv(65536):
                 if from_client:
                     seen = tail + data
-                    if self._inspect(seen):
+                    if self._inspect(seen, len(tail)):
                         return  # an outage started on this request: it never reaches the server
                     tail = seen[-2048:]
                 if not self.available.is_set():
@@ -117,14 +119,16 @@ class TcpProxy:
             for s in (src, dst):
                 _cut(s, reset=not self.available.is_set())
 
-    def _inspect(self, data: bytes) -> bool:
-        """Record request lines; start an armed outage whose pattern matches one. True if one started."""
+    def _inspect(self, data: bytes, seen_before: int = 0) -> bool:
+        """Record request lines; start an armed outage whose pattern matches one. True if one started. A line
+        within the first ``seen_before`` bytes (the previous chunk's tail) was inspected already."""
         for match in _REQUEST_LINE.finditer(data):
+            if match.end() <= seen_before:
+                continue
             method, path = match.group(1).decode(), match.group(2).decode("latin-1")
             line = f"{method} {path}"
             with self.lock:
-                if not self.requests or self.requests[-1][:2] != (method, path):
-                    self.requests.append((method, path, time.monotonic()))
+                self.requests.append((method, path, time.monotonic()))
                 hit = next((o for o in self.armed if o.pattern is not None and o.pattern.search(line)), None)
                 if hit is None:
                     continue

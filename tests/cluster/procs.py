@@ -48,10 +48,10 @@ def pid_of(name: str) -> int | None:
 def runs_program(program: str, stat: str, cmdline: bytes) -> bool:
     """Whether a process (its ``/proc/<pid>/stat`` and ``cmdline``) is a live run of ``program`` (empty: any).
 
-    A script (moto_server) runs as "<interpreter> <script>": the program is the first or second argument. Right
-    after ``Popen`` returns, the kernel may still be setting up the new program and ``cmdline`` reads empty
-    (seen with dockerd; CI's "etcd failed to start" with an empty log had the same signature); then the command
-    name in ``stat`` (the executable's file name, at most 15 characters) decides.
+    A script (a Python console script) runs as "<interpreter> <script>": the program is the first or second
+    argument. Right after ``Popen`` returns, the kernel may still be setting up the new program and ``cmdline``
+    reads empty (seen with dockerd; CI's "etcd failed to start" with an empty log had the same signature); then
+    the command name in ``stat`` (the executable's file name, at most 15 characters) decides.
     """
     comm, _, rest = stat.partition(" (")[2].rpartition(")")
     if rest.split()[0] == "Z":

@@ -1,6 +1,6 @@
 """S3 outages during a real training run (issue 7): the run's ``spec.output.endpoint`` points at a TCP proxy
 (``tests.faults.TcpProxy``, on 0.0.0.0 so the trainer pod reaches it through the node IP) in front of the shared
-moto server. The proxy cuts S3 for 30 s when it sees the first checkpoint upload and again for 30 s when it sees
+SeaweedFS server. The proxy cuts S3 for 30 s when it sees the first checkpoint upload and again for 30 s when it sees
 the first artifact upload. The trainer (the real image) rides out both in-process, with backoff (the store's
 ``RetryPolicy``, ``spec.output.retrySeconds``): one attempt, one pod, Succeeded, and the artifact in S3 matches its
 manifest, whose sha256 is the status's. A permanently bad S3 configuration (a bucket that does not exist, an
@@ -44,7 +44,7 @@ RECOVERED = re.compile(r"store: (\w+) (\S+) succeeded on try (\d+) after ([\d.]+
 
 @pytest.fixture
 def node_proxy(s3_server: S3Server) -> Iterator[tuple[TcpProxy, str]]:
-    """A proxy to the moto server listening on 0.0.0.0, and its endpoint as pods see it (the node IP)."""
+    """A proxy to the S3 server listening on 0.0.0.0, and its endpoint as pods see it (the node IP)."""
     target = urlparse(s3_server.host_endpoint)
     proxy = TcpProxy(str(target.hostname), int(target.port or 80), listen_host="0.0.0.0")
     yield proxy, proxy.endpoint_for(str(urlparse(s3_server.pod_endpoint).hostname))

@@ -1,4 +1,4 @@
-"""The trainer against a real S3 HTTP server (moto): data and weights from s3://, checkpoints and the
+"""The trainer against a real S3 server (SeaweedFS): data and weights from s3://, checkpoints and the
 artifact to the bucket under <prefix>/<namespace>/<name>/, resume from an S3 checkpoint, SDK-style download."""
 
 from __future__ import annotations

@@ -62,7 +62,8 @@ def test_a_daemon_killed_without_a_word_is_reported_with_its_signal(isolated_sta
     ("/usr/sbin/dockerd", "7 (dockerd) R 1 7", b"", True),
     ("/k8s/kube-controller-manager", "7 (kube-controller) R 1 7", b"", True),  # names are cut at 15 chars
     ("/usr/bin/etcd", "7 (python3) R 1 7", b"", False),
-    ("/venv/bin/moto_server", "7 (moto_server) S 1 7", b"/venv/bin/python\0/venv/bin/moto_server\0-p\0", True),
+    ("/venv/bin/mlflow", "7 (mlflow) S 1 7", b"/venv/bin/python\0/venv/bin/mlflow\0server\0", True),  # a script
+    ("/venv/bin/weed", "7 (weed) S 1 7", b"/venv/bin/weed\0-logtostderr\0server\0", True),
     ("", "7 (anything (odd) name) S 1 7", b"x\0", True),
 ])
 def test_a_daemon_is_recognised_by_its_program(program: str, stat: str, cmdline: bytes, expected: bool) -> None:
@@ -183,7 +184,7 @@ def test_a_pid_file_left_by_a_killed_session_never_adopts_another_program(isolat
 
 @pytest.mark.unit
 def test_a_script_daemon_is_recognised_and_stopped(isolated_state: Path, tmp_path: Path) -> None:
-    """Scripts run as `<interpreter> <script>` (moto_server does): still ours, so `down` stops them."""
+    """Scripts run as `<interpreter> <script>` (Python console scripts do): still ours, so `down` stops them."""
     script = tmp_path / "fake-server"
     script.write_text("#!/bin/sh\nsleep 300\n")
     script.chmod(0o755)
@@ -191,6 +192,46 @@ def test_a_script_daemon_is_recognised_and_stopped(isolated_state: Path, tmp_pat
     assert procs.pid_of("fake-server") == pid
     procs.stop("fake-server")
     assert _live_members(pid) == []
+
+
+@pytest.mark.unit
+def test_the_s3_server_starts_once_refuses_a_wrong_secret_and_down_drops_it(isolated_state: Path) -> None:
+    import io
+    import time
+
+    from minio import Minio
+    from minio.error import S3Error
+
+    from tests.cluster import s3
+
+    port = s3._free_ports(1)[0]
+    procs.start("s3", ["sleep", "300"])  # the S3 server of an older checkout: replaced, not adopted
+    started = time.monotonic()
+    server = s3.ensure_s3(port)
+    start_seconds = time.monotonic() - started
+    pid = procs.pid_of("s3")
+    try:
+        assert s3.ensure_s3(port) == server and procs.pid_of("s3") == pid  # a second `up` finds it running
+        assert Path(f"/proc/{pid}/comm").read_text().strip() == "weed"
+        client = Minio(server.host_endpoint.removeprefix("http://"), access_key=server.access_key,
+                       secret_key=server.secret_key, secure=False, region=server.region)
+        client.make_bucket("kt-harness")
+        client.put_object("kt-harness", "a/b.json", io.BytesIO(b"{}"), 2)
+        # every bucket's data in one collection: deleting a bucket never strands its objects' chunks
+        volumes = {path.name.rsplit("_", 1)[0] for path in (isolated_state / "s3" / "data").glob("*.dat")}
+        assert "kubetune-tests" in volumes and "kt-harness" not in volumes, volumes
+        wrong = Minio(server.host_endpoint.removeprefix("http://"), access_key=server.access_key,
+                      secret_key="not-the-secret", secure=False, region=server.region)
+        with pytest.raises(S3Error) as refused:
+            list(wrong.list_objects("kt-harness"))
+        assert refused.value.code == "SignatureDoesNotMatch"
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        assert s3._socket_files(argv)  # its Unix sockets in /tmp, removed by `down`
+    finally:
+        s3.stop_s3()
+    assert procs.pid_of("s3") is None and not (isolated_state / "s3" / "data").exists()
+    assert s3._socket_files(argv) == []
+    print(f"\nSeaweedFS answered signed requests {start_seconds:.1f}s after start")
 
 
 @pytest.mark.unit

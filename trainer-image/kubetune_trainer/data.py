@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from kubetune.api.spec import DataSpec, OutputSpec
-from kubetune.storage import ObjectNotFound, RetryPolicy, StoreError, minio_client, parse_s3_uri
+from kubetune.storage import ObjectNotFound, RetryPolicy, StoreError, minio_client, parse_s3_uri, refusal
 from PIL import Image, UnidentifiedImageError
 
 from .cache import KeyLocks, exclusive_lock, write_atomically
@@ -148,6 +148,9 @@ class Fetcher:
             except S3Error as exc:
                 if exc.code in ("NoSuchKey", "NoSuchBucket"):
                     raise FileNotFoundError(f"{uri}: {exc.code}") from None
+                error = refusal(uri, exc.code, exc.message)  # a refused credential is no outage: no retrying it
+                if error is not None:
+                    raise error from None
                 raise FetchUnavailable(f"{uri}: {exc.code}") from None
             except (HTTPError, OSError, StoreError) as exc:
                 if isinstance(exc, ObjectNotFound):
@@ -160,6 +163,8 @@ class Fetcher:
             except urllib.error.HTTPError as exc:
                 if exc.code in (404, 410):
                     raise FileNotFoundError(f"{uri}: HTTP {exc.code}") from None
+                if 400 <= exc.code < 500 and exc.code not in (408, 425, 429):  # refused, not unavailable
+                    raise StoreError(f"{uri}: HTTP {exc.code} {exc.reason}") from None
                 raise FetchUnavailable(f"{uri}: HTTP {exc.code}") from None
             except (urllib.error.URLError, OSError) as exc:
                 raise FetchUnavailable(f"{uri}: {type(exc).__name__}") from None

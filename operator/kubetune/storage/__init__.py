@@ -35,6 +35,7 @@ from .store import (
     join_key,
     minio_client,
     parse_s3_uri,
+    refusal,
     run_key,
     run_store,
     s3_store,
@@ -44,6 +45,7 @@ from .store import (
 __all__ = [
     "ACCESS_KEY_ENV", "ARTIFACT", "CHECKPOINTS", "DEFAULT_RETRY_SECONDS", "FORMAT", "MANIFEST", "SECRET_KEY_ENV",
     "LocalStore", "ObjectNotFound", "RetryPolicy", "S3Store", "Store", "StoreError", "StoreUnavailable",
-    "download_artifact", "join_key", "listed_files", "minio_client", "mismatches", "parse_s3_uri", "run_key",
+    "download_artifact", "join_key", "listed_files", "minio_client", "mismatches", "parse_s3_uri", "refusal",
+    "run_key",
     "run_store", "s3_store", "sha256_file", "store_from_uri", "verify_manifest", "write_manifest",
 ]

@@ -44,6 +44,11 @@ CHECKPOINTS = "checkpoints"
 ARTIFACT = "artifact"
 _TRANSIENT_S3_CODES = frozenset({"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout",
                                  "RequestTimeTooSkewed", "OperationAborted"})
+# A refusal of who is asking, not of what is asked: the message says where the credentials come from. (A HEAD
+# has no error body, so a bad secret on bucket_exists/stat reads as a bare "AccessDenied: Access denied".)
+_CREDENTIAL_S3_CODES = frozenset({"AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId"})
+_CREDENTIAL_HINT = (f"check the credentials ({ACCESS_KEY_ENV}/{SECRET_KEY_ENV}, from spec.output.credentialsSecret "
+                    "on a cluster) and their access to the bucket")
 
 
 class StoreError(Exception):
@@ -56,6 +61,18 @@ class StoreUnavailable(StoreError):
 
 class ObjectNotFound(StoreError):
     """The key does not exist."""
+
+
+def refusal(what: str, code: str | None, message: str | None) -> StoreError | None:
+    """The error an S3 error ``code`` on ``what`` means, or None when the code is a transient server-side one worth
+    retrying. A missing key is :class:`ObjectNotFound`; a refused credential says where credentials come from."""
+    if code in ("NoSuchKey", "NoSuchObject"):
+        return ObjectNotFound(what)
+    if code in _CREDENTIAL_S3_CODES:
+        return StoreError(f"{what}: {code}: {message} ({_CREDENTIAL_HINT})")
+    if code not in _TRANSIENT_S3_CODES:
+        return StoreError(f"{what}: {code}: {message}")
+    return None
 
 
 def _clean_key(key: str) -> str:
@@ -244,10 +261,9 @@ class S3Store(Store):
             try:
                 return fn()
             except S3Error as exc:
-                if exc.code in ("NoSuchKey", "NoSuchObject"):
-                    raise ObjectNotFound(what) from None
-                if exc.code not in _TRANSIENT_S3_CODES:
-                    raise StoreError(f"{what}: {exc.code}: {exc.message}") from None
+                error = refusal(what, exc.code, exc.message)
+                if error is not None:
+                    raise error from None
                 raise
 
         def unavailable(error: Exception, tries: int) -> StoreUnavailable:
