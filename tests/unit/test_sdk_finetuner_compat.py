@@ -35,7 +35,7 @@ from kubetune.sdk.documents import labelled_pairs, write_pairs_csv
 from kubetune.storage import LocalStore
 from PIL import Image
 
-from tests.unit.test_sdk_submit import FakeRuns
+from tests.unit.conftest import FakeRuns
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,22 +43,6 @@ FINETUNER_PREFIX = "clip-text-to-clip-vision_"
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
-@pytest.fixture
-def api() -> FakeRuns:
-    return FakeRuns()
-
-
-@pytest.fixture
-def bucket(tmp_path: Path) -> LocalStore:
-    return LocalStore(tmp_path / "bucket")
-
-
-@pytest.fixture
-def client(api: FakeRuns, bucket: LocalStore, monkeypatch: pytest.MonkeyPatch) -> Client:
-    c = Client(namespace="team")
-    monkeypatch.setattr(c, "_custom", lambda: api)
-    monkeypatch.setattr(c, "store_for", lambda spec: bucket)
-    return c
 
 
 def picture(color: tuple[int, int, int], fmt: str = "PNG", size: tuple[int, int] = (24, 16)) -> bytes:

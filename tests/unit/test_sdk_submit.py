@@ -4,7 +4,6 @@ a name collision never touches another run's data."""
 
 from __future__ import annotations
 
-import copy
 import logging
 import re
 from collections.abc import Callable
@@ -18,59 +17,15 @@ from kubernetes.client.exceptions import ApiException
 from kubetune.api import errors
 from kubetune.sdk.client import Client, build_spec, new_upload_id
 from kubetune.storage import LocalStore, StoreError, StoreUnavailable
-from urllib3.exceptions import ProtocolError
+
+from tests.unit.conftest import FakeRuns
 
 pytestmark = pytest.mark.unit
 UPLOAD_ID = r"\d{8}T\d{6}Z-[0-9a-f]{8}"
 
 
-class FakeRuns:
-    """The custom-objects calls the SDK makes to create a run, on a dict. ``reject``: the next creates fail with
-    this error; ``lose_answer``: the next creates store the run, then the connection drops before the answer."""
-
-    def __init__(self) -> None:
-        self.objects: dict[tuple[str, str], dict[str, Any]] = {}
-        self.calls: list[tuple[str, str]] = []
-        self.reject: Exception | None = None
-        self.lose_answer = False
-
-    def get_namespaced_custom_object(self, group: str, version: str, namespace: str, plural: str,
-                                     name: str) -> dict[str, Any]:
-        self.calls.append(("get", name))
-        if (namespace, name) not in self.objects:
-            raise ApiException(status=404, reason="Not Found")
-        return copy.deepcopy(self.objects[(namespace, name)])
-
-    def create_namespaced_custom_object(self, group: str, version: str, namespace: str, plural: str,
-                                        body: dict[str, Any]) -> dict[str, Any]:
-        name = body["metadata"]["name"]
-        self.calls.append(("create", name))
-        if self.reject is not None:
-            raise self.reject
-        if (namespace, name) in self.objects:
-            raise ApiException(status=409, reason="Conflict")
-        self.objects[(namespace, name)] = copy.deepcopy(body)
-        if self.lose_answer:
-            raise ProtocolError("Connection aborted.", ConnectionResetError(104, "Connection reset by peer"))
-        return copy.deepcopy(body)
 
 
-@pytest.fixture
-def api() -> FakeRuns:
-    return FakeRuns()
-
-
-@pytest.fixture
-def bucket(tmp_path: Path) -> LocalStore:
-    return LocalStore(tmp_path / "bucket")
-
-
-@pytest.fixture
-def client(api: FakeRuns, bucket: LocalStore, monkeypatch: pytest.MonkeyPatch) -> Client:
-    c = Client(namespace="team")
-    monkeypatch.setattr(c, "_custom", lambda: api)
-    monkeypatch.setattr(c, "store_for", lambda spec: bucket)
-    return c
 
 
 def dataset(tmp_path: Path, tag: str, caption: str) -> Path:
