@@ -10,7 +10,6 @@ local JPEG (no internet in the cluster's machine). The calls themselves are the 
 
 from __future__ import annotations
 
-import base64
 import itertools
 from pathlib import Path
 from typing import Any
@@ -22,9 +21,7 @@ from kubetune.callback import EvaluationCallback
 from PIL import Image, ImageDraw
 
 from tests.cluster.s3 import S3Server
-from tests.integration.test_operator_support import OperatorProcess, crd_installed
-
-__all__ = ["crd_installed"]
+from tests.integration.test_operator_support import OperatorProcess
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1500)]
 
@@ -73,20 +70,12 @@ def shop(folder: Path) -> tuple[DocumentArray, DocumentArray, DocumentArray, Doc
     return train, evaluation, queries, index
 
 
-def test_finetuner_clip_guide_with_one_import_changed(e2e_cluster: Any, kube_api: Any, namespace: str,
-                                                      crd_installed: str, trainer_image: str, s3_server: S3Server,
+def test_finetuner_clip_guide_with_one_import_changed(e2e_cluster: Any, namespace: str,
+                                                      trainer_operator: OperatorProcess, s3_server: S3Server,
                                                       s3_bucket: str, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
-    from kubernetes.client import CoreV1Api
-
-    CoreV1Api(kube_api).create_namespaced_secret(namespace, {"metadata": {"name": "s3-creds"}, "data": {
-        "AWS_ACCESS_KEY_ID": base64.b64encode(s3_server.access_key.encode()).decode(),
-        "AWS_SECRET_ACCESS_KEY": base64.b64encode(s3_server.secret_key.encode()).decode()}})
-    operator = OperatorProcess(e2e_cluster.kubeconfig, namespace, tmp_path / "operator.log", env={
-        "KUBETUNE_TRAINER_IMAGE": trainer_image, "KUBETUNE_IMAGE_PULL_POLICY": "Never",
-        "KUBETUNE_S3_ENDPOINT": s3_server.pod_endpoint, "KUBETUNE_S3_BUCKET": s3_bucket,
-        "KUBETUNE_S3_SECRET": "s3-creds"}).start()
+    operator = trainer_operator
     for key, value in {"KUBETUNE_S3_ENDPOINT": s3_server.host_endpoint, "KUBETUNE_S3_BUCKET": s3_bucket,
                        "AWS_ACCESS_KEY_ID": s3_server.access_key, "AWS_SECRET_ACCESS_KEY": s3_server.secret_key
                        }.items():
@@ -94,36 +83,33 @@ def test_finetuner_clip_guide_with_one_import_changed(e2e_cluster: Any, kube_api
     monkeypatch.chdir(tmp_path)
     finetuner.configure(namespace=namespace, kubeconfig=e2e_cluster.kubeconfig)  # what finetuner.login() was
     train_data, eval_data, query_data, index_data = shop(tmp_path / "shop")
-    try:
-        # ---- the guide, from here on
-        run = finetuner.fit(
-            model='clip-base-en',
-            train_data=train_data,
-            eval_data=eval_data,
-            epochs=5,
-            learning_rate=1e-3,
-            loss='CLIPLoss',
-            device='cpu',
-            callbacks=[
-                EvaluationCallback(
-                    model='clip-text',
-                    index_model='clip-vision',
-                    query_data=query_data,
-                    index_data=index_data,
-                )
-            ],
-            model_config=TINY, batch_size=12, num_workers=0, cpu="1", memory="3Gi",
-        )
-        assert run.status()["status"] in ("CREATED", "STARTED"), (dict(run.status()), operator.log())
+    # ---- the guide, from here on
+    run = finetuner.fit(
+        model='clip-base-en',
+        train_data=train_data,
+        eval_data=eval_data,
+        epochs=5,
+        learning_rate=1e-3,
+        loss='CLIPLoss',
+        device='cpu',
+        callbacks=[
+            EvaluationCallback(
+                model='clip-text',
+                index_model='clip-vision',
+                query_data=query_data,
+                index_data=index_data,
+            )
+        ],
+        model_config=TINY, batch_size=12, num_workers=0, cpu="1", memory="3Gi",
+    )
+    assert run.status()["status"] in ("CREATED", "STARTED"), (dict(run.status()), operator.log())
 
-        for entry in run.stream_logs():
-            print(entry)
+    for entry in run.stream_logs():
+        print(entry)
 
-        run = finetuner.get_run(run.name)
-        status = run.status()
-        assert status == {"status": "FINISHED", "details": status["details"]}, (dict(status), operator.log())
-    finally:
-        operator.stop()
+    run = finetuner.get_run(run.name)
+    status = run.status()
+    assert status == {"status": "FINISHED", "details": status["details"]}, (dict(status), operator.log())
     logged = capsys.readouterr().out
     assert "evaluation (after" in logged, logged[-3000:]
 

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 from pathlib import Path
 from typing import Any
@@ -14,44 +13,31 @@ from kubetune.sdk.cli import app
 from typer.testing import CliRunner
 
 from tests.cluster.s3 import S3Server
-from tests.integration.test_operator_support import OperatorProcess, crd_installed
-
-__all__ = ["crd_installed"]
+from tests.integration.test_operator_support import OperatorProcess
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_quickstart_file_on_the_cluster_with_the_cli(e2e_cluster: Any, kube_api: Any, namespace: str,
-                                                     crd_installed: str, trainer_image: str, s3_server: S3Server,
+def test_quickstart_file_on_the_cluster_with_the_cli(e2e_cluster: Any, namespace: str,
+                                                     trainer_operator: OperatorProcess, s3_server: S3Server,
                                                      s3_bucket: str, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    from kubernetes.client import CoreV1Api
-
-    CoreV1Api(kube_api).create_namespaced_secret(namespace, {"metadata": {"name": "s3-creds"}, "data": {
-        "AWS_ACCESS_KEY_ID": base64.b64encode(s3_server.access_key.encode()).decode(),
-        "AWS_SECRET_ACCESS_KEY": base64.b64encode(s3_server.secret_key.encode()).decode()}})
-    operator = OperatorProcess(e2e_cluster.kubeconfig, namespace, tmp_path / "operator.log", env={
-        "KUBETUNE_TRAINER_IMAGE": trainer_image, "KUBETUNE_IMAGE_PULL_POLICY": "Never",
-        "KUBETUNE_S3_ENDPOINT": s3_server.pod_endpoint, "KUBETUNE_S3_BUCKET": s3_bucket,
-        "KUBETUNE_S3_SECRET": "s3-creds"}).start()
+    operator = trainer_operator
     env = {"KUBECONFIG": e2e_cluster.kubeconfig, "KUBETUNE_NAMESPACE": namespace, "COLUMNS": "150",
            "KUBETUNE_S3_ENDPOINT": s3_server.host_endpoint, "KUBETUNE_S3_BUCKET": s3_bucket,
            "AWS_ACCESS_KEY_ID": s3_server.access_key, "AWS_SECRET_ACCESS_KEY": s3_server.secret_key}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     runner = CliRunner()
-    try:
-        out = runner.invoke(app, ["submit", str(ROOT / "examples" / "quickstart.yaml")])
-        assert out.exit_code == 0, out.output
-        out = runner.invoke(app, ["logs", "quickstart", "-f"])
-        assert out.exit_code == 0 and "artifact:" in out.output, out.output[-3000:]
-        out = runner.invoke(app, ["status", "quickstart", "-o", "json"])
-        status = json.loads(out.stdout)["status"]
-        assert status["phase"] == "Succeeded", (status, operator.log())
-        assert status["metrics"]["after"]["R@5"] > status["metrics"]["before"]["R@5"]
-    finally:
-        operator.stop()
+    out = runner.invoke(app, ["submit", str(ROOT / "examples" / "quickstart.yaml")])
+    assert out.exit_code == 0, out.output
+    out = runner.invoke(app, ["logs", "quickstart", "-f"])
+    assert out.exit_code == 0 and "artifact:" in out.output, out.output[-3000:]
+    out = runner.invoke(app, ["status", "quickstart", "-o", "json"])
+    status = json.loads(out.stdout)["status"]
+    assert status["phase"] == "Succeeded", (status, operator.log())
+    assert status["metrics"]["after"]["R@5"] > status["metrics"]["before"]["R@5"]
 
     model = tmp_path / "clip-model"
     out = runner.invoke(app, ["artifact", "pull", "quickstart", str(model)])
