@@ -18,37 +18,12 @@ import subprocess
 import sys
 from types import FrameType
 
-from kubetune.api.events import EXIT_BAD_CONFIG, EXIT_BAD_DATA, EXIT_FAILED, EXIT_OK, EXIT_RETRYABLE
+from kubetune.api.events import EXIT_BAD_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_RETRYABLE
 from kubetune.api.trainer_env import TrainerEnv
-from kubetune.storage import StoreError, StoreUnavailable
 
 from .config import ConfigError, build_parser, resolve
-from .data import DataError, FetchUnavailable
 from .events import Emitter
-
-
-def classify(exc: BaseException) -> tuple[str, int]:
-    """(reason, exit code) for an exception that ended the run."""
-    from .model import ModelError
-    from .run import CheckpointMissing, NotEnoughData, Preempted
-
-    table: list[tuple[type[BaseException] | tuple[type[BaseException], ...], str, int]] = [
-        (Preempted, "Preempted", EXIT_RETRYABLE),
-        ((StoreUnavailable, FetchUnavailable), "StorageUnavailable", EXIT_RETRYABLE),
-        (StoreError, "StorageRejected", EXIT_BAD_CONFIG),
-        (ConfigError, "InvalidConfig", EXIT_BAD_CONFIG),
-        (CheckpointMissing, "CheckpointMissing", EXIT_BAD_CONFIG),
-        (ModelError, "InvalidModel", EXIT_BAD_CONFIG),
-        ((DataError, NotEnoughData), "InvalidData", EXIT_BAD_DATA),
-        (FloatingPointError, "LossDiverged", EXIT_FAILED),
-        (MemoryError, "OutOfMemory", EXIT_FAILED),
-    ]
-    for types, reason, code in table:
-        if isinstance(exc, types):
-            return reason, code
-    if type(exc).__name__ == "OutOfMemoryError":
-        return "OutOfMemory", EXIT_FAILED
-    return "TrainerError", EXIT_FAILED
+from .failures import classify
 
 
 def without_nproc(argv: list[str]) -> list[str]:

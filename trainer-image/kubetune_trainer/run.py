@@ -30,6 +30,7 @@ from .callbacks import Monitor, SweepPoint, choose_alpha, wise_ft
 from .config import ConfigError, RunConfig
 from .data import Datasets, Fetcher, PairSet, load_datasets
 from .events import Emitter
+from .failures import classify
 from .sampling import EpochBatchSampler, ImageDataset, PairDataset, batches_per_epoch, make_loader, tokenize
 
 log = logging.getLogger("kubetune_trainer")
@@ -147,8 +148,6 @@ class Trainer:
         try:
             result = self._run()
         except BaseException as exc:
-            from .__main__ import classify
-
             self.tracker.close("retryable" if classify(exc)[1] in RETRYABLE_EXIT_CODES else "failed")
             raise
         self.tracker.close("finished")
