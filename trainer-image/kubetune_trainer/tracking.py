@@ -452,6 +452,11 @@ class _Wandb:
             self._run.mark_preempting()
         self._run.finish(exit_code=0 if outcome == "finished" else 1)
         if self._offline and outcome != "retryable":
+            import wandb
+
+            # finish() only asks the W&B service to close the run's file; its last records (the exit code among
+            # them) are on disk once the service has shut down
+            wandb.teardown()
             # in a pod the offline directory dies with it; a retryable attempt skips the copy (the store may be
             # what failed) and the next attempt writes its own
             prefix = f"{WANDB_STORE_PREFIX}/{self._dir.name}"
