@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -116,3 +117,83 @@ def shared_dir(target: Path, source: str, fill: Callable[[Path], bool]) -> Path 
             raise
         write_atomically(marker, source.encode(), prefix=f"{stem}.source.")
     return target
+
+
+class DiskBudget:
+    """Keeps a cache directory shared by the processes of one pod under ``max_bytes``, least recently used first.
+
+    Users mark a file used by :meth:`touch` (its mtime) and report what they add with :meth:`added`. Once a process
+    has added an eighth of the budget since its last look, it scans the directory and deletes the files used
+    longest ago until the rest fits in 90 % of the budget. Files used in the last ``grace_seconds`` are never
+    deleted, so a path just handed out stays for at least that long (and a descriptor opened on it survives
+    deletion anyway); a burst of downloads within that window can overshoot the budget by what it fetched. One
+    process scans at a time; the others skip their turn rather than wait.
+    """
+
+    IGNORED_SUFFIXES = (".lock", ".part", ".source")
+
+    def __init__(self, directory: Path, max_bytes: int, grace_seconds: float = 60.0) -> None:
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self.grace_seconds = grace_seconds
+        self._added = 0
+        self._guard = threading.Lock()
+
+    @staticmethod
+    def touch(path: Path) -> bool:
+        """Mark ``path`` used now; False when it is not there (never fetched, or evicted)."""
+        try:
+            os.utime(path)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def added(self, size: int) -> None:
+        with self._guard:
+            self._added += size
+            if self._added < self.max_bytes // 8:
+                return
+            self._added = 0
+        self.sweep()
+
+    def sweep(self, now: float | None = None) -> int:
+        """Delete least recently used files until the directory fits; returns the bytes it holds afterwards."""
+        lock = self.directory / ".sweep.lock"
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise
+                return -1  # another process is sweeping
+            return self._sweep_locked(now if now is not None else time.time())
+        finally:
+            os.close(fd)
+
+    def _sweep_locked(self, now: float) -> int:
+        entries: list[tuple[float, int, str]] = []
+        total = 0
+        with os.scandir(self.directory) as listing:
+            for entry in listing:
+                if entry.name.startswith(".") or entry.name.endswith(self.IGNORED_SUFFIXES):
+                    continue
+                try:
+                    stat = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+                entries.append((stat.st_mtime, stat.st_size, entry.path))
+                total += stat.st_size
+        if total <= self.max_bytes:
+            return total
+        target = int(self.max_bytes * 0.9)
+        for mtime, size, path in sorted(entries):
+            if total <= target or now - mtime < self.grace_seconds:
+                break
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+                total -= size
+        log.debug("cache %s: %d bytes after eviction (budget %d)", self.directory, total, self.max_bytes)
+        return total

@@ -3,10 +3,13 @@
 Images are s3://, http(s)://, file:// or local paths (relative paths are relative to the CSV), or bytes /
 uint8 tensors inside a DocList. Data is never unpickled: DocLists are read with the protobuf protocol only.
 
-Every image is fetched and decoded once while loading, so a broken row fails the run at the start (not in
-epoch 7) with a :class:`DataError` naming the set, the row and the reason, or is skipped and counted when
-``spec.data.skipBadRows`` is set. Decoded images are kept in memory up to a budget, which makes epochs
-after the first cheaper than open_clip's per-step ``Image.open``.
+Rows are read up front (texts and image references only, so memory is a few hundred bytes a row). A set of at
+most ``spec.data.checkRowsUpTo`` rows also has every image fetched and decoded before the first step, so a broken
+row fails the run at once (not in epoch 7) with a :class:`DataError` naming the set, the row and the reason, or
+is skipped and counted when ``spec.data.skipBadRows`` is set; its decoded images are kept in memory up to a small
+budget. A larger set is read lazily: loader workers fetch and decode each image when its batch is built, and a
+bad row is met then (see :class:`BadRows`). Remote images land in an on-disk cache bounded by
+``spec.data.cacheSize``, evicted least recently used (:class:`~kubetune_trainer.cache.DiskBudget`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import csv
 import hashlib
 import io
 import logging
+import os
 import posixpath
 import random
 import urllib.error
@@ -26,11 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from kubetune.api.spec import DataSpec, OutputSpec
+from kubetune.api.quantity import parse_quantity
+from kubetune.api.spec import DataSpec, FinetuneRunSpec, OutputSpec
 from kubetune.storage import ObjectNotFound, RetryPolicy, StoreError, minio_client, parse_s3_uri, refusal
 from PIL import Image, UnidentifiedImageError
 
-from .cache import KeyLocks, exclusive_lock, write_atomically
+from .cache import DiskBudget, KeyLocks, exclusive_lock, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +44,11 @@ DOCLIST_URL_FIELDS = ("image", "url", "image_url", "uri")
 DOCLIST_BYTES_FIELDS = ("image_bytes", "bytes_", "blob")
 DOCLIST_TENSOR_FIELDS = ("tensor", "image_tensor")
 DOCLIST_PROTOCOLS: tuple[Literal["protobuf-array"], Literal["protobuf"]] = ("protobuf-array", "protobuf")
-DEFAULT_CACHE_BYTES = 1 << 30  # decoded RGB pixels kept in memory (per process), 1 GiB
+DEFAULT_CACHE_BYTES = 256 << 20  # decoded RGB pixels of a checked set kept in memory (per process)
+DEFAULT_DISK_CACHE_BYTES = 10 << 30
+IMAGE_ERRORS = (FileNotFoundError, UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError,
+                ValueError)
+MIN_ROWS_FOR_LIMIT = 100  # below this many rows read, one bad row is no evidence that the set is broken
 
 
 class DataError(Exception):
@@ -55,12 +64,14 @@ class FetchUnavailable(Exception):
     """A remote source could not be reached (retryable: exit code 75)."""
 
 
-@dataclass
+@dataclass(slots=True)
 class ImageRef:
-    """One image: a local file, or bytes in memory; ``key`` identifies it (URI or sha256 of the bytes)."""
+    """One image: a file (local, or remote through ``fetcher``'s disk cache) or bytes in memory; ``key``
+    identifies it (URI or sha256 of the bytes)."""
 
     key: str
-    path: Path | None = None
+    uri: str | None = None
+    fetcher: Fetcher | None = None
     data: bytes | None = None
     decoded: Image.Image | None = None
 
@@ -69,15 +80,16 @@ class ImageRef:
             return self.decoded
         if self.data is not None:
             source: Any = io.BytesIO(self.data)
-        elif self.path is not None:
-            source = self.path
+        elif self.uri is not None and self.fetcher is not None:
+            source = self.fetcher.local_path(self.uri)
         else:  # pragma: no cover - constructed with one of them
             raise ValueError(f"{self.key}: no image source")
         with Image.open(source) as image:
+            image.load()
             return image.convert("RGB")
 
 
-@dataclass
+@dataclass(slots=True)
 class Pair:
     text: str
     image: ImageRef
@@ -101,61 +113,94 @@ class PairSet:
         return [(p.text, p.image.key) for p in self.pairs]
 
 
+def _unavailable(error: Exception, tries: int) -> FetchUnavailable:
+    return FetchUnavailable(f"{error} (unreachable after {tries} {'try' if tries == 1 else 'tries'})")
+
+
 class Fetcher:
     """Reads bytes from s3://, http(s)://, file:// or local paths; remote files are cached on disk."""
 
     def __init__(self, cache_dir: Path, output: OutputSpec | None = None, timeout: float = 30.0,
-                 retry: RetryPolicy | None = None) -> None:
+                 retry: RetryPolicy | None = None, max_bytes: int = DEFAULT_DISK_CACHE_BYTES) -> None:
         self.cache_dir = cache_dir
         self.output = output
         self.timeout = timeout
         # An unreachable source is retried with the store's backoff for spec.output.retrySeconds, so an S3 or
         # HTTP outage while the data loads is ridden out in-process, as during checkpoints and uploads.
         self.retry = retry or (RetryPolicy.for_window(output.retry_seconds) if output else RetryPolicy())
+        self.budget = DiskBudget(cache_dir, max_bytes)
+        self._forked()
+
+    def _forked(self) -> None:
+        # a loader worker forked from the trainer must not share its S3 connections or inherit a held lock
+        self._pid = os.getpid()
         self._s3: Any = None
         self._keys = KeyLocks()
 
     def _s3_client(self) -> Any:
+        if self._pid != os.getpid():
+            self._forked()
         if self._s3 is None:
             if self.output is None or not self.output.endpoint:
                 raise DataError("data", None, "s3:// data needs spec.output.endpoint")
             self._s3 = minio_client(self.output.endpoint, self.output.region)
         return self._s3
 
+    def list(self, prefix: str) -> list[str]:
+        """The object URIs under an s3:// prefix or in a local directory (recursively), sorted."""
+        if prefix.startswith(("http://", "https://")):
+            raise DataError("data", None, f"{prefix}: an http(s) prefix cannot be listed; name the files with a brace "
+                                          "pattern (e.g. .../shard-{000000..000099}.tar)")
+        if not prefix.startswith("s3://"):
+            root = Path(prefix.removeprefix("file://"))
+            if not root.is_dir():
+                raise FileNotFoundError(f"{root}: no such directory")
+            return sorted(str(p) for p in root.rglob("*") if p.is_file())
+        bucket, key = parse_s3_uri(prefix)
+        return self.retry.run(lambda: self._s3_call(prefix, lambda: sorted(
+            f"s3://{bucket}/{o.object_name}" for o in self._s3_client().list_objects(bucket, prefix=key,
+                                                                                     recursive=True))),
+            what=prefix, transient=FetchUnavailable, give_up=_unavailable, log=log, label="list", describe=str)
+
+    def _s3_call(self, uri: str, call: Callable[[], Any]) -> Any:
+        """``call()``, its S3 errors sorted into not found, refused (permanent) and unavailable (retried)."""
+        from minio.error import S3Error
+        from urllib3.exceptions import HTTPError
+
+        try:
+            return call()
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchBucket"):
+                raise FileNotFoundError(f"{uri}: {exc.code}") from None
+            error = refusal(uri, exc.code, exc.message)  # a refused credential is no outage: no retrying it
+            if error is not None:
+                raise error from None
+            raise FetchUnavailable(f"{uri}: {exc.code}") from None
+        except (HTTPError, OSError, StoreError) as exc:
+            if isinstance(exc, ObjectNotFound):
+                raise FileNotFoundError(uri) from None
+            raise FetchUnavailable(f"{uri}: {type(exc).__name__}") from None
+
     def read(self, uri: str) -> bytes:
         """The bytes at ``uri``; FileNotFoundError when it does not exist, FetchUnavailable when it stayed
         unreachable for the whole retry window."""
 
-        def unavailable(error: Exception, tries: int) -> FetchUnavailable:
-            return FetchUnavailable(f"{error} (unreachable after {tries} {'try' if tries == 1 else 'tries'})")
-
         return self.retry.run(lambda: self._read_once(uri), what=uri, transient=FetchUnavailable,
-                              give_up=unavailable, log=log, label="fetch", describe=str)
+                              give_up=_unavailable, log=log, label="fetch", describe=str)
 
     def _read_once(self, uri: str) -> bytes:
         if uri.startswith("s3://"):
-            from minio.error import S3Error
-            from urllib3.exceptions import HTTPError
-
             bucket, key = parse_s3_uri(uri)
-            try:
+
+            def get() -> bytes:
                 response = self._s3_client().get_object(bucket, key)
                 try:
                     return bytes(response.read())
                 finally:
                     response.close()
                     response.release_conn()
-            except S3Error as exc:
-                if exc.code in ("NoSuchKey", "NoSuchBucket"):
-                    raise FileNotFoundError(f"{uri}: {exc.code}") from None
-                error = refusal(uri, exc.code, exc.message)  # a refused credential is no outage: no retrying it
-                if error is not None:
-                    raise error from None
-                raise FetchUnavailable(f"{uri}: {exc.code}") from None
-            except (HTTPError, OSError, StoreError) as exc:
-                if isinstance(exc, ObjectNotFound):
-                    raise FileNotFoundError(uri) from None
-                raise FetchUnavailable(f"{uri}: {type(exc).__name__}") from None
+
+            return bytes(self._s3_call(uri, get))
         if uri.startswith(("http://", "https://")):
             try:
                 with urllib.request.urlopen(uri, timeout=self.timeout) as response:
@@ -171,7 +216,8 @@ class Fetcher:
         return Path(uri.removeprefix("file://")).read_bytes()
 
     def local_path(self, uri: str) -> Path:
-        """A local file holding ``uri`` (downloaded into the cache for remote URIs).
+        """A local file holding ``uri`` (downloaded into the disk cache for remote URIs; a path returned stays for
+        at least the cache's grace period, so open it right away).
 
         One download per URI and cache directory, however many threads of this process and processes (DDP ranks,
         loader workers) ask at once: the losers wait for the winner and reuse its file. The file only ever appears
@@ -182,17 +228,35 @@ class Fetcher:
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: no such file")
             return path
+        if self._pid != os.getpid():
+            self._forked()
         suffix = Path(urllib.parse.urlparse(uri).path).suffix[:10]
         name = hashlib.sha256(uri.encode()).hexdigest()[:32]
         target = self.cache_dir / (name + suffix)
-        if target.is_file():  # the common case once loaded: no lock, no lock file
+        if self.budget.touch(target):  # the common case once fetched: no lock, no lock file
             return target
+        fetched = 0
         with self._keys.hold(name):
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            with exclusive_lock(self.cache_dir / f"{name}.lock"):
-                if not target.is_file():  # another thread or process may have fetched it while this one waited
-                    write_atomically(target, self.read(uri), prefix=name)
+            locks = self.cache_dir / ".locks"
+            locks.mkdir(parents=True, exist_ok=True)
+            # striped: a lock file per 4096th of the keys, not one per image of a million-image set
+            with exclusive_lock(locks / f"{name[:3]}.lock"):
+                if not self.budget.touch(target):  # another thread or process may have fetched it meanwhile
+                    data = self.read(uri)
+                    write_atomically(target, data, prefix=name)
+                    fetched = len(data)
+        if fetched:
+            self.budget.added(fetched)
         return target
+
+
+def disk_cache_bytes(spec: FinetuneRunSpec) -> int:
+    """The trainer's disk cache: data.cacheSize, else half the pod's ephemeral storage, else 10 GiB."""
+    if spec.data.cache_size:
+        return int(parse_quantity(spec.data.cache_size))
+    if spec.resources.ephemeral_storage:
+        return int(parse_quantity(spec.resources.ephemeral_storage) // 2)
+    return DEFAULT_DISK_CACHE_BYTES
 
 
 def resolve_uri(value: str, base: str) -> str:
@@ -208,22 +272,19 @@ def resolve_uri(value: str, base: str) -> str:
     return str((Path(base.removeprefix("file://")).parent / value).resolve())
 
 
-def check_image(image: ImageRef) -> tuple[Image.Image, int]:
-    """Decode the image fully (a truncated or non-image file raises); returns it and its RGB byte size."""
-    if image.data is not None:
-        source: Any = io.BytesIO(image.data)
-    else:
-        source = image.path
-    with Image.open(source) as raw:
-        raw.load()
-        rgb = raw.convert("RGB")
-    return rgb, rgb.width * rgb.height * 3
-
-
 def detect_format(uri: str, fmt: str) -> str:
+    """csv, doclist or webdataset: ``fmt`` unless it is auto, else by the URI's shape."""
     if fmt != "auto":
         return fmt
-    return "csv" if urllib.parse.urlparse(uri).path.lower().endswith((".csv", ".tsv")) else "doclist"
+    path = urllib.parse.urlparse(uri).path.lower()
+    if path.endswith((".csv", ".tsv")):
+        return "csv"
+    return "webdataset" if looks_like_shards(uri) else "doclist"
+
+
+def looks_like_shards(uri: str) -> bool:
+    """Whether ``data.format: auto`` means webdataset: a .tar, a brace pattern, or a prefix ending in /."""
+    return uri.endswith(("/", ".tar")) or ("{" in uri and ".." in uri and "}" in uri)
 
 
 def read_csv_rows(text: str, set_name: str, text_column: str, image_column: str) -> list[tuple[int, str, str]]:
@@ -314,59 +375,91 @@ class _Row:
     error: str | None = None
 
 
-def load_set(set_name: str, uri: str, data_spec: DataSpec, fetcher: Fetcher, workers: int = 8,
-             cache_budget: list[int] | None = None) -> PairSet:
-    """Load and validate one set of pairs. ``cache_budget`` is a shared [bytes left] for decoded images."""
-    try:
-        raw = fetcher.read(uri)
-    except FileNotFoundError:
-        raise DataError(set_name, None, f"{uri} does not exist") from None
-    fmt = detect_format(uri, data_spec.format)
-    rows: list[_Row] = []
-    if fmt == "csv":
-        try:
-            text = raw.decode("utf-8-sig")
-        except UnicodeDecodeError:
-            raise DataError(set_name, None, f"{uri} is not UTF-8 text") from None
-        for i, caption, image in read_csv_rows(text, set_name, data_spec.text_column, data_spec.image_column):
-            rows.append(_Row(i, caption, resolve_uri(image, uri) if image.strip() else None, None))
+@dataclass
+class BadRows:
+    """Rows of one set met broken while training reads it lazily; :meth:`record` says when the run must stop.
+
+    Without ``skip`` the first one stops it, naming its row. With ``skip`` they are counted, and the run stops
+    once more than ``limit`` of the rows read so far (at least :data:`MIN_ROWS_FOR_LIMIT`) were bad.
+    """
+
+    set_name: str
+    skip: bool
+    limit: float
+    read: int = 0
+    bad: int = 0
+    first: list[str] = field(default_factory=list)
+
+    def record(self, rows_read: int, bad: Sequence[tuple[int, str]]) -> DataError | None:
+        self.read += rows_read
+        self.bad += len(bad)
+        for row, reason in bad:
+            if not self.skip:
+                return DataError(self.set_name, row, reason)
+            if len(self.first) < 5:
+                self.first.append(f"row {row}: {reason}")
+                log.warning("%s set, row %d skipped: %s", self.set_name, row, reason)
+        return over_limit(self.set_name, self.bad, self.read, self.limit, self.first) if self.skip else None
+
+    def record_batch(self, rows: Sequence[int], reasons: Sequence[str]) -> DataError | None:
+        """:meth:`record` for one loaded batch: each sample's broken row (0: none) and reason."""
+        return self.record(len(reasons), [(row, why) for row, why in zip(rows, reasons, strict=True) if row])
+
+
+def over_limit(set_name: str, bad: int, read: int, limit: float, first: Sequence[str]) -> DataError | None:
+    """The error that stops a run whose skipped rows exceed ``limit`` of those read, else None."""
+    if read < MIN_ROWS_FOR_LIMIT or bad <= limit * read:
+        return None
+    return DataError(set_name, None, f"{bad} of {read} rows read were bad, over data.badRowLimit {limit:g}: check "
+                                     f"the image column and paths (first: {'; '.join(first[:3])})")
+
+
+def _pair_or_reason(row: _Row, fetcher: Fetcher, refs: dict[str, ImageRef]) -> Pair | str:
+    """The row's pair (its image not fetched yet), or why it is unusable without looking at the image."""
+    if row.error is not None:
+        return row.error
+    if not row.text.strip():
+        return "empty text"
+    if row.data is not None:
+        key = "sha256:" + hashlib.sha256(row.data).hexdigest()
+        ref = refs.setdefault(key, ImageRef(key=key, data=row.data))
+    elif row.uri is not None:
+        ref = refs.setdefault(row.uri, ImageRef(key=row.uri, uri=row.uri, fetcher=fetcher))
     else:
-        for i, doc in enumerate(read_doclist(raw, set_name), 1):
-            caption = _first(doc, (data_spec.text_column, *DOCLIST_TEXT_FIELDS))
-            try:
-                image_uri, image_bytes = _doc_image(doc, data_spec.image_column, uri)
-            except ValueError as exc:
-                rows.append(_Row(i, str(caption or ""), None, None, error=str(exc)))
-                continue
-            rows.append(_Row(i, str(caption) if caption is not None else "", image_uri, image_bytes))
-    budget = cache_budget if cache_budget is not None else [DEFAULT_CACHE_BYTES]
+        return "no image"
+    return Pair(text=row.text, image=ref, row=row.row)
 
-    def check(row: _Row) -> Pair | str:
-        if row.error is not None:
-            return row.error
-        if not row.text.strip():
-            return "empty text"
-        if row.uri is None and row.data is None:
-            return "no image"
-        try:
-            if row.data is not None:
-                ref = ImageRef(key="sha256:" + hashlib.sha256(row.data).hexdigest(), data=row.data)
-            else:
-                assert row.uri is not None
-                ref = ImageRef(key=row.uri, path=fetcher.local_path(row.uri))
-            decoded, size = check_image(ref)
-        except FileNotFoundError:
-            return f"image {row.uri} not found"
-        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
-            what = row.uri or "bytes"
-            return f"image {what} is unreadable ({type(exc).__name__}: {str(exc)[:120]})"
-        if budget[0] >= size:
-            budget[0] -= size
-            ref.decoded = decoded
-        return Pair(text=row.text, image=ref, row=row.row)
 
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = list(pool.map(check, rows))
+def check_ref(ref: ImageRef, budget: list[int]) -> str | None:
+    """Fetch and decode ``ref`` now; why it is unusable, or None (its pixels kept while ``budget`` lasts)."""
+    try:
+        decoded = ref.open()
+    except FileNotFoundError:
+        return f"image {ref.uri} not found"
+    except IMAGE_ERRORS as exc:
+        return f"image {ref.uri or 'bytes'} is unreadable ({type(exc).__name__}: {str(exc)[:120]})"
+    size = decoded.width * decoded.height * 3
+    if budget[0] >= size:
+        budget[0] -= size
+        ref.decoded = decoded
+    return None
+
+
+def load_set(set_name: str, uri: str, data_spec: DataSpec, fetcher: Fetcher, workers: int = 8,
+             cache_budget: list[int] | None = None, check: bool | None = None) -> PairSet:
+    """Load one set of pairs; ``cache_budget`` is a shared [bytes left] for decoded images.
+
+    ``check`` (default: at most ``data_spec.check_rows_up_to`` rows) fetches and decodes every image now.
+    """
+    rows = read_rows(set_name, uri, data_spec, fetcher)
+    refs: dict[str, ImageRef] = {}
+    results = [_pair_or_reason(row, fetcher, refs) for row in rows]
+    if check if check is not None else len(rows) <= data_spec.check_rows_up_to:
+        budget = cache_budget if cache_budget is not None else [DEFAULT_CACHE_BYTES]
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            broken = {key: reason for key, reason in zip(refs, pool.map(lambda r: check_ref(r, budget),
+                                                                          refs.values()), strict=True) if reason}
+        results = [broken.get(r.image.key, r) if isinstance(r, Pair) else r for r in results]
     out = PairSet(set_name, [])
     for row, result in zip(rows, results, strict=True):
         if isinstance(result, Pair):
@@ -379,9 +472,40 @@ def load_set(set_name: str, uri: str, data_spec: DataSpec, fetcher: Fetcher, wor
             raise DataError(set_name, row.row, result)
     if out.skipped:
         log.warning("%s set: skipped %d bad rows (first: %s)", set_name, out.skipped, out.skip_reasons[0])
+        error = over_limit(set_name, out.skipped, len(rows), data_spec.bad_row_limit, out.skip_reasons)
+        if error is not None:
+            raise error
     if not out.pairs:
         raise DataError(set_name, None, f"{uri} holds no usable pairs")
     return out
+
+
+def read_rows(set_name: str, uri: str, data_spec: DataSpec, fetcher: Fetcher) -> list[_Row]:
+    """Every row of a CSV or DocList: its text and image reference (nothing fetched)."""
+    try:
+        raw = fetcher.read(uri)
+    except FileNotFoundError:
+        raise DataError(set_name, None, f"{uri} does not exist") from None
+    fmt = detect_format(uri, data_spec.format)
+    rows: list[_Row] = []
+    if fmt == "csv":
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            raise DataError(set_name, None, f"{uri} is not UTF-8 text") from None
+        del raw
+        for i, caption, image in read_csv_rows(text, set_name, data_spec.text_column, data_spec.image_column):
+            rows.append(_Row(i, caption, resolve_uri(image, uri) if image.strip() else None, None))
+        return rows
+    for i, doc in enumerate(read_doclist(raw, set_name), 1):
+        caption = _first(doc, (data_spec.text_column, *DOCLIST_TEXT_FIELDS))
+        try:
+            image_uri, image_bytes = _doc_image(doc, data_spec.image_column, uri)
+        except ValueError as exc:
+            rows.append(_Row(i, str(caption or ""), None, None, error=str(exc)))
+            continue
+        rows.append(_Row(i, str(caption) if caption is not None else "", image_uri, image_bytes))
+    return rows
 
 
 def split(pairs: PairSet, fraction: float, seed: int) -> tuple[PairSet, PairSet]:
@@ -424,11 +548,16 @@ def load_datasets(data_spec: DataSpec, fetcher: Fetcher, seed: int,
             loaded[uri] = load_set(name, uri, data_spec, fetcher, cache_budget=budget)
         return loaded[uri]
 
-    train = get("train", data_spec.train)
+    streamed = detect_format(data_spec.train, data_spec.format) == "webdataset"
+    # streamed shards are opened by the training loop (shards.py); only the evaluation sets are loaded here
+    train = PairSet("train", []) if streamed else get("train", data_spec.train)
     val: PairSet | None = None
     if data_spec.eval:
         val = get("eval", data_spec.eval)
     elif data_spec.val_split > 0:
+        if streamed:
+            raise DataError("train", None, "data.valSplit cannot hold out part of a streamed (webdataset) set: give "
+                                           "data.eval, or shard the held-out pairs apart")
         train, val = split(train, data_spec.val_split, seed)
     query = get("query", data_spec.query) if data_spec.query else val
     index = get("index", data_spec.index) if data_spec.index else query

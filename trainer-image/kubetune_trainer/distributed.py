@@ -90,11 +90,16 @@ class SoloPhases:
 
 def any_true(flag: bool, info: DistInfo, device: torch.device) -> bool:
     """True on every rank when ``flag`` is true on at least one (stop requests, early stopping)."""
+    return any_of([flag], info, device)[0]
+
+
+def any_of(flags: list[bool], info: DistInfo, device: torch.device) -> list[bool]:
+    """Each flag true on every rank when it is true on at least one, in one collective."""
     if not info.distributed:
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
+        return list(flags)
+    value = torch.tensor([1.0 if flag else 0.0 for flag in flags], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item() > 0)
+    return [bool(v > 0) for v in value.tolist()]
 
 
 def barrier(info: DistInfo) -> None:

@@ -12,6 +12,7 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,12 +24,22 @@ from kubetune.api.spec import FinetuneRunSpec
 from kubetune.storage import ARTIFACT, RetryPolicy, Store, run_store, store_from_uri
 from torch import nn
 
-from . import checkpoint, determinism, distributed, evaluate, export, loop, tracking
+from . import checkpoint, determinism, distributed, evaluate, export, loop, shards, tracking
 from . import model as model_lib
 from .cache import shared_dir
 from .callbacks import Monitor, SweepPoint, choose_alpha, wise_ft
 from .config import ConfigError, RunConfig
-from .data import Datasets, Fetcher, PairSet, load_datasets
+from .data import (
+    BadRows,
+    DataError,
+    Datasets,
+    Fetcher,
+    PairSet,
+    detect_format,
+    disk_cache_bytes,
+    load_datasets,
+    over_limit,
+)
 from .events import Emitter
 from .failures import classify
 from .sampling import EpochBatchSampler, ImageDataset, PairDataset, batches_per_epoch, make_loader, tokenize
@@ -121,7 +132,7 @@ class Trainer:
         self.work = cfg.work_dir / (f"rank{self.dist.rank}" if self.dist.distributed else "")
         self.work.mkdir(parents=True, exist_ok=True)
         self.store = store or run_store(self.spec.output, cfg.namespace, cfg.name, cfg.output_dir)
-        self.fetcher = Fetcher(cfg.work_dir / "cache", self.spec.output)
+        self.fetcher = Fetcher(cfg.work_dir / "cache", self.spec.output, max_bytes=disk_cache_bytes(self.spec))
         self.phases = distributed.SoloPhases(self.dist)  # replaced by one with its own timeout once data is known
         self.started_at = time.time()
         self.tracker = tracking.Tracker()  # rank 0 gets one with backends in run(); the others keep this no-op
@@ -178,9 +189,34 @@ class Trainer:
         start_weights = ({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
                          if spec.callbacks.wise_ft else None)
         data = load_datasets(spec.data, self.fetcher, spec.training.seed, on_progress=self.info)
+        micro = spec.training.batch_size
+        accum = spec.training.grad_accumulation
+        workers = spec.training.num_workers
+        stream: shards.ShardStream | None = None
+        if detect_format(spec.data.train, spec.data.format) == "webdataset":
+            shard_set = shards.resolve_shards(spec.data.train, self.fetcher)
+            per_epoch_batches = shards.agreed_batches(shard_set, micro, self.dist.world_size, workers)
+            stream = shards.ShardStream(
+                shards.assign(shard_set.shards, self.dist.world_size, workers)[self.dist.rank], micro,
+                per_epoch_batches, bundle.preprocess_train, bundle.tokenizer, spec.training.seed,
+                spec.data.shuffle_buffer, self.fetcher, self.dist.rank, spec.data.skip_bad_rows)
+            train_pairs = shard_set.pairs
+            sampler: EpochBatchSampler | shards.ShardStream = stream
+            loader: Iterable[Any] = _Unchecked(shards.StreamLoader(stream, workers, self.device.type == "cuda"))
+            self.info("train: %d pairs (%d images) in %d shards, streamed", shard_set.pairs, shard_set.images,
+                      len(shard_set.shards))
+        else:
+            train_set = PairDataset(data.train.pairs, bundle.preprocess_train, bundle.tokenizer,
+                                    seed=spec.training.seed)
+            train_pairs = len(train_set)
+            per_epoch_batches = batches_per_epoch(len(train_set), micro, self.dist.world_size)
+            sampler = EpochBatchSampler(len(train_set), micro, spec.training.seed, self.dist.rank,
+                                        self.dist.world_size, with_epoch=True)
+            loader = make_loader(train_set, workers, self.device.type == "cuda", batch_sampler=sampler,
+                                 generator=torch.Generator().manual_seed(spec.training.seed))
         self.info("data: %s", ", ".join(f"{s.name}={len(s)}" for s in
                                         (data.train, data.val, data.query, data.index, data.reference)
-                                        if s is not None))
+                                        if s is not None and (s is not data.train or stream is None)))
         eval_items = sum(len(s) for s in (data.val, data.query, data.index, data.reference) if s is not None)
         self.phases = distributed.SoloPhases.create(self.dist, distributed.solo_phase_seconds(
             spec.training.collective_timeout_seconds, spec.output.retry_seconds, eval_items))
@@ -188,22 +224,14 @@ class Trainer:
             model.lock_image_tower()  # type: ignore[operator]
         if spec.training.lock_text:
             model.lock_text_tower()  # type: ignore[operator]
-        tokens = tokenize(bundle.tokenizer, data.train.texts())
-        train_set = PairDataset(data.train.pairs, bundle.preprocess_train, tokens, seed=spec.training.seed)
-        micro = spec.training.batch_size
-        accum = spec.training.grad_accumulation
-        per_epoch_batches = batches_per_epoch(len(train_set), micro, self.dist.world_size)
         steps_per_epoch = per_epoch_batches // accum
         if steps_per_epoch < 1:
-            raise NotEnoughData(f"the train set has {len(train_set)} usable pairs, fewer than batchSize × "
-                                f"gradAccumulation × processes = {micro * accum * self.dist.world_size}")
+            raise NotEnoughData(f"the train set has {train_pairs} usable pairs, fewer than batchSize × "
+                                f"gradAccumulation × processes = {micro * accum * self.dist.world_size}"
+                                + (" on each process's shards" if stream is not None else ""))
         total_steps = spec.training.epochs * steps_per_epoch
         if spec.training.max_steps:
             total_steps = min(total_steps, spec.training.max_steps)
-        sampler = EpochBatchSampler(len(train_set), micro, spec.training.seed, self.dist.rank, self.dist.world_size,
-                                    with_epoch=True)
-        loader = make_loader(train_set, spec.training.num_workers, self.device.type == "cuda", batch_sampler=sampler,
-                             generator=torch.Generator().manual_seed(spec.training.seed))
 
         train_model: nn.Module = model
         if self.dist.distributed:
@@ -243,13 +271,15 @@ class Trainer:
                   epochs=spec.training.epochs, total_steps=total_steps, step=state.step,
                   world_size=self.dist.world_size, attempt=self.cfg.env.attempt,
                   resumed_from_step=resumed_from, device=str(self.device.type), precision=self.precision,
-                  train_pairs=len(data.train), skipped_rows=data.skipped() or None)
+                  train_pairs=train_pairs, skipped_rows=data.skipped() or None)
         evaluator = _Evaluator(self, bundle, data)
         if not state.before and evaluator.enabled and spec.callbacks.evaluation.enabled:
             state.before = self.phases.run(lambda: evaluator.retrieval(model, "before", 0)) or {}
 
         # ------------------------------------------------------------------------------------ epochs
-        progress = _Progress(self, total_steps, micro * accum * self.dist.world_size)
+        bad_rows = BadRows("train", spec.data.skip_bad_rows, spec.data.bad_row_limit)
+        progress = _Progress(self, total_steps, micro * accum * self.dist.world_size,
+                             lambda: data.train.skipped + bad_rows.bad + (stream.bad_samples if stream else 0))
         save = _Saver(self, model, optimizer, scaler, master)
         if rng_state is not None:  # after the evaluation above, which a resumed attempt skips
             determinism.set_rng_state(rng_state)
@@ -263,8 +293,15 @@ class Trainer:
             epoch = state.epoch
             sampler.set_epoch(epoch, state.batch_in_epoch)
             group: list[loop.Batch] = []
-            for batch in loader if state.step < total_steps else ():
-                group.append(batch)
+            data_error: DataError | None = None
+            for images, texts, bad, reasons in loader if state.step < total_steps else ():
+                if stream is None:
+                    data_error = data_error or bad_rows.record_batch(bad.tolist(), reasons)
+                elif spec.data.skip_bad_rows:  # the stream skips bad samples itself and counts them
+                    bad_rows.read += len(texts)
+                    data_error = data_error or over_limit("train", stream.bad_samples, bad_rows.read,
+                                                          spec.data.bad_row_limit, [])
+                group.append((images, texts))
                 if len(group) < accum:
                     continue
                 lr = loop.lr_at(state.step, spec.training.learning_rate, spec.training.warmup_steps, total_steps,
@@ -283,7 +320,11 @@ class Trainer:
                 every = spec.run_policy.checkpoint_every_steps
                 if every and state.step % every == 0 and state.step < total_steps:
                     save(state)
-                if distributed.any_true(self.stop.requested, self.dist, self.device):
+                stop, bad_data = distributed.any_of([self.stop.requested, data_error is not None], self.dist,
+                                                    self.device)
+                if bad_data:  # every rank stops together, the one that met the row naming it
+                    raise data_error or DataError("train", None, "another process met a bad row (its log names it)")
+                if stop:
                     save(state)
                     raise Preempted(f"SIGTERM at step {state.step}: checkpointed")
                 if state.step >= total_steps:
@@ -504,11 +545,24 @@ class _Saver:
         trainer.info("checkpoint: %s", uri)
 
 
+@dataclass(frozen=True)
+class _Unchecked:
+    """A stream's batches, each epoch, in the shape of :class:`PairDataset`'s (the stream counts bad samples)."""
+
+    batches: Iterable[loop.Batch]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, None, None]]:
+        for images, texts in self.batches:
+            yield images, texts, None, None
+
+
 class _Progress:
     """Throttled progress events with samples/s over the last window and an ETA."""
 
-    def __init__(self, trainer: Trainer, total_steps: int, samples_per_step: int) -> None:
+    def __init__(self, trainer: Trainer, total_steps: int, samples_per_step: int,
+                 skipped_rows: Callable[[], int]) -> None:
         self.trainer = trainer
+        self.skipped_rows = skipped_rows
         self.total = total_steps
         self.samples_per_step = samples_per_step
         self.first_step: int | None = None
@@ -528,15 +582,18 @@ class _Progress:
         throttled = now - self.last_emit < self.trainer.cfg.env.progress_seconds
         if throttled and not done and state.step - self.first_step > 1:
             return
-        rate = self.window_steps * self.samples_per_step / max(1e-9, now - self.window_start)
+        # the first step of an attempt has no window behind it to measure a rate over
+        rate = (self.window_steps * self.samples_per_step / (now - self.window_start)
+                if state.step - self.first_step > 1 else None)
         steps_this_attempt = state.step - self.first_step
         eta = (self.total - state.step) * (now - self.started) / max(1, steps_this_attempt)
         spec = self.trainer.spec
         self.trainer.emit("progress", epoch=state.epoch + 1, epochs=spec.training.epochs, step=state.step,
-                          total_steps=self.total, loss=loss, lr=lr, samples_per_second=round(rate, 3),
-                          eta_seconds=round(eta, 3))
+                          total_steps=self.total, loss=loss, lr=lr,
+                          samples_per_second=round(rate, 3) if rate is not None else None,
+                          eta_seconds=round(eta, 3), skipped_rows=self.skipped_rows() or None)
         self.trainer.info("epoch %d step %d/%d loss %.4f lr %.3g %.1f samples/s", state.epoch + 1, state.step,
-                          self.total, loss, lr, rate)
+                          self.total, loss, lr, rate or 0.0)
         self.last_emit, self.window_start, self.window_steps = now, now, 0
 
 
@@ -592,11 +649,25 @@ class _Evaluator:
         if self.val is None:
             return math.nan
         if self._val_cache is None:
-            tokens = tokenize(self.bundle.tokenizer, self.val.texts())
-            self._val_cache = PairDataset(self.val.pairs, self.bundle.preprocess_val, tokens)
-        loader = make_loader(self._val_cache, 0, False, batch_size=self.trainer.spec.training.batch_size)
-        return loop.validation_loss(loop.unwrap(model), loss_fn, iter(loader), self.trainer.device,
+            self._val_cache = PairDataset(self.val.pairs, self.bundle.preprocess_val, self.bundle.tokenizer)
+        loader = make_loader(self._val_cache, self._workers(len(self.val)), False,
+                             batch_size=self.trainer.spec.training.batch_size)
+        data = self.trainer.spec.data
+        bad_rows = BadRows(self.val.name, data.skip_bad_rows, data.bad_row_limit)
+
+        def batches() -> Iterator[loop.Batch]:
+            for images, texts, bad, reasons in loader:
+                error = bad_rows.record_batch(bad.tolist(), reasons)
+                if error is not None:
+                    raise error
+                yield images, texts
+
+        return loop.validation_loss(loop.unwrap(model), loss_fn, batches(), self.trainer.device,
                                     self.trainer.precision)
+
+    def _workers(self, items: int) -> int:
+        # a set checked up front is decoded in memory already: worker start-up would cost more than it saves
+        return self.trainer.spec.training.num_workers if items > self.trainer.spec.data.check_rows_up_to else 0
 
     def retrieval(self, model: nn.Module, stage: str, epoch: int, on: _RetrievalSet | None = None,
                   emit: bool = True) -> dict[str, float]:
@@ -633,5 +704,15 @@ class _Evaluator:
         device, precision, batch = self.trainer.device, self.trainer.precision, self.spec.batch_size
         tokens = tokenize(self.bundle.tokenizer, texts)
         text_emb = loop.encode(net.encode_text, list(tokens.split(batch)), device, precision)  # type: ignore[arg-type]
-        loader = make_loader(ImageDataset(images, self.bundle.preprocess_val), 0, False, batch_size=batch)
-        return text_emb, loop.encode(net.encode_image, iter(loader), device, precision)  # type: ignore[arg-type]
+        loader = make_loader(ImageDataset(images, self.bundle.preprocess_val), self._workers(len(images)), False,
+                             batch_size=batch)
+
+        def batches() -> Iterator[torch.Tensor]:
+            # evaluation streams: O(batch) images in memory, and only the index's embeddings kept
+            for pixels, reasons in loader:
+                unusable = next((why for why in reasons if why), None)
+                if unusable:
+                    raise DataError("evaluation", None, unusable)
+                yield pixels
+
+        return text_emb, loop.encode(net.encode_image, batches(), device, precision)  # type: ignore[arg-type]

@@ -6,54 +6,94 @@ skips exactly the batches it had already trained on (``start_batch``) without lo
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .data import Pair
+from .data import IMAGE_ERRORS, ImageRef, Pair
 from .determinism import sample_seed, seeded
 
+#: one sample as a loader yields it: the image tensor, its text's token ids, and the 1-based row of a pair found
+#: broken while building it (0: none) with the reason; a broken pair is replaced by the next usable one, so every
+#: batch, and every rank's step count, keeps its size.
+Sample = tuple[torch.Tensor, torch.Tensor, int, str]
+MAX_REPLACEMENTS = 16
 
-class PairDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
-    """(image tensor, token ids) per pair. Texts are tokenized once up front, not per step.
+
+def open_image(ref: ImageRef) -> tuple[Image.Image | None, str]:
+    """The image, or None and why it is unusable. An unreachable source raises (the attempt is retried)."""
+    try:
+        return ref.open(), ""
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # the pod's disk, not the image
+            raise
+        if isinstance(exc, FileNotFoundError):
+            return None, f"image {ref.uri or ref.key} not found"
+        return None, f"image {ref.uri or 'bytes'} is unreadable ({type(exc).__name__}: {str(exc)[:120]})"
+    except FileNotFoundError:
+        return None, f"image {ref.uri or ref.key} not found"
+    except IMAGE_ERRORS as exc:
+        return None, f"image {ref.uri or 'bytes'} is unreadable ({type(exc).__name__}: {str(exc)[:120]})"
+
+
+class PairDataset(Dataset[Sample]):
+    """One :data:`Sample` per pair, its text tokenized when it is read (in the loader workers, beside the image).
 
     A key ``(epoch, index)`` (what :class:`EpochBatchSampler` yields with ``with_epoch``) runs the transform
     under a seed of its own (see :mod:`determinism`); a plain index runs it on the global RNG.
     """
 
-    def __init__(self, pairs: Sequence[Pair], transform: Callable[[Any], torch.Tensor], tokens: torch.Tensor,
-                 seed: int = 0):
-        if len(pairs) != tokens.shape[0]:
-            raise ValueError("one token row per pair is needed")
-        self.pairs = list(pairs)
+    def __init__(self, pairs: Sequence[Pair], transform: Callable[[Any], torch.Tensor],
+                 tokenizer: Callable[[list[str]], torch.Tensor], seed: int = 0):
+        self.pairs = pairs
         self.transform = transform
-        self.tokens = tokens
+        self.tokenizer = tokenizer
         self.seed = seed
 
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        if isinstance(key, tuple):
-            epoch, index = key
-            image = self.pairs[index].image.open()
-            with seeded(sample_seed(self.seed, epoch, index)):
-                return self.transform(image), self.tokens[index]
-        return self.transform(self.pairs[key].image.open()), self.tokens[key]
+    def __getitem__(self, key: int | tuple[int, int]) -> Sample:
+        epoch, index = key if isinstance(key, tuple) else (None, key)
+        bad_row, reason = 0, ""
+        for offset in range(MAX_REPLACEMENTS):
+            pair = self.pairs[(index + offset) % len(self.pairs)]
+            image, why = open_image(pair.image)
+            if image is not None:
+                break
+            if not bad_row:
+                bad_row, reason = pair.row, why
+        else:
+            raise RuntimeError(f"{MAX_REPLACEMENTS} pairs in a row from {index} have unusable images ({reason})")
+        tokens = self.tokenizer([pair.text])[0]
+        if epoch is None:
+            return self.transform(image), tokens, bad_row, reason
+        with seeded(sample_seed(self.seed, epoch, index)):
+            return self.transform(image), tokens, bad_row, reason
 
 
-class ImageDataset(Dataset[torch.Tensor]):
-    def __init__(self, images: Sequence[Any], transform: Callable[[Any], torch.Tensor]):
-        self.images = list(images)
+class ImageDataset(Dataset[tuple[torch.Tensor, str]]):
+    """(image tensor, why it is unusable) per image; an unusable one is a zero tensor the caller refuses."""
+
+    def __init__(self, images: Sequence[ImageRef], transform: Callable[[Any], torch.Tensor]):
+        self.images = images
         self.transform = transform
+        self._blank: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.transform(self.images[index].open())
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        image, why = open_image(self.images[index])
+        if image is None:
+            if self._blank is None:
+                self._blank = torch.zeros_like(self.transform(Image.new("RGB", (8, 8))))
+            return self._blank, why
+        return self.transform(image), ""
 
 
 def tokenize(tokenizer: Callable[..., torch.Tensor], texts: Sequence[str], chunk: int = 4096) -> torch.Tensor:

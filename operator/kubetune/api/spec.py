@@ -81,6 +81,7 @@ class DataFormat(str, Enum):
     AUTO = "auto"
     CSV = "csv"
     DOCLIST = "doclist"
+    WEBDATASET = "webdataset"
 
 
 class Distance(str, Enum):
@@ -130,7 +131,10 @@ class DataSpec(_Model):
     index: Annotated[str | None, Field(max_length=2048, description=(
         "Index set for retrieval evaluation (the images searched). Defaults to the query set's images."))] = None
     format: Annotated[DataFormat, Field(description=(
-        "Data format: auto (by extension: .csv, else DocList protobuf), csv or doclist."))] = DataFormat.AUTO
+        "Data format: auto (by extension: .csv, a .tar shard or pattern of shards, else DocList protobuf), csv, "
+        "doclist or webdataset (tar shards of {key}.jpg + {key}.txt as open_clip reads them, streamed: "
+        "train is a brace pattern such as s3://b/shards/{000000..000099}.tar or a prefix ending in /; "
+        "kubetune data shard writes them)."))] = DataFormat.AUTO
     val_split: Annotated[float, Field(ge=0.0, le=0.5, description=(
         "Fraction of train held out for validation and evaluation when no eval data is given."))] = 0.0
     text_column: Annotated[str, Field(min_length=1, max_length=100, description=(
@@ -139,6 +143,19 @@ class DataSpec(_Model):
         "CSV column holding the image URI (s3://, http(s)://, file path relative to the CSV)."))] = "image"
     skip_bad_rows: Annotated[bool, Field(description=(
         "Skip and count rows whose image is missing or unreadable instead of failing the run."))] = False
+    bad_row_limit: Annotated[float, Field(ge=0.0, le=1.0, description=(
+        "With skipBadRows: the run fails once more than this fraction of the rows read so far (at least 100 read) "
+        "were skipped, since a set that broken is more likely a wrong path or column than noise."))] = 0.01
+    check_rows_up_to: Annotated[int, Field(ge=0, le=10_000_000, description=(
+        "Sets of up to this many rows have every image fetched and decoded before the first step, so a broken row "
+        "fails the run at once; larger sets are read lazily in the loader workers and each bad row is met (and "
+        "named) when it is first read. 0: always lazy."))] = 5000
+    cache_size: Annotated[str | None, Field(pattern=QUANTITY_PATTERN, max_length=20, description=(
+        "Local disk (a Kubernetes quantity) for remote images and shards fetched by the trainer, evicted least "
+        "recently used. Empty: half of the pod's ephemeral storage (resources.ephemeralStorage), else 10Gi."))] = None
+    shuffle_buffer: Annotated[int, Field(ge=1, le=1_000_000, description=(
+        "webdataset: samples held per loader worker to shuffle within (shard order is shuffled per epoch too)."
+    ))] = 1000
     reference: Annotated[str | None, Field(max_length=2048, description=(
         "Pairs of a domain the model must not forget (e.g. general-purpose captions), same formats as train: "
         "the WiSE-FT sweep measures retrieval on it (its texts query its images)."))] = None
@@ -456,6 +473,8 @@ class Progress(_Model):
     percent: Annotated[float | None, Field(ge=0, le=100, description="Percent done.")] = None
     samples_per_second: Annotated[float | None, Field(ge=0, description="Training throughput.")] = None
     eta_seconds: Annotated[float | None, Field(ge=0, description="Estimated seconds left.")] = None
+    skipped_rows: Annotated[int | None, Field(ge=0, description=(
+        "Training rows skipped so far because their image was missing or unreadable (data.skipBadRows)."))] = None
     summary: Annotated[str | None, Field(max_length=64, description=(
         "Short human summary for `kubectl get`, e.g. \"2/5 40%\" (epoch/epochs percent)."))] = None
 

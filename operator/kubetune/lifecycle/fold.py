@@ -169,6 +169,9 @@ class StatusFolder:
             sps = _finite(event.samples_per_second)
             if sps is not None and sps >= 0:
                 progress["samplesPerSecond"] = round(sps, 3)
+            skipped = (event.model_extra or {}).get("skipped_rows")
+            if isinstance(skipped, int) and not isinstance(skipped, bool) and skipped >= 0:
+                progress["skippedRows"] = skipped
             eta = _finite(event.eta_seconds)
             if eta is None:
                 eta = self._rate.eta(t, progress.get("step"), progress.get("totalSteps"))
