@@ -20,6 +20,7 @@ from kubetune.api import errors
 from kubetune.api.spec import GROUP, PLURAL, VERSION
 from kubetune.sdk.cli import app
 from kubetune.sdk.client import Client
+from PIL import Image
 from typer.testing import CliRunner
 
 from tests.integration.test_operator_support import (
@@ -224,7 +225,7 @@ def captioned_csv(tmp_path: Path, tag: str, captions: list[str]) -> Path:
     (folder / "images").mkdir(parents=True)
     rows = []
     for i, caption in enumerate(captions):
-        (folder / "images" / f"{tag}-{i}.png").write_bytes(f"{tag}{i}".encode())
+        Image.new("RGB", (8, 8), (ord(tag[0]), i, 0)).save(folder / "images" / f"{tag}-{i}.png")  # decoded first
         rows.append(f"{caption},images/{tag}-{i}.png\n")
     path = folder / "train.csv"
     path.write_text("text,image\n" + "".join(rows))

@@ -17,6 +17,7 @@ from kubernetes.client.exceptions import ApiException
 from kubetune.api import errors
 from kubetune.sdk.client import Client, build_spec, new_upload_id
 from kubetune.storage import LocalStore, StoreError, StoreUnavailable
+from PIL import Image
 
 from tests.unit.conftest import FakeRuns
 
@@ -29,10 +30,11 @@ UPLOAD_ID = r"\d{8}T\d{6}Z-[0-9a-f]{8}"
 
 
 def dataset(tmp_path: Path, tag: str, caption: str) -> Path:
-    """A one-row CSV and its image in a folder of its own."""
+    """A one-row CSV and its image (a real one: local data is decoded before it is uploaded) in a folder of its
+    own."""
     folder = tmp_path / tag
     folder.mkdir()
-    (folder / "img.png").write_bytes(tag.encode())
+    Image.new("RGB", (8, 8), (ord(tag[0]), 0, 0)).save(folder / "img.png")
     path = folder / "train.csv"
     path.write_text(f"text,image\n{caption},img.png\n")
     return path
@@ -191,6 +193,6 @@ def test_a_failed_upload_takes_back_what_went_up_before_it(client: Client, api: 
                                                            tmp_path: Path) -> None:
     train = dataset(tmp_path, "a", "a red shoe")
     train.write_text(train.read_text() + "a lost shoe,missing.png\n")
-    with pytest.raises(errors.ConfigInvalid, match=r"missing\.png"):
-        fit(client, "shoes", train)
+    with pytest.raises(errors.ConfigInvalid, match=r"missing\.png"):  # unchecked: the upload meets it
+        kubetune.fit("ViT-B-32", train_data=str(train), run_name="shoes", client=client, gpus=0, validate=False)
     assert bucket.list() == [] and ("create", "shoes") not in api.calls

@@ -194,6 +194,8 @@ artifact_app = typer.Typer(no_args_is_help=True, help="Download and inspect arti
 app.add_typer(artifact_app, name="artifact")
 models_app = typer.Typer(help="Backbones to fine-tune; `models stage` copies one into S3.")
 app.add_typer(models_app, name="models")
+data_app = typer.Typer(no_args_is_help=True, help="Check a data set, or write it as WebDataset shards.")
+app.add_typer(data_app, name="data")
 
 KEY_METRICS = ("R@1", "R@5", "R@10", "reciprocal_rank", "ndcg_at_k", "average_precision", "precision_at_k",
                "recall_at_k", "hit_at_k", "dcg_at_k", "mean_rank", "median_rank")
@@ -484,9 +486,9 @@ def _check_output_dir(output_dir: Path | None) -> None:
 
 
 def _submit(file: Path, name: str | None, namespace: str | None, kubeconfig: str | None, context: str | None,
-            gpus: int | None, follow: bool, output: ListOutput) -> None:
+            gpus: int | None, follow: bool, output: ListOutput, validate: bool = True) -> None:
     client = _client(namespace, kubeconfig, context)
-    submitted = client.submit(file, name=name, gpus=gpus)
+    submitted = client.submit(file, name=name, gpus=gpus, validate=validate)
     if output == ListOutput.name and not follow:
         _names([submitted])
         return
@@ -516,6 +518,8 @@ def submit(file: RunFileArg,
            dry_run: Annotated[bool, typer.Option("--dry-run", help=(
                "Server-side dry run: the API server checks the run as it would create it and stores nothing; "
                "nothing is uploaded."))] = False,
+           validate: Annotated[bool, typer.Option("--validate/--no-validate", help=(
+               "Check local data before uploading it: every local image decodes, no caption is empty."))] = True,
            namespace: NamespaceOpt = None, kubeconfig: KubeconfigOpt = None, context: ContextOpt = None,
            output: ListOutputOpt = ListOutput.table) -> None:
     """Create the FinetuneRun on the cluster; local data files are uploaded to S3 first."""
@@ -527,7 +531,7 @@ def submit(file: RunFileArg,
             obj = _client(namespace, kubeconfig, context).dry_run(file, name=name, gpus=gpus)
             _show_dry_run(obj, output, "created")
             return
-        _submit(file, name, namespace, kubeconfig, context, gpus, follow, output)
+        _submit(file, name, namespace, kubeconfig, context, gpus, follow, output, validate)
 
 
 def _show_dry_run(obj: dict[str, Any], output: Output | ListOutput, verb: str) -> None:
@@ -1163,6 +1167,136 @@ def models_stage(ref: Annotated[str, typer.Argument(metavar="NAME::TAG", help=(
             dump({"model": ref, "dest": dest, "result": result}, output)
         else:
             console.print(f"[green]staged[/] {escape(ref)} → {escape(str(result or dest))}", soft_wrap=True)
+
+
+# ---- data
+DataSourceArg = Annotated[str, typer.Argument(metavar="FILE|URI", help=(
+    "A CSV (caption and image columns) or a docarray DocList: a local path, s3:// or http(s)."))]
+TextColumnOpt = Annotated[str, typer.Option("--text-column", help="The captions' column (DocList: field).")]
+ImageColumnOpt = Annotated[str, typer.Option("--image-column", help="The images' column (DocList: field).")]
+WorkersOpt = Annotated[int, typer.Option("--workers", min=1, max=256, help="Images fetched and decoded at once.")]
+
+
+@contextmanager
+def _image_progress(description: str) -> Iterator[Any]:
+    """A progress bar on stderr (a terminal's: a log or a pipe gets no bar), driven by ``(done, total)`` calls."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(bar_width=30), MofNCompleteColumn(),
+                  TimeRemainingColumn(), console=err, transient=True, disable=not err.is_terminal) as progress:
+        task = progress.add_task(description, total=None)
+        yield lambda done, total: progress.update(task, completed=done, total=total)
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:.1f}"
+
+
+def data_report_table(report: Any) -> Group:
+    """A set's summary for people: the counts, then its first broken rows and its warnings."""
+
+    def spread(s: Any) -> str:
+        return f"{_num(s.min)} / {_num(s.median)} / {_num(s.max)}" if s is not None else "–"
+
+    def count(n: int, colour: str) -> str:
+        return f"[{colour}]{n}[/]" if n else "0"
+
+    table = Table(title=f"{escape(report.source)} (min / median / max)", title_justify="left", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    tokens = (f"{spread(report.caption_tokens)} ({count(report.long_captions, 'yellow')} over 77)"
+              if report.caption_tokens is not None else "– (not counted: --tokens needs open_clip)")
+    sizes = report.image_sizes
+    for what, value in (
+            ("rows", str(report.rows)), ("images (distinct)", str(report.images)),
+            ("captions per image", spread(report.captions_per_image)),
+            ("caption length, characters", spread(report.caption_chars)),
+            ("caption length, CLIP tokens", tokens),
+            ("image size, width×height", " / ".join(f"{w}×{h}" for w, h in (sizes[k] for k in ("min", "median", "max")))
+             if sizes else "–"),
+            ("missing images", count(report.missing_images, "red")),
+            ("unreadable images", count(report.unreadable_images, "red")),
+            ("empty captions", count(report.empty_captions, "red")),
+            ("duplicate images", count(report.duplicate_images, "yellow")),
+            ("broken rows", count(report.broken_rows, "red"))):
+        table.add_row(what, value)
+    parts: list[Any] = [table]
+    if report.problems:
+        problems = Table(title=f"first broken rows ({len(report.problems)} of {report.broken_rows})",
+                         title_justify="left", header_style="bold")
+        problems.add_column("row", justify="right")
+        problems.add_column("problem")
+        for problem in report.problems:
+            problems.add_row(str(problem.row), escape(problem.reason))
+        parts.append(problems)
+    parts += [f"[yellow]warning:[/] {escape(w)}" for w in report.warnings]
+    return Group(*parts)
+
+
+@data_app.command("validate")
+def data_validate(source: DataSourceArg, text_column: TextColumnOpt = "text", image_column: ImageColumnOpt = "image",
+                  workers: WorkersOpt = 8,
+                  tokens: Annotated[bool, typer.Option("--tokens/--no-tokens", help=(
+                      "Count CLIP tokens per caption (needs open_clip; a few seconds to load)."))] = True,
+                  output: OutputOpt = Output.table) -> None:
+    """Fetch and decode every image of a set and summarise it; exit 2 when a row is broken.
+
+    A row is broken when its image is missing or unreadable (decoded fully: a truncated file is found) or its
+    caption is empty; duplicate images (the same bytes under two URIs) and captions over 77 CLIP tokens are
+    warnings. -o json prints the summary as one object."""
+    with errors():
+        from kubetune.sdk import datatools
+
+        with _image_progress("checking images") as progress:
+            report = datatools.validate_set(source, text_column=text_column, image_column=image_column,
+                                            workers=workers, tokens=tokens, on_progress=progress)
+        if output != Output.table:
+            dump(report.to_dict(), output)
+        else:
+            console.print(data_report_table(report), soft_wrap=True)
+        if not report.ok:
+            raise ConfigInvalid(f"{source}: {report.broken_rows} broken row(s) of {report.rows}, first: "
+                                f"{report.first_problems(1)}",
+                                "fix or drop them; data.skipBadRows trains without them, `kubetune data shard "
+                                "--skip-bad-rows` leaves them out")
+        if output == Output.table:
+            console.print(f"[green]valid[/]: {report.rows} rows, {report.images} images", highlight=False)
+
+
+@data_app.command("shard")
+def data_shard(source: DataSourceArg,
+               dest: Annotated[str, typer.Argument(metavar="DEST", help=(
+                   "Where the shards go: s3://BUCKET/PREFIX/ or a local directory."))],
+               shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Images per shard.")] = 1000,
+               workers: WorkersOpt = 8,
+               skip_bad_rows: Annotated[bool, typer.Option("--skip-bad-rows", help=(
+                   "Leave broken rows out (counted) instead of failing on the first."))] = False,
+               text_column: TextColumnOpt = "text", image_column: ImageColumnOpt = "image",
+               output: OutputOpt = Output.table) -> None:
+    """Write a set as WebDataset shards that a run streams (data.train: the printed prefix).
+
+    One sample per distinct image with every caption of it, in the order of the rows; the same set gives the same
+    bytes. A broken row stops it (named), unless --skip-bad-rows leaves such rows out."""
+    with errors():
+        from kubetune.sdk import datatools
+
+        with _image_progress("writing shards") as progress:
+            result = datatools.write_shards(source, dest, shard_size=shard_size, workers=workers,
+                                            skip_bad_rows=skip_bad_rows, text_column=text_column,
+                                            image_column=image_column, on_progress=progress)
+        if output != Output.table:
+            dump({"source": result.source, "dest": result.dest, "shards": len(result.shards),
+                  "images": result.images, "pairs": result.pairs, "skippedRows": result.skipped_rows,
+                  "problems": [{"row": p.row, "reason": p.reason} for p in result.problems],
+                  "data": {"train": result.dest}}, output)
+            return
+        console.print(f"[green]wrote[/] {len(result.shards)} shard(s), {result.images} images, {result.pairs} pairs "
+                      f"to {escape(result.dest)}", highlight=False, soft_wrap=True)
+        if result.skipped_rows:
+            first = "; ".join(f"row {p.row}: {p.reason}" for p in result.problems[:3])
+            console.print(f"[yellow]skipped[/] {result.skipped_rows} broken row(s): {escape(first)}",
+                          highlight=False, soft_wrap=True)
+        console.print(f"data.train: {escape(result.dest)}", highlight=False, soft_wrap=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -247,8 +247,12 @@ class Client:
     def create(self, spec: FinetuneRunSpec | dict[str, Any], name: str | None = None,
                namespace: str | None = None, labels: dict[str, str] | None = None,
                annotations: dict[str, str] | None = None, upload: bool = True,
-               base_dir: str | os.PathLike[str] = ".") -> Run:
+               base_dir: str | os.PathLike[str] = ".", validate: bool = True) -> Run:
         """Create a FinetuneRun from a spec; local data paths are uploaded first (``upload=True``).
+
+        ``validate``: every local data set is checked before anything is uploaded (each local image fetched and
+        decoded, no empty caption, its columns there: :func:`check_local_data`); a broken set is
+        :class:`ConfigInvalid` naming its first broken rows.
 
         The uploads go under ``inputs/<upload-id>/``, a prefix of this submission's own: when the name turns
         out to be taken, the run that has it keeps its data. A name taken already is refused before anything is
@@ -262,6 +266,8 @@ class Client:
         upload_id = None
         if upload and has_local_inputs(spec):
             self._refuse_taken_name(name, ns)
+            if validate:
+                check_local_data(spec, Path(base_dir))
             upload_id = new_upload_id()
             spec = self.upload_inputs(spec, name, ns, Path(base_dir), upload_id)
         metadata: dict[str, Any] = {"name": name, "namespace": ns}
@@ -323,14 +329,15 @@ class Client:
                         "no run's data, delete them by hand", uri, exc)
 
     def submit(self, path: str | os.PathLike[str], name: str | None = None, namespace: str | None = None,
-               gpus: int | None = None) -> Run:
-        """Create the FinetuneRun of a run file (the same file ``kubetune run --local`` takes)."""
+               gpus: int | None = None, validate: bool = True) -> Run:
+        """Create the FinetuneRun of a run file (the same file ``kubetune run --local`` takes); ``validate``: as
+        :meth:`create`."""
         run = runfile.load(path)
         spec = run.spec
         if gpus is not None:
             spec = spec.model_copy(update={"resources": spec.resources.model_copy(update={"gpus": gpus})})
         return self.create(spec, name=name or run.name, namespace=namespace or run.namespace, labels=run.labels,
-                           annotations=run.annotations, base_dir=run.base_dir)
+                           annotations=run.annotations, base_dir=run.base_dir, validate=validate)
 
     # ---- S3
     def store_for(self, spec: FinetuneRunSpec) -> Any:
@@ -397,6 +404,26 @@ def _upload_local_inputs(store: Any, prefix: str, spec: FinetuneRunSpec, base_di
             store.put_file(join_key(prefix, "weights", path.name), path)
             model.weights = store.uri(join_key(prefix, "weights", path.name))
     return spec.model_copy(update={"data": data, "model": model})
+
+
+def check_local_data(spec: FinetuneRunSpec, base_dir: Path) -> None:
+    """Check each local data set before it is uploaded (:func:`kubetune.sdk.datatools.check_local_set`): a run
+    would fail on a broken row only after the upload and a pod start. Without the trainer extra (the readers and
+    Pillow) the sets go up unchecked, with a warning: the trainer checks them anyway."""
+    from kubetune.api.errors import MissingExtra
+    from kubetune.sdk import datatools
+
+    checked: set[Path] = set()
+    for field in _local_data_fields(spec):
+        path = runfile.local_path(getattr(spec.data, field), base_dir)
+        if path in checked or not path.is_file() or str(spec.data.format) == "webdataset" or path.suffix == ".tar":
+            continue
+        checked.add(path)
+        try:
+            datatools.check_local_set(path, field, spec.data)
+        except MissingExtra as exc:
+            log.warning("local data uploaded unchecked: %s", exc.message)
+            return
 
 
 def _local_data_fields(spec: FinetuneRunSpec) -> list[str]:
@@ -964,9 +991,11 @@ def _client(client: Client | None = None, namespace: str | None = None) -> Clien
 def fit(model: str = "ViT-B-32", train_data: Any = None, eval_data: Any = None, *, run_name: str | None = None,
         namespace: str | None = None, query_data: Any = None, index_data: Any = None,
         callbacks: Sequence[Callback] | None = (), wait: bool = False, client: Client | None = None,
-        local: bool = False, output_dir: str | os.PathLike[str] | None = None, **options: Any) -> Run:
+        local: bool = False, output_dir: str | os.PathLike[str] | None = None, validate: bool = True,
+        **options: Any) -> Run:
     """Start a fine-tuning run on the cluster; returns its :class:`Run` (``wait=True``: after it ended).
 
+    ``validate``: local data sets are checked before they are uploaded (:meth:`Client.create`; False skips it).
     ``local=True``: the same run on this machine instead (no cluster, no S3; ``output_dir``, default
     ``kubetune-runs/NAME``, holds its data, log, checkpoints and artifact); the :class:`Run` it returns has the
     same verbs.
@@ -995,7 +1024,7 @@ def fit(model: str = "ViT-B-32", train_data: Any = None, eval_data: Any = None, 
     with tempfile.TemporaryDirectory(prefix="kubetune-fit-") as work:
         spec = _fit_spec(model, {"train": train_data, "eval": eval_data, "query": query_data, "index": index_data},
                          callbacks, options, Path(work))
-        run = c.create(spec, name=run_name, namespace=namespace, annotations=annotations or None)
+        run = c.create(spec, name=run_name, namespace=namespace, annotations=annotations or None, validate=validate)
     if wait:
         run.wait()
     return run
@@ -1045,9 +1074,9 @@ _FIT_OPTIONS = frozenset(inspect.signature(build_spec).parameters) - {
 
 
 def submit(path: str | os.PathLike[str], name: str | None = None, namespace: str | None = None,
-           client: Client | None = None) -> Run:
-    """Create the FinetuneRun of a run file; local data is uploaded first."""
-    return _client(client).submit(path, name=name, namespace=namespace)
+           client: Client | None = None, validate: bool = True) -> Run:
+    """Create the FinetuneRun of a run file; local data is checked (``validate``), then uploaded."""
+    return _client(client).submit(path, name=name, namespace=namespace, validate=validate)
 
 
 def get_run(name: str, namespace: str | None = None, client: Client | None = None) -> Run:
