@@ -367,7 +367,9 @@ def _doc_image(doc: dict[str, Any], image_column: str, base: str) -> tuple[str |
 
 
 @dataclass
-class _Row:
+class Row:
+    """One row as read: its text and image reference (a URI, or bytes a DocList holds), or why it is unreadable."""
+
     row: int
     text: str
     uri: str | None
@@ -414,7 +416,7 @@ def over_limit(set_name: str, bad: int, read: int, limit: float, first: Sequence
                                      f"the image column and paths (first: {'; '.join(first[:3])})")
 
 
-def _pair_or_reason(row: _Row, fetcher: Fetcher, refs: dict[str, ImageRef]) -> Pair | str:
+def _pair_or_reason(row: Row, fetcher: Fetcher, refs: dict[str, ImageRef]) -> Pair | str:
     """The row's pair (its image not fetched yet), or why it is unusable without looking at the image."""
     if row.error is not None:
         return row.error
@@ -480,14 +482,14 @@ def load_set(set_name: str, uri: str, data_spec: DataSpec, fetcher: Fetcher, wor
     return out
 
 
-def read_rows(set_name: str, uri: str, data_spec: DataSpec, fetcher: Fetcher) -> list[_Row]:
+def read_rows(set_name: str, uri: str, data_spec: DataSpec, fetcher: Fetcher) -> list[Row]:
     """Every row of a CSV or DocList: its text and image reference (nothing fetched)."""
     try:
         raw = fetcher.read(uri)
     except FileNotFoundError:
         raise DataError(set_name, None, f"{uri} does not exist") from None
     fmt = detect_format(uri, data_spec.format)
-    rows: list[_Row] = []
+    rows: list[Row] = []
     if fmt == "csv":
         try:
             text = raw.decode("utf-8-sig")
@@ -495,16 +497,16 @@ def read_rows(set_name: str, uri: str, data_spec: DataSpec, fetcher: Fetcher) ->
             raise DataError(set_name, None, f"{uri} is not UTF-8 text") from None
         del raw
         for i, caption, image in read_csv_rows(text, set_name, data_spec.text_column, data_spec.image_column):
-            rows.append(_Row(i, caption, resolve_uri(image, uri) if image.strip() else None, None))
+            rows.append(Row(i, caption, resolve_uri(image, uri) if image.strip() else None, None))
         return rows
     for i, doc in enumerate(read_doclist(raw, set_name), 1):
         caption = _first(doc, (data_spec.text_column, *DOCLIST_TEXT_FIELDS))
         try:
             image_uri, image_bytes = _doc_image(doc, data_spec.image_column, uri)
         except ValueError as exc:
-            rows.append(_Row(i, str(caption or ""), None, None, error=str(exc)))
+            rows.append(Row(i, str(caption or ""), None, None, error=str(exc)))
             continue
-        rows.append(_Row(i, str(caption) if caption is not None else "", image_uri, image_bytes))
+        rows.append(Row(i, str(caption) if caption is not None else "", image_uri, image_bytes))
     return rows
 
 
