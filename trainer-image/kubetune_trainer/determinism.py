@@ -57,7 +57,9 @@ def seeded(seed: int) -> Iterator[None]:
     """Run a block with torch's (CPU) and Python's RNGs seeded, leaving both as they were afterwards."""
     python_state = random.getstate()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        # the CPU generator only: torch.manual_seed also seeds every accelerator backend, and where none is
+        # initialised (a loader worker) each call queues a formatted stack trace that is never released
+        torch.default_generator.manual_seed(seed)
         random.seed(seed)
         try:
             yield
