@@ -89,17 +89,12 @@ class SoloPhases:
 
 
 def any_true(flag: bool, info: DistInfo, device: torch.device) -> bool:
-    """True on every rank when ``flag`` is true on at least one (stop requests, early stopping)."""
-    return any_of([flag], info, device)[0]
-
-
-def any_of(flags: list[bool], info: DistInfo, device: torch.device) -> list[bool]:
-    """Each flag true on every rank when it is true on at least one, in one collective."""
+    """True on every rank when ``flag`` is true on at least one (stop requests, early stopping, bad data)."""
     if not info.distributed:
-        return list(flags)
-    value = torch.tensor([1.0 if flag else 0.0 for flag in flags], device=device)
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return [bool(v > 0) for v in value.tolist()]
+    return bool(value.item() > 0)
 
 
 def barrier(info: DistInfo) -> None:

@@ -295,15 +295,23 @@ class Trainer:
             group: list[loop.Batch] = []
             data_error: DataError | None = None
             for images, texts, bad, reasons in loader if state.step < total_steps else ():
-                if stream is None:
-                    data_error = data_error or bad_rows.record_batch(bad.tolist(), reasons)
-                elif spec.data.skip_bad_rows:  # the stream skips bad samples itself and counts them
-                    bad_rows.read += len(texts)
-                    data_error = data_error or over_limit("train", stream.bad_samples, bad_rows.read,
-                                                          spec.data.bad_row_limit, [])
-                group.append((images, texts))
-                if len(group) < accum:
+                if isinstance(reasons, DataError):  # the stream's reader stopped on a bad sample
+                    data_error = reasons
+                elif stream is None:
+                    data_error = bad_rows.record_batch(bad.tolist(), reasons)
+                    group.append((images, texts))
+                else:
+                    group.append((images, texts))
+                    if spec.data.skip_bad_rows:  # the stream skips bad samples itself and counts them
+                        bad_rows.read += len(texts)
+                        data_error = over_limit("train", stream.bad_samples, bad_rows.read,
+                                                spec.data.bad_row_limit, [])
+                if len(group) < accum and data_error is None:
                     continue
+                # before the step's own collectives, so that every rank stops together, the one that met the
+                # row naming it, even the one whose reader has no batch left to train
+                if distributed.any_true(data_error is not None, self.dist, self.device):
+                    raise data_error or DataError("train", None, "another process met a bad row (its log names it)")
                 lr = loop.lr_at(state.step, spec.training.learning_rate, spec.training.warmup_steps, total_steps,
                                 spec.training.scheduler)
                 loop.set_lr(optimizer, lr)
@@ -320,11 +328,7 @@ class Trainer:
                 every = spec.run_policy.checkpoint_every_steps
                 if every and state.step % every == 0 and state.step < total_steps:
                     save(state)
-                stop, bad_data = distributed.any_of([self.stop.requested, data_error is not None], self.dist,
-                                                    self.device)
-                if bad_data:  # every rank stops together, the one that met the row naming it
-                    raise data_error or DataError("train", None, "another process met a bad row (its log names it)")
-                if stop:
+                if distributed.any_true(self.stop.requested, self.dist, self.device):
                     save(state)
                     raise Preempted(f"SIGTERM at step {state.step}: checkpointed")
                 if state.step >= total_steps:
@@ -547,13 +551,17 @@ class _Saver:
 
 @dataclass(frozen=True)
 class _Unchecked:
-    """A stream's batches, each epoch, in the shape of :class:`PairDataset`'s (the stream counts bad samples)."""
+    """A stream's batches, each epoch, in the shape of :class:`PairDataset`'s (the stream counts bad samples);
+    a bad sample that stops the stream comes last, as ``(None, None, None, error)``."""
 
     batches: Iterable[loop.Batch]
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, None, None]]:
-        for images, texts in self.batches:
-            yield images, texts, None, None
+    def __iter__(self) -> Iterator[tuple[Any, Any, None, DataError | None]]:
+        try:
+            for images, texts in self.batches:
+                yield images, texts, None, None
+        except DataError as exc:
+            yield None, None, None, exc
 
 
 class _Progress:
