@@ -16,10 +16,12 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 from types import FrameType
 
-from kubetune.api.events import EXIT_BAD_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_RETRYABLE
-from kubetune.api.trainer_env import TrainerEnv
+from kubetune.api.events import EXIT_BAD_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_RETRYABLE, parse_termination_message
+from kubetune.api.trainer_env import TrainerEnv, variable
 
 from .config import ConfigError, build_parser, resolve
 from .events import Emitter
@@ -41,17 +43,43 @@ def without_nproc(argv: list[str]) -> list[str]:
     return out
 
 
-def launch_torchrun(nproc: int, argv: list[str]) -> int:
-    """Re-run this program under torchrun with ``nproc`` processes on this node."""
+def launch_torchrun(nproc: int, argv: list[str], termination_log: str | None) -> int:
+    """Re-run this program under torchrun with ``nproc`` processes on this node; the exit code is rank 0's.
+
+    torchrun itself exits 1 whenever a worker fails, which would turn bad data (65) or an outage (75) into a
+    permanent failure: the code is taken from the failed event rank 0 wrote to the termination log (a file of
+    our own when the pod has none).
+    """
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "kubetune_trainer", *without_nproc(argv)]
-    child = subprocess.Popen(cmd)
+    own_log = None
+    if termination_log is None:
+        fd, own_log = tempfile.mkstemp(prefix="kubetune-termination-")
+        os.close(fd)
+        termination_log = own_log
+    child = subprocess.Popen(cmd, env={**os.environ, variable("termination_log"): termination_log})
 
     def forward(signum: int, _frame: FrameType | None) -> None:
         child.send_signal(signum)
 
     signal.signal(signal.SIGTERM, forward)
-    return child.wait()
+    try:
+        code = child.wait()
+        return code if code == EXIT_OK else rank_exit_code(Path(termination_log)) or code
+    finally:
+        if own_log is not None:
+            Path(own_log).unlink(missing_ok=True)
+
+
+def rank_exit_code(termination_log: Path) -> int | None:
+    """The exit code of the last failed event in a termination log, if any."""
+    try:
+        text = termination_log.read_text(errors="replace")
+    except OSError:
+        return None
+    failed = [e for e in parse_termination_message(text) if e.type == "failed"]
+    code = (failed[-1].model_extra or {}).get("exit_code") if failed else None
+    return code if isinstance(code, int) and not isinstance(code, bool) and code > 0 else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             nproc = gpus if gpus > 1 and torch.cuda.device_count() >= gpus else 1
         if nproc > 1:
             # the rank-0 worker writes the termination log; this launcher emits nothing, so it writes nothing
-            return launch_torchrun(nproc, argv)
+            return launch_torchrun(nproc, argv, env.termination_log_path())
 
     from .run import Preempted, StopFlag, Trainer
 

@@ -403,17 +403,23 @@ class BadRows:
                 log.warning("%s set, row %d skipped: %s", self.set_name, row, reason)
         return over_limit(self.set_name, self.bad, self.read, self.limit, self.first) if self.skip else None
 
-    def record_batch(self, rows: Sequence[int], reasons: Sequence[str]) -> DataError | None:
-        """:meth:`record` for one loaded batch: each sample's broken row (0: none) and reason."""
-        return self.record(len(reasons), [(row, why) for row, why in zip(rows, reasons, strict=True) if row])
+    def record_batch(self, rows: Sequence[int], reasons: Sequence[str], unusable: str = "") -> DataError | None:
+        """:meth:`record` for one loaded batch: each sample's broken row (0: none) and reason; a reason starting
+        with ``unusable`` (no stand-in found for the sample) stops the run whatever ``skip`` says."""
+        bad = [(row, why) for row, why in zip(rows, reasons, strict=True) if row]
+        hopeless = next(((row, why) for row, why in bad if unusable and why.startswith(unusable)), None)
+        if hopeless is not None:
+            return DataError(self.set_name, hopeless[0], hopeless[1])
+        return self.record(len(reasons), bad)
 
 
 def over_limit(set_name: str, bad: int, read: int, limit: float, first: Sequence[str]) -> DataError | None:
     """The error that stops a run whose skipped rows exceed ``limit`` of those read, else None."""
     if read < MIN_ROWS_FOR_LIMIT or bad <= limit * read:
         return None
+    examples = f" (first: {'; '.join(first[:3])})" if first else ""
     return DataError(set_name, None, f"{bad} of {read} rows read were bad, over data.badRowLimit {limit:g}: check "
-                                     f"the image column and paths (first: {'; '.join(first[:3])})")
+                                     f"the image column and paths{examples}")
 
 
 def _pair_or_reason(row: Row, fetcher: Fetcher, refs: dict[str, ImageRef]) -> Pair | str:

@@ -42,7 +42,15 @@ from .data import (
 )
 from .events import Emitter
 from .failures import classify
-from .sampling import EpochBatchSampler, ImageDataset, PairDataset, batches_per_epoch, make_loader, tokenize
+from .sampling import (
+    UNUSABLE,
+    EpochBatchSampler,
+    ImageDataset,
+    PairDataset,
+    batches_per_epoch,
+    make_loader,
+    tokenize,
+)
 
 log = logging.getLogger("kubetune_trainer")
 
@@ -298,7 +306,7 @@ class Trainer:
                 if isinstance(reasons, DataError):  # the stream's reader stopped on a bad sample
                     data_error = reasons
                 elif stream is None:
-                    data_error = bad_rows.record_batch(bad.tolist(), reasons)
+                    data_error = bad_rows.record_batch(bad.tolist(), reasons, UNUSABLE)
                     group.append((images, texts))
                 else:
                     group.append((images, texts))
@@ -665,7 +673,7 @@ class _Evaluator:
 
         def batches() -> Iterator[loop.Batch]:
             for images, texts, bad, reasons in loader:
-                error = bad_rows.record_batch(bad.tolist(), reasons)
+                error = bad_rows.record_batch(bad.tolist(), reasons, UNUSABLE)
                 if error is not None:
                     raise error
                 yield images, texts

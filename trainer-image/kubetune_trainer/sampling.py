@@ -7,6 +7,7 @@ skips exactly the batches it had already trained on (``start_batch``) without lo
 from __future__ import annotations
 
 import errno
+import random
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -21,7 +22,9 @@ from .determinism import sample_seed, seeded
 #: broken while building it (0: none) with the reason; a broken pair is replaced by the next usable one, so every
 #: batch, and every rank's step count, keeps its size.
 Sample = tuple[torch.Tensor, torch.Tensor, int, str]
-MAX_REPLACEMENTS = 16
+NEIGHBOURS, SPREAD = 16, 32
+#: the reason's prefix when no stand-in was found: the loop fails the run even under skipBadRows
+UNUSABLE = "no usable image near it either: "
 
 
 def open_image(ref: ImageRef) -> tuple[Image.Image | None, str]:
@@ -60,20 +63,33 @@ class PairDataset(Dataset[Sample]):
     def __getitem__(self, key: int | tuple[int, int]) -> Sample:
         epoch, index = key if isinstance(key, tuple) else (None, key)
         bad_row, reason = 0, ""
-        for offset in range(MAX_REPLACEMENTS):
-            pair = self.pairs[(index + offset) % len(self.pairs)]
+        for candidate in replacements(index, len(self.pairs)):
+            pair = self.pairs[candidate]
             image, why = open_image(pair.image)
             if image is not None:
                 break
             if not bad_row:
                 bad_row, reason = pair.row, why
-        else:
-            raise RuntimeError(f"{MAX_REPLACEMENTS} pairs in a row from {index} have unusable images ({reason})")
+        else:  # nothing usable anywhere near: the loop fails the run on the flagged row (counting cannot help)
+            return blank(self.transform), self.tokenizer([self.pairs[index].text])[0], bad_row, UNUSABLE + reason
         tokens = self.tokenizer([pair.text])[0]
         if epoch is None:
             return self.transform(image), tokens, bad_row, reason
         with seeded(sample_seed(self.seed, epoch, index)):
             return self.transform(image), tokens, bad_row, reason
+
+
+def blank(transform: Callable[[Any], torch.Tensor]) -> torch.Tensor:
+    """A zero tensor of the shape ``transform`` gives: the place of an image that could not be used."""
+    return torch.zeros_like(transform(Image.new("RGB", (8, 8))))
+
+
+def replacements(index: int, n: int) -> Iterator[int]:
+    """Where a pair's stand-in is looked for: the pair, its next neighbours (a broken image's other captions
+    usually follow it), then pairs spread over the whole set (a broken run of rows longer than the window)."""
+    yield from ((index + offset) % n for offset in range(min(n, NEIGHBOURS)))
+    spread = random.Random(index)
+    yield from (spread.randrange(n) for _ in range(SPREAD))
 
 
 class ImageDataset(Dataset[tuple[torch.Tensor, str]]):
@@ -82,7 +98,6 @@ class ImageDataset(Dataset[tuple[torch.Tensor, str]]):
     def __init__(self, images: Sequence[ImageRef], transform: Callable[[Any], torch.Tensor]):
         self.images = images
         self.transform = transform
-        self._blank: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.images)
@@ -90,9 +105,7 @@ class ImageDataset(Dataset[tuple[torch.Tensor, str]]):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         image, why = open_image(self.images[index])
         if image is None:
-            if self._blank is None:
-                self._blank = torch.zeros_like(self.transform(Image.new("RGB", (8, 8))))
-            return self._blank, why
+            return blank(self.transform), why
         return self.transform(image), ""
 
 
