@@ -25,7 +25,7 @@ from kubetune.api.trainer_env import TrainerEnv, variable
 
 from .config import ConfigError, build_parser, resolve
 from .events import Emitter
-from .failures import classify
+from .failures import classify, describe
 
 
 def without_nproc(argv: list[str]) -> list[str]:
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             log.exception("the run failed")
         else:
             log.error("%s: %s", reason, exc)
-        emitter.emit("failed", reason=reason, message=f"{type(exc).__name__}: {exc}"[:1000],
+        emitter.emit("failed", reason=reason, message=describe(exc)[:1000],
                      retryable=code == EXIT_RETRYABLE, exit_code=code)
         return code
     finally:

@@ -123,14 +123,15 @@ class DiskBudget:
     """Keeps a cache directory shared by the processes of one pod under ``max_bytes``, least recently used first.
 
     Users mark a file used by :meth:`touch` (its mtime) and report what they add with :meth:`added`. Once a process
-    has added an eighth of the budget since its last look, it scans the directory and deletes the files used
-    longest ago until the rest fits in 90 % of the budget. Files used in the last ``grace_seconds`` are never
+    has added an eighth of the budget (at most 64 MiB) since its last look, it scans the directory and deletes the
+    files used longest ago until the rest fits in 90 % of the budget. Files used in the last ``grace_seconds`` are never
     deleted, so a path just handed out stays for at least that long (and a descriptor opened on it survives
     deletion anyway); a burst of downloads within that window can overshoot the budget by what it fetched. One
     process scans at a time; the others skip their turn rather than wait.
     """
 
     IGNORED_SUFFIXES = (".lock", ".part", ".source")
+    SWEEP_EVERY_BYTES = 64 << 20  # a scan of the directory is cheap next to what many processes fetch meanwhile
 
     def __init__(self, directory: Path, max_bytes: int, grace_seconds: float = 60.0) -> None:
         self.directory = directory
@@ -148,13 +149,22 @@ class DiskBudget:
             return False
         return True
 
+    def __getstate__(self) -> dict[str, object]:
+        return {k: v for k, v in self.__dict__.items() if k != "_guard"}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._guard = threading.Lock()
+
     def added(self, size: int) -> None:
         with self._guard:
             self._added += size
-            if self._added < self.max_bytes // 8:
+            if self._added < min(self.max_bytes // 8, self.SWEEP_EVERY_BYTES):
                 return
-            self._added = 0
-        self.sweep()
+            added, self._added = self._added, 0
+        if self.sweep() < 0:  # another process is sweeping: this one's share is looked at next time
+            with self._guard:
+                self._added += added
 
     def sweep(self, now: float | None = None) -> int:
         """Delete least recently used files until the directory fits; returns the bytes it holds afterwards."""

@@ -15,6 +15,7 @@ bad row is met then (see :class:`BadRows`). Remote images land in an on-disk cac
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
 import logging
@@ -28,7 +29,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 from kubetune.api.quantity import parse_quantity
 from kubetune.api.spec import DataSpec, FinetuneRunSpec, OutputSpec
@@ -81,12 +82,31 @@ class ImageRef:
         if self.data is not None:
             source: Any = io.BytesIO(self.data)
         elif self.uri is not None and self.fetcher is not None:
-            source = self.fetcher.local_path(self.uri)
+            source = self.fetcher.open(self.uri)
         else:  # pragma: no cover - constructed with one of them
             raise ValueError(f"{self.key}: no image source")
-        with Image.open(source) as image:
+        with source, Image.open(source) as image:
             image.load()
             return image.convert("RGB")
+
+
+def open_image(ref: ImageRef) -> tuple[Image.Image | None, str]:
+    """The image, or None and why it is unusable. An unreachable source or a full disk raises: those are the
+    pod's trouble, not the row's."""
+    try:
+        return ref.open(), ""
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        if isinstance(exc, FileNotFoundError):
+            return None, f"image {ref.uri or ref.key} not found"
+        return None, unreadable(ref.uri or ref.key, exc)
+    except IMAGE_ERRORS as exc:
+        return None, unreadable(ref.uri or ref.key, exc)
+
+
+def unreadable(what: str, exc: BaseException) -> str:
+    return f"image {what} is unreadable ({type(exc).__name__}: {str(exc)[:120]})"
 
 
 @dataclass(slots=True)
@@ -130,6 +150,24 @@ class Fetcher:
         self.retry = retry or (RetryPolicy.for_window(output.retry_seconds) if output else RetryPolicy())
         self.budget = DiskBudget(cache_dir, max_bytes)
         self._forked()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a loader worker started by spawn or forkserver gets a copy without connections or locks
+        return {k: v for k, v in self.__dict__.items() if k not in ("_s3", "_keys", "_pid")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._forked()
+
+    def open(self, uri: str) -> BinaryIO:
+        """``uri``'s bytes as an open file (through the disk cache for remote URIs; one evicted between lookup
+        and open is fetched again)."""
+        try:
+            return self.local_path(uri).open("rb")
+        except FileNotFoundError:
+            if not uri.startswith(("s3://", "http://", "https://")):
+                raise
+            return self.local_path(uri).open("rb")
 
     def _forked(self) -> None:
         # a loader worker forked from the trainer must not share its S3 connections or inherit a held lock
@@ -440,12 +478,9 @@ def _pair_or_reason(row: Row, fetcher: Fetcher, refs: dict[str, ImageRef]) -> Pa
 
 def check_ref(ref: ImageRef, budget: list[int]) -> str | None:
     """Fetch and decode ``ref`` now; why it is unusable, or None (its pixels kept while ``budget`` lasts)."""
-    try:
-        decoded = ref.open()
-    except FileNotFoundError:
-        return f"image {ref.uri} not found"
-    except IMAGE_ERRORS as exc:
-        return f"image {ref.uri or 'bytes'} is unreadable ({type(exc).__name__}: {str(exc)[:120]})"
+    decoded, why = open_image(ref)
+    if decoded is None:
+        return why
     size = decoded.width * decoded.height * 3
     if budget[0] >= size:
         budget[0] -= size
@@ -494,7 +529,10 @@ def read_rows(set_name: str, uri: str, data_spec: DataSpec, fetcher: Fetcher) ->
         raw = fetcher.read(uri)
     except FileNotFoundError:
         raise DataError(set_name, None, f"{uri} does not exist") from None
-    fmt = detect_format(uri, data_spec.format)
+    # only the train set can be streamed shards: the others are read row by row whatever data.format says
+    fmt = detect_format(uri, "auto" if data_spec.format == "webdataset" else data_spec.format)
+    if fmt == "webdataset":
+        raise DataError(set_name, None, f"{uri}: shards can only be the train set; this one must be a CSV or DocList")
     rows: list[Row] = []
     if fmt == "csv":
         try:

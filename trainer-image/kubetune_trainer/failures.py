@@ -32,3 +32,13 @@ def classify(exc: BaseException) -> tuple[str, int]:
     if type(exc).__name__ == "OutOfMemoryError":
         return "OutOfMemory", EXIT_FAILED
     return "TrainerError", EXIT_FAILED
+
+
+def describe(exc: BaseException) -> str:
+    """One line for the failed event: ``<type>: <message>``. An exception a DataLoader worker raised comes back
+    with the worker's traceback in its message; only its last line (the original exception) is kept."""
+    text = str(exc)
+    if "Original Traceback" in text:
+        text = next((line.strip() for line in reversed(text.splitlines()) if line.strip()), text)
+        return text
+    return f"{type(exc).__name__}: {text}"

@@ -12,7 +12,7 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from .data import (
     DataError,
     Datasets,
     Fetcher,
+    ImageRef,
     PairSet,
     detect_format,
     disk_cache_bytes,
@@ -203,7 +204,8 @@ class Trainer:
         stream: shards.ShardStream | None = None
         if detect_format(spec.data.train, spec.data.format) == "webdataset":
             shard_set = shards.resolve_shards(spec.data.train, self.fetcher)
-            per_epoch_batches = shards.agreed_batches(shard_set, micro, self.dist.world_size, workers)
+            # whole optimizer steps only: a rank never reads (or meets a bad row in) a batch it will not train
+            per_epoch_batches = shards.agreed_batches(shard_set, micro, self.dist.world_size, workers) // accum * accum
             stream = shards.ShardStream(
                 shards.assign(shard_set.shards, self.dist.world_size, workers)[self.dist.rank], micro,
                 per_epoch_batches, bundle.preprocess_train, bundle.tokenizer, spec.training.seed,
@@ -217,9 +219,9 @@ class Trainer:
             train_set = PairDataset(data.train.pairs, bundle.preprocess_train, bundle.tokenizer,
                                     seed=spec.training.seed)
             train_pairs = len(train_set)
-            per_epoch_batches = batches_per_epoch(len(train_set), micro, self.dist.world_size)
+            per_epoch_batches = batches_per_epoch(len(train_set), micro, self.dist.world_size) // accum * accum
             sampler = EpochBatchSampler(len(train_set), micro, spec.training.seed, self.dist.rank,
-                                        self.dist.world_size, with_epoch=True)
+                                        self.dist.world_size, with_epoch=True, batches=per_epoch_batches)
             loader = make_loader(train_set, workers, self.device.type == "cuda", batch_sampler=sampler,
                                  generator=torch.Generator().manual_seed(spec.training.seed))
         self.info("data: %s", ", ".join(f"{s.name}={len(s)}" for s in
@@ -311,8 +313,7 @@ class Trainer:
                 else:
                     group.append((images, texts))
                     if spec.data.skip_bad_rows:  # the stream skips bad samples itself and counts them
-                        bad_rows.read += len(texts)
-                        data_error = over_limit("train", stream.bad_samples, bad_rows.read,
+                        data_error = over_limit("train", stream.bad_samples, stream.read_samples,
                                                 spec.data.bad_row_limit, [])
                 if len(group) < accum and data_error is None:
                     continue
@@ -666,7 +667,7 @@ class _Evaluator:
             return math.nan
         if self._val_cache is None:
             self._val_cache = PairDataset(self.val.pairs, self.bundle.preprocess_val, self.bundle.tokenizer)
-        loader = make_loader(self._val_cache, self._workers(len(self.val)), False,
+        loader = make_loader(self._val_cache, self._workers([p.image for p in self.val.pairs]), False,
                              batch_size=self.trainer.spec.training.batch_size)
         data = self.trainer.spec.data
         bad_rows = BadRows(self.val.name, data.skip_bad_rows, data.bad_row_limit)
@@ -681,9 +682,9 @@ class _Evaluator:
         return loop.validation_loss(loop.unwrap(model), loss_fn, batches(), self.trainer.device,
                                     self.trainer.precision)
 
-    def _workers(self, items: int) -> int:
-        # a set checked up front is decoded in memory already: worker start-up would cost more than it saves
-        return self.trainer.spec.training.num_workers if items > self.trainer.spec.data.check_rows_up_to else 0
+    def _workers(self, images: Sequence[ImageRef]) -> int:
+        # images decoded in memory already (a set checked up front): worker start-up would cost more than it saves
+        return 0 if all(ref.decoded is not None for ref in images) else self.trainer.spec.training.num_workers
 
     def retrieval(self, model: nn.Module, stage: str, epoch: int, on: _RetrievalSet | None = None,
                   emit: bool = True) -> dict[str, float]:
@@ -720,15 +721,22 @@ class _Evaluator:
         device, precision, batch = self.trainer.device, self.trainer.precision, self.spec.batch_size
         tokens = tokenize(self.bundle.tokenizer, texts)
         text_emb = loop.encode(net.encode_text, list(tokens.split(batch)), device, precision)  # type: ignore[arg-type]
-        loader = make_loader(ImageDataset(images, self.bundle.preprocess_val), self._workers(len(images)), False,
+        loader = make_loader(ImageDataset(images, self.bundle.preprocess_val), self._workers(images), False,
                              batch_size=batch)
+        skip = self.trainer.spec.data.skip_bad_rows
 
         def batches() -> Iterator[torch.Tensor]:
             # evaluation streams: O(batch) images in memory, and only the index's embeddings kept
+            unusable = 0
             for pixels, reasons in loader:
-                unusable = next((why for why in reasons if why), None)
-                if unusable:
-                    raise DataError("evaluation", None, unusable)
+                broken = [why for why in reasons if why]
+                if broken and not skip:
+                    raise DataError("evaluation", None, broken[0])
+                if broken and not unusable:
+                    self.trainer.info("evaluation: %s; it is encoded as a blank image (skipBadRows)", broken[0])
+                unusable += len(broken)
                 yield pixels
+            if unusable:
+                self.trainer.info("evaluation: %d images were unusable and encoded as blank ones", unusable)
 
         return text_emb, loop.encode(net.encode_image, batches(), device, precision)  # type: ignore[arg-type]

@@ -6,7 +6,6 @@ skips exactly the batches it had already trained on (``start_batch``) without lo
 
 from __future__ import annotations
 
-import errno
 import random
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -15,7 +14,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .data import IMAGE_ERRORS, ImageRef, Pair
+from .data import ImageRef, Pair, open_image
 from .determinism import sample_seed, seeded
 
 #: one sample as a loader yields it: the image tensor, its text's token ids, and the 1-based row of a pair found
@@ -25,22 +24,6 @@ Sample = tuple[torch.Tensor, torch.Tensor, int, str]
 NEIGHBOURS, SPREAD = 16, 32
 #: the reason's prefix when no stand-in was found: the loop fails the run even under skipBadRows
 UNUSABLE = "no usable image near it either: "
-
-
-def open_image(ref: ImageRef) -> tuple[Image.Image | None, str]:
-    """The image, or None and why it is unusable. An unreachable source raises (the attempt is retried)."""
-    try:
-        return ref.open(), ""
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # the pod's disk, not the image
-            raise
-        if isinstance(exc, FileNotFoundError):
-            return None, f"image {ref.uri or ref.key} not found"
-        return None, f"image {ref.uri or 'bytes'} is unreadable ({type(exc).__name__}: {str(exc)[:120]})"
-    except FileNotFoundError:
-        return None, f"image {ref.uri or ref.key} not found"
-    except IMAGE_ERRORS as exc:
-        return None, f"image {ref.uri or 'bytes'} is unreadable ({type(exc).__name__}: {str(exc)[:120]})"
 
 
 class PairDataset(Dataset[Sample]):
@@ -136,10 +119,12 @@ class EpochBatchSampler(Sampler[list[Any]]):
     """
 
     def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 with_epoch: bool = False) -> None:
+                 with_epoch: bool = False, batches: int | None = None) -> None:
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.with_epoch = with_epoch
+        # at most this many of the epoch's batches (those that make whole optimizer steps)
+        self.batches = min(batches_per_epoch(n, batch_size, world_size), batches if batches is not None else n)
         self.epoch = 0
         self.start_batch = 0
 
@@ -147,11 +132,11 @@ class EpochBatchSampler(Sampler[list[Any]]):
         self.epoch, self.start_batch = epoch, start_batch
 
     def __len__(self) -> int:
-        return batches_per_epoch(self.n, self.batch_size, self.world_size) - self.start_batch
+        return self.batches - self.start_batch
 
     def __iter__(self) -> Iterator[list[Any]]:
         batches = epoch_batches(self.n, self.batch_size, self.seed, self.epoch, self.rank, self.world_size)
-        for batch in batches[self.start_batch:]:
+        for batch in batches[self.start_batch:self.batches]:
             yield [(self.epoch, i) for i in batch] if self.with_epoch else batch
 
 

@@ -45,25 +45,22 @@ import random
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import torch
 from braceexpand import braceexpand
+from kubetune.api.shards import IMAGE_EXTENSIONS, MANIFEST, MANIFEST_VERSION, SIZES
 from kubetune.storage import StoreError
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import _shuffle
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from .data import DataError, FetchUnavailable
+from .data import IMAGE_ERRORS, DataError, FetchUnavailable, ImageRef, open_image
 from .determinism import sample_seed, seeded
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "kubetune-shards.json"
-SIZES = "sizes.json"
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 _MISSING_MANIFEST = f"no {MANIFEST} or {SIZES} next to the shards; `kubetune data shard` writes them"
 _WARN_FIRST = 5  # bad samples named in the log per worker; the rest are only counted
 
@@ -81,7 +78,7 @@ class ShardSource(Protocol):
 class ShardReader(Protocol):
     """What streaming needs of :class:`data.Fetcher`."""
 
-    def local_path(self, uri: str) -> Path: ...
+    def open(self, uri: str) -> BinaryIO: ...
 
 
 @dataclass(frozen=True)
@@ -122,9 +119,10 @@ def _counts(directory: str, fetcher: ShardSource) -> tuple[str, dict[str, tuple[
             doc = json.loads(raw)
             if name == SIZES:
                 return name, {str(k): (int(v), int(v)) for k, v in doc.items()}
-            if int(doc.get("version", 0)) != 1:
-                raise DataError("train", None, f"{where}: version {doc.get('version')!r} is not 1 (written by "
-                                               "another kubetune version; reshard with this one)")
+            if int(doc.get("version", 0)) != MANIFEST_VERSION:
+                raise DataError("train", None, f"{where}: version {doc.get('version')!r} is not "
+                                               f"{MANIFEST_VERSION} (written by another kubetune version; reshard "
+                                               "with this one)")
             return name, {str(s["name"]): (int(s["images"]), int(s["pairs"])) for s in doc["shards"]}
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise DataError("train", None, f"{where} is malformed ({type(exc).__name__}: {exc})") from None
@@ -135,7 +133,11 @@ def _listed(prefix: str, fetcher: ShardSource) -> list[str]:
     """The .tar objects directly under ``prefix`` (shards of a nested prefix belong to another set)."""
     bare = prefix.removeprefix("file://")
     out = []
-    for uri in fetcher.list(prefix):
+    try:
+        listed = fetcher.list(prefix)
+    except FileNotFoundError:
+        raise DataError("train", None, f"{prefix}: no such directory or bucket") from None
+    for uri in listed:
         name = uri.removeprefix("file://")
         rest = name[len(bare):] if name.startswith(bare) else None
         if rest and "/" not in rest and rest.endswith(".tar"):
@@ -250,15 +252,6 @@ def _consume(iterator: Iterator[Any], n: int) -> None:
     collections.deque(itertools.islice(iterator, n), maxlen=0)
 
 
-def _decode(data: bytes) -> Image.Image:
-    with Image.open(io.BytesIO(data)) as raw:
-        raw.load()
-        return raw.convert("RGB")
-
-
-_IMAGE_ERRORS = (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError)
-
-
 class ShardStream(IterableDataset[Batch]):
     """One rank's batches of an epoch, ``(images [B,C,H,W], tokens [B,L])``, from its shards (see the module).
 
@@ -288,6 +281,7 @@ class ShardStream(IterableDataset[Batch]):
         self._epoch: Any = multiprocessing.Value("q", 0)
         self._start: Any = multiprocessing.Value("q", 0)
         self._bad: Any = multiprocessing.Value("q", 0)  # bad samples met by every worker, for the caller's limit
+        self._read: Any = multiprocessing.Value("q", 0)  # samples read by every worker (read-ahead included)
         self._warned = 0
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
@@ -300,6 +294,11 @@ class ShardStream(IterableDataset[Batch]):
         """Bad samples met so far (``skip_bad_rows``), over all workers and epochs: each time one is read (no image or
         caption, an unreadable header), and once per trained pair of one whose image fails to decode."""
         return int(self._bad.value)
+
+    @property
+    def read_samples(self) -> int:
+        """Samples read so far by every worker, read-ahead included: what :attr:`bad_samples` is a share of."""
+        return int(self._read.value)
 
     def __len__(self) -> int:
         return max(0, self.batches - int(self._start.value))
@@ -351,10 +350,10 @@ class ShardStream(IterableDataset[Batch]):
 
     def _shard_pairs(self, uri: str) -> Iterator[_RawPair]:
         try:
-            path = self.fetcher.local_path(uri)
+            stream = self.fetcher.open(uri)
         except FileNotFoundError:
             raise DataError("train", None, f"{uri} does not exist") from None
-        with open(path, "rb") as stream:  # at once: the cache keeps a file returned for 60 s only
+        with stream:
             samples = group_by_keys(tar_file_expander([{"url": uri, "stream": stream}]))
             while True:
                 try:
@@ -364,6 +363,8 @@ class ShardStream(IterableDataset[Batch]):
                 except (tarfile.TarError, ValueError, EOFError, OSError) as exc:
                     reason = str(exc.args[0] if exc.args else exc).split(" @ ")[0]
                     raise DataError("train", None, f"{uri}: not a readable tar shard ({reason})") from None
+                with self._read.get_lock():
+                    self._read.value += 1
                 pairs = _expand(sample)
                 if isinstance(pairs, str):
                     self._bad_sample(uri, str(sample.get("__key__")), pairs)
@@ -384,10 +385,9 @@ class ShardStream(IterableDataset[Batch]):
     def _collate(self, raw: list[_RawPair], epoch: int, b: int) -> Batch:
         images: list[torch.Tensor | None] = []
         for i, pair in enumerate(raw):
-            try:
-                image = _decode(pair.image)
-            except _IMAGE_ERRORS as exc:
-                self._bad_sample(pair.shard, pair.key, f"unreadable image ({type(exc).__name__}: {str(exc)[:120]})")
+            image, why = open_image(ImageRef(key=pair.key, data=pair.image))
+            if image is None:
+                self._bad_sample(pair.shard, pair.key, why)
                 images.append(None)
                 continue
             # the pair's position in this rank's epoch: the same whoever decodes it and wherever a resume started
@@ -427,7 +427,7 @@ def _expand(sample: dict[str, Any]) -> list[_RawPair] | str:
     try:
         with Image.open(io.BytesIO(image)):
             pass
-    except _IMAGE_ERRORS as exc:
+    except IMAGE_ERRORS as exc:
         return f"unreadable image ({type(exc).__name__})"
     return [_RawPair(str(sample["__url__"]), str(sample["__key__"]), c, image) for c in captions]
 

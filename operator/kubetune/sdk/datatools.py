@@ -26,7 +26,6 @@ import io
 import json
 import logging
 import os
-import re
 import statistics
 import tarfile
 import tempfile
@@ -39,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from kubetune.api.errors import ConfigInvalid, KubetuneError, MissingExtra, StorageUnavailable
+from kubetune.api.shards import MANIFEST, MANIFEST_VERSION, SHARD_NAME, SHARD_PATTERN, SIZES
 from kubetune.api.spec import DataSpec
 
 if TYPE_CHECKING:
@@ -50,10 +50,6 @@ log = logging.getLogger("kubetune.sdk")
 T = TypeVar("T")
 R = TypeVar("R")
 
-SHARD_NAME = "shard-{:06d}.tar"
-SHARD_PATTERN = re.compile(r"shard-\d{6}\.tar")
-SIZES = "sizes.json"
-SHARDS_MANIFEST = "kubetune-shards.json"
 CONTEXT_LENGTH = 77  # CLIP's text context: longer captions are truncated by the tokenizer
 MAX_PROBLEMS = 10
 JPEG_QUALITY = 95
@@ -287,9 +283,10 @@ def sample_members(ordinal: int, jpeg: bytes, sample: Sample) -> list[tuple[str,
 def manifests(shards: Sequence[ShardInfo], source: str) -> list[tuple[str, bytes]]:
     """``sizes.json`` (open_clip's convention) and ``kubetune-shards.json``, in the order they are written."""
     sizes = {s.name: s.images for s in shards}
-    doc = {"version": 1, "shards": [{"name": s.name, "images": s.images, "pairs": s.pairs} for s in shards],
+    doc = {"version": MANIFEST_VERSION,
+           "shards": [{"name": s.name, "images": s.images, "pairs": s.pairs} for s in shards],
            "images": sum(s.images for s in shards), "pairs": sum(s.pairs for s in shards), "source": source}
-    return [(SIZES, _json_bytes(sizes)), (SHARDS_MANIFEST, _json_bytes(doc))]
+    return [(SIZES, _json_bytes(sizes)), (MANIFEST, _json_bytes(doc))]
 
 
 def _json_bytes(doc: Any) -> bytes:
@@ -591,7 +588,8 @@ def write_shards(source: str, dest: str, *, shard_size: int = 1000, workers: int
             raise _broken(source, problems[0])
         try:
             store.check()
-            store.delete(SHARDS_MANIFEST)  # from here until the new one is written, the set reads as incomplete
+            for name in (MANIFEST, SIZES):  # from here until both are written again, the set reads as incomplete
+                store.delete(name)
             writer = _ShardWriter(store, Path(tmp), shard_size)
             try:
                 _write_samples(writer, samples, problems, fetcher, workers, skip_bad_rows, source, on_progress)
