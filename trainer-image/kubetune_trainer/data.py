@@ -49,6 +49,7 @@ DEFAULT_CACHE_BYTES = 256 << 20  # decoded RGB pixels of a checked set kept in m
 DEFAULT_DISK_CACHE_BYTES = 10 << 30
 IMAGE_ERRORS = (FileNotFoundError, UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError,
                 ValueError)
+REMOTE_SCHEMES = ("s3://", "http://", "https://")  # fetched into the disk cache; anything else is a local file
 MIN_ROWS_FOR_LIMIT = 100  # below this many rows read, one bad row is no evidence that the set is broken
 
 
@@ -165,7 +166,7 @@ class Fetcher:
         try:
             return self.local_path(uri).open("rb")
         except FileNotFoundError:
-            if not uri.startswith(("s3://", "http://", "https://")):
+            if not uri.startswith(REMOTE_SCHEMES):
                 raise
             return self.local_path(uri).open("rb")
 
@@ -261,7 +262,7 @@ class Fetcher:
         loader workers) ask at once: the losers wait for the winner and reuse its file. The file only ever appears
         complete, under its final name, by an atomic rename.
         """
-        if not uri.startswith(("s3://", "http://", "https://")):
+        if not uri.startswith(REMOTE_SCHEMES):
             path = Path(uri.removeprefix("file://"))
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: no such file")

@@ -6,15 +6,17 @@ skips exactly the batches it had already trained on (``start_batch``) without lo
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .data import ImageRef, Pair, open_image
+from .data import REMOTE_SCHEMES, ImageRef, Pair, open_image
 from .determinism import sample_seed, seeded
 
 #: one sample as a loader yields it: the image tensor, its text's token ids, and the 1-based row of a pair found
@@ -22,6 +24,7 @@ from .determinism import sample_seed, seeded
 #: batch, and every rank's step count, keeps its size.
 Sample = tuple[torch.Tensor, torch.Tensor, int, str]
 NEIGHBOURS, SPREAD = 16, 32
+PREFETCH_THREADS = 8
 #: the reason's prefix when no stand-in was found: the loop fails the run even under skipBadRows
 UNUSABLE = "no usable image near it either: "
 
@@ -43,6 +46,18 @@ class PairDataset(Dataset[Sample]):
     def __len__(self) -> int:
         return len(self.pairs)
 
+    def __getitems__(self, keys: Sequence[int | tuple[int, int]]) -> list[Sample]:
+        """A batch's samples; its remote images are fetched into the disk cache first, several at a time (what
+        one image at a time would spend waiting on the store's latency)."""
+        refs = {ref.uri: ref for key in keys
+                if (ref := self.pairs[key[1] if isinstance(key, tuple) else key].image).fetcher is not None
+                and ref.uri is not None and ref.decoded is None and ref.uri.startswith(REMOTE_SCHEMES)}
+        if len(refs) > 1:
+            with ThreadPoolExecutor(max_workers=min(PREFETCH_THREADS, len(refs))) as pool:
+                # a failed fetch is left to __getitem__, which names the row (or raises an outage)
+                list(pool.map(_prefetch, refs.values()))
+        return [self[key] for key in keys]
+
     def __getitem__(self, key: int | tuple[int, int]) -> Sample:
         epoch, index = key if isinstance(key, tuple) else (None, key)
         bad_row, reason = 0, ""
@@ -60,6 +75,12 @@ class PairDataset(Dataset[Sample]):
             return self.transform(image), tokens, bad_row, reason
         with seeded(sample_seed(self.seed, epoch, index)):
             return self.transform(image), tokens, bad_row, reason
+
+
+def _prefetch(ref: ImageRef) -> None:
+    assert ref.fetcher is not None and ref.uri is not None
+    with contextlib.suppress(Exception):
+        ref.fetcher.local_path(ref.uri)
 
 
 def blank(transform: Callable[[Any], torch.Tensor]) -> torch.Tensor:

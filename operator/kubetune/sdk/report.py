@@ -119,13 +119,15 @@ def compute(artifact: str | os.PathLike[str], queries: list[str] | None = None, 
         queries_kv = query_set.keyed()[: spec.callbacks.evaluation.max_queries or None]
         task = evaluate.RetrievalTask.build(queries_kv, index_set.keyed())
         by_key = {p.image.key: p.image for p in index_set.pairs}
-        images = [by_key[k].open() for k in task.index_keys]
+        # only references: the index is decoded a batch at a time while encoding, and again for the thumbnails shown
+        images = [by_key[k] for k in task.index_keys]
 
         def rank(encode_text: Any, tokenizer: Any, encode_image: Any, transform: Any, texts: list[str]
                  ) -> tuple[torch.Tensor, torch.Tensor]:
             with torch.no_grad():
                 text = torch.cat([encode_text(tokenizer(texts[i:i + 256])) for i in range(0, len(texts), 256)])
-                pixels = [torch.stack([transform(im) for im in images[i:i + 128]]) for i in range(0, len(images), 128)]
+                pixels = (torch.stack([transform(ref.open()) for ref in images[i:i + 128]])
+                          for i in range(0, len(images), 128))
                 image = torch.cat([encode_image(batch) for batch in pixels])
             return F.normalize(text.float(), dim=-1), F.normalize(image.float(), dim=-1)
 
@@ -177,7 +179,7 @@ def compute(artifact: str | os.PathLike[str], queries: list[str] | None = None, 
         used = sorted({j for r in results for j, _, _ in (*r.before, *r.after)})
         thumbnails = [""] * len(images)
         for j in used:
-            thumbnails[j] = _thumbnail(images[j])
+            thumbnails[j] = _thumbnail(images[j].open())
 
     curves, metric_curves = _curves(root, metadata, metrics)
     run = metadata.get("run", {})
