@@ -123,17 +123,18 @@ class DiskBudget:
     """Keeps a cache directory shared by the processes of one pod under ``max_bytes``, least recently used first.
 
     Users mark a file used by :meth:`touch` (its mtime) and report what they add with :meth:`added`. Once a process
-    has added an eighth of the budget (at most 64 MiB) since its last look, it scans the directory and deletes the
-    files used longest ago until the rest fits in 90 % of the budget. Files used in the last ``grace_seconds`` are never
-    deleted, so a path just handed out stays for at least that long (and a descriptor opened on it survives
-    deletion anyway); a burst of downloads within that window can overshoot the budget by what it fetched. One
-    process scans at a time; the others skip their turn rather than wait.
+    has added a 32nd of the budget (at most 64 MiB) since its last look, it scans the directory and deletes the
+    files used longest ago until the rest fits in 80 % of the budget, which leaves room for the other processes'
+    additions until their next look. Files used in the last ``grace_seconds`` are never deleted, so a path just
+    handed out is still there when it is opened (a reader that loses the race fetches again, and a descriptor
+    opened on a file survives its deletion, though its blocks stay used until it is closed). One process scans at a
+    time; the others skip their turn rather than wait.
     """
 
     IGNORED_SUFFIXES = (".lock", ".part", ".source")
     SWEEP_EVERY_BYTES = 64 << 20  # a scan of the directory is cheap next to what many processes fetch meanwhile
 
-    def __init__(self, directory: Path, max_bytes: int, grace_seconds: float = 60.0) -> None:
+    def __init__(self, directory: Path, max_bytes: int, grace_seconds: float = 5.0) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
         self.grace_seconds = grace_seconds
@@ -159,7 +160,7 @@ class DiskBudget:
     def added(self, size: int) -> None:
         with self._guard:
             self._added += size
-            if self._added < min(self.max_bytes // 8, self.SWEEP_EVERY_BYTES):
+            if self._added < min(self.max_bytes // 32, self.SWEEP_EVERY_BYTES):
                 return
             added, self._added = self._added, 0
         if self.sweep() < 0:  # another process is sweeping: this one's share is looked at next time
@@ -198,7 +199,7 @@ class DiskBudget:
                 total += stat.st_size
         if total <= self.max_bytes:
             return total
-        target = int(self.max_bytes * 0.9)
+        target = int(self.max_bytes * 0.8)
         for mtime, size, path in sorted(entries):
             if total <= target or now - mtime < self.grace_seconds:
                 break
