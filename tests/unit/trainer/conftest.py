@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import http.server
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from kt_trainer_helpers import HttpFiles
 
 
 @pytest.fixture(scope="session")
@@ -76,3 +79,47 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(server.pid, signal.SIGKILL)
             server.wait()
+
+
+@pytest.fixture
+def http_files(tmp_path: Path) -> Iterator[HttpFiles]:
+    """A real HTTP server on loopback over an empty ``tmp_path/served`` root and no bodies."""
+    root = tmp_path / "served"
+    root.mkdir()
+    state = HttpFiles(root)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            with state.lock:
+                state.gets[self.path] += 1
+                seen = state.gets[self.path]
+            time.sleep(state.delay)
+            body = state.body(self.path)
+            if self.path in state.unavailable:
+                self.send_error(503)
+            elif body is None:
+                self.send_error(404)
+            elif seen <= state.fail_first:
+                self.send_error(503)
+            else:
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    class Threading(http.server.ThreadingHTTPServer):
+        # loader workers, ranks and fetch threads (16 and more) connect at once, and the default listen backlog
+        # of 5 would refuse some of them
+        request_queue_size = 128
+
+    httpd = Threading(("127.0.0.1", 0), Handler)
+    state.base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield state
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

@@ -1,11 +1,15 @@
-"""Helpers of the trainer tests: the tiny model config, spec/run-file builders, an in-process CLI runner."""
+"""Helpers of the trainer tests: the tiny model config, spec/run-file builders, an in-process CLI runner, the
+state of the ``http_files`` server fixture."""
 
 from __future__ import annotations
 
+import collections
 import copy
 import io
 import json
+import threading
 from contextlib import redirect_stdout
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,3 +65,30 @@ def run_trainer(argv: list[str]) -> tuple[int, list[Event], str]:
 
 def of_type(events: list[Event], kind: str) -> list[Event]:
     return [e for e in events if e.type == kind]
+
+
+@dataclass
+class HttpFiles:
+    """What the ``http_files`` server serves and how it answers; the tests change it while the server runs.
+
+    A path's body is ``bodies[path]``, else the file under ``root``, else 404. A path in ``unavailable`` answers
+    503 whether or not it exists; the first ``fail_first`` GETs of each existing path answer 503 too. Each GET is
+    counted in ``gets``, whatever it answers, then waits ``delay`` seconds."""
+
+    root: Path
+    bodies: dict[str, bytes] = field(default_factory=dict)
+    unavailable: set[str] = field(default_factory=set)
+    fail_first: int = 0
+    delay: float = 0.0
+    base: str = ""
+    gets: collections.Counter[str] = field(default_factory=collections.Counter)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def uri(self, path: str) -> str:
+        return self.base + path
+
+    def body(self, path: str) -> bytes | None:
+        if path in self.bodies:
+            return self.bodies[path]
+        file = self.root / path.lstrip("/")
+        return file.read_bytes() if file.is_file() else None

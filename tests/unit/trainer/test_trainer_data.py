@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import http.server
 import io
 import json
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 from docarray import BaseDoc, DocList
 from docarray.typing import ImageBytes, ImageUrl, NdArray
-from kt_trainer_helpers import tiny_spec, write_run
+from kt_trainer_helpers import HttpFiles, tiny_spec, write_run
 from kubetune.api.spec import DataSpec
 from kubetune.storage import RetryPolicy
 from kubetune_trainer.config import ConfigError, load_run_file
@@ -162,48 +160,20 @@ def test_image_references_resolve_against_remote_csvs() -> None:
     assert resolve_uri("s3://other/x.png", "s3://b/train.csv") == "s3://other/x.png"
 
 
-class _FlakyHandler(http.server.BaseHTTPRequestHandler):
-    """Answers 503 to the first ``failures`` GETs of a path, then its bytes; 404 for unknown paths."""
-
-    failures = 2
-    served: dict[str, int] = {}
-    bodies: dict[str, bytes] = {}
-
-    def do_GET(self) -> None:
-        seen = self.served[self.path] = self.served.get(self.path, 0) + 1
-        body = self.bodies.get(self.path)
-        if body is None:
-            self.send_error(404)
-        elif seen <= self.failures:
-            self.send_error(503)
-        else:
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-def test_http_data_read_retries_a_server_that_is_unavailable_then_gives_up(tmp_path: Path) -> None:
+def test_http_data_read_retries_a_server_that_is_unavailable_then_gives_up(
+        http_files: HttpFiles, tmp_path: Path) -> None:
     png = _png((200, 10, 10))
-    _FlakyHandler.bodies = {"/img.png": png, "/other.png": png}
-    _FlakyHandler.served = {}
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FlakyHandler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{server.server_address[1]}"
+    http_files.bodies.update({"/img.png": png, "/other.png": png})
+    http_files.fail_first = 2  # each path answers 503 twice, then its bytes
+    base = http_files.base
     slept: list[float] = []
-    try:
-        fetcher = Fetcher(tmp_path, retry=RetryPolicy.for_window(10, sleep=slept.append))
-        assert fetcher.read(f"{base}/img.png") == png  # 503, 503, then the bytes
-        assert _FlakyHandler.served["/img.png"] == 3 and slept == [0.5, 1.0]
-        with pytest.raises(FileNotFoundError):  # a missing file is no outage: asked once
-            fetcher.read(f"{base}/missing.png")
-        assert _FlakyHandler.served["/missing.png"] == 1
-        no_retry = Fetcher(tmp_path, retry=RetryPolicy.for_window(0))
-        with pytest.raises(FetchUnavailable, match=r"HTTP 503 \(unreachable after 1 try\)"):
-            no_retry.read(f"{base}/other.png")
-        assert _FlakyHandler.served["/other.png"] == 1
-    finally:
-        server.shutdown()
+    fetcher = Fetcher(tmp_path, retry=RetryPolicy.for_window(10, sleep=slept.append))
+    assert fetcher.read(f"{base}/img.png") == png  # 503, 503, then the bytes
+    assert http_files.gets["/img.png"] == 3 and slept == [0.5, 1.0]
+    with pytest.raises(FileNotFoundError):  # a missing file is no outage: asked once
+        fetcher.read(f"{base}/missing.png")
+    assert http_files.gets["/missing.png"] == 1
+    no_retry = Fetcher(tmp_path, retry=RetryPolicy.for_window(0))
+    with pytest.raises(FetchUnavailable, match=r"HTTP 503 \(unreachable after 1 try\)"):
+        no_retry.read(f"{base}/other.png")
+    assert http_files.gets["/other.png"] == 1

@@ -3,22 +3,18 @@ DDP ranks and loader workers share one cache directory), and never a torn or mis
 
 from __future__ import annotations
 
-import collections
 import hashlib
-import http.server
 import io
 import multiprocessing
 import os
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+from kt_trainer_helpers import HttpFiles
 from kubetune.api.spec import DataSpec
 from kubetune.storage import RetryPolicy
 from kubetune_trainer.cache import shared_dir, write_atomically
@@ -36,55 +32,15 @@ def _jpeg(i: int) -> bytes:
     return buffer.getvalue()
 
 
-@dataclass
-class Server:
-    base: str
-    bodies: dict[str, bytes]
-    gets: collections.Counter[str] = field(default_factory=collections.Counter)
-    unavailable: set[str] = field(default_factory=set)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def uri(self, path: str) -> str:
-        return self.base + path
-
-
 @pytest.fixture
-def server() -> Iterator[Server]:
-    state = Server("", {f"/img/{i}.jpg": _jpeg(i) for i in range(30)})
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            with state.lock:
-                state.gets[self.path] += 1
-            time.sleep(DELAY)
-            body = state.bodies.get(self.path)
-            if self.path in state.unavailable:
-                self.send_error(503)
-            elif body is None:
-                self.send_error(404)
-            else:
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    class Threading(http.server.ThreadingHTTPServer):
-        request_queue_size = 128  # 16 clients connecting at once must not overflow the default backlog of 5
-
-    httpd = Threading(("127.0.0.1", 0), Handler)
-    state.base = f"http://127.0.0.1:{httpd.server_address[1]}"
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        yield state
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+def server(http_files: HttpFiles) -> HttpFiles:
+    """Thirty small JPEGs at ``/img/<i>.jpg``, each GET answered after ``DELAY``."""
+    http_files.bodies.update({f"/img/{i}.jpg": _jpeg(i) for i in range(30)})
+    http_files.delay = DELAY
+    return http_files
 
 
-def test_threads_fetching_the_same_uris_download_each_once(server: Server, tmp_path: Path) -> None:
+def test_threads_fetching_the_same_uris_download_each_once(server: HttpFiles, tmp_path: Path) -> None:
     fetcher = Fetcher(tmp_path / "cache")
     paths = [f"/img/{i}.jpg" for i in range(4)]
     calls = [path for _ in range(10) for path in paths]  # 40 calls, 10 per URI, all in flight together
@@ -126,7 +82,7 @@ def _run_in_two_processes(target: Any, *args: Any) -> list[Any]:
     return out
 
 
-def test_processes_sharing_a_cache_download_each_uri_once(server: Server, tmp_path: Path) -> None:
+def test_processes_sharing_a_cache_download_each_uri_once(server: HttpFiles, tmp_path: Path) -> None:
     paths = [f"/img/{i}.jpg" for i in range(6)]
     uris = [server.uri(path) for path in paths]
     first, second = _run_in_two_processes(_fetch_in_child, str(tmp_path / "cache"), uris)
@@ -136,7 +92,7 @@ def test_processes_sharing_a_cache_download_each_uri_once(server: Server, tmp_pa
 
 
 def test_load_set_with_shared_images_loads_every_row_and_downloads_each_image_once(
-        server: Server, tmp_path: Path) -> None:
+        server: HttpFiles, tmp_path: Path) -> None:
     # image-major rows: the five captions of one image are validated by five threads at the same moment
     lines = [f"caption {i}.{j},img/{i}.jpg" for i in range(30) for j in range(5)]
     server.bodies["/train.csv"] = ("text,image\n" + "\n".join(lines) + "\n").encode()
@@ -150,7 +106,7 @@ def test_load_set_with_shared_images_loads_every_row_and_downloads_each_image_on
     assert pairs.pairs[7].image.open().tobytes() == Image.open(io.BytesIO(_jpeg(1))).convert("RGB").tobytes()
 
 
-def test_a_failed_fetch_leaves_no_file_and_keeps_its_error(server: Server, tmp_path: Path) -> None:
+def test_a_failed_fetch_leaves_no_file_and_keeps_its_error(server: HttpFiles, tmp_path: Path) -> None:
     fetcher = Fetcher(tmp_path / "cache", retry=RetryPolicy.for_window(0))
     with pytest.raises(FileNotFoundError):
         fetcher.local_path(server.uri("/img/absent.jpg"))

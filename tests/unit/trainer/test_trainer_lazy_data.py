@@ -6,25 +6,22 @@ A row number is the CSV's line number minus its header line, as the trainer name
 
 from __future__ import annotations
 
-import collections
 import csv
-import http.server
 import io
 import json
 import os
 import random
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from kt_trainer_helpers import of_type, run_trainer, tiny_spec, write_run
+from kt_trainer_helpers import HttpFiles, of_type, run_trainer, tiny_spec, write_run
 from kubetune.api.events import EXIT_BAD_DATA, Event, parse_line
 from kubetune.api.spec import DataSpec
 from kubetune_trainer.cache import DiskBudget
@@ -88,53 +85,10 @@ def bad_indices(broken: Sequence[int]) -> set[int]:
 
 
 # ------------------------------------------------------------------------------------------------ http
-@dataclass
-class FileServer:
-    """Serves a directory over HTTP and counts the GETs of each path."""
-
-    root: Path
-    base: str = ""
-    gets: collections.Counter[str] = field(default_factory=collections.Counter)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def image_gets(self) -> dict[str, int]:
-        with self.lock:
-            return {path: n for path, n in self.gets.items() if path.startswith("/img/")}
-
-
-@pytest.fixture
-def file_server(tmp_path: Path) -> Iterator[FileServer]:
-    state = FileServer(tmp_path / "served")
-    state.root.mkdir()
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            with state.lock:
-                state.gets[self.path] += 1
-            path = state.root / self.path.lstrip("/")
-            if not path.is_file():
-                self.send_error(404)
-                return
-            body = path.read_bytes()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    class Threading(http.server.ThreadingHTTPServer):
-        request_queue_size = 128  # loader workers and ranks connecting at once
-
-    httpd = Threading(("127.0.0.1", 0), Handler)
-    state.base = f"http://127.0.0.1:{httpd.server_address[1]}"
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        yield state
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+def image_gets(server: HttpFiles) -> dict[str, int]:
+    """The GETs of each image path so far."""
+    with server.lock:
+        return {path: n for path, n in server.gets.items() if path.startswith("/img/")}
 
 
 # ------------------------------------------------------------------------------------------------ runs
@@ -242,16 +196,16 @@ def _cached_bytes(cache: Path) -> int:
 
 
 def test_the_fetch_cache_stays_under_its_budget_and_refetches_an_evicted_image(
-        file_server: FileServer, tmp_path: Path) -> None:
+        http_files: HttpFiles, tmp_path: Path) -> None:
     images = {i: photo(i) for i in range(40)}
-    (file_server.root / "img").mkdir()
+    (http_files.root / "img").mkdir()
     for i, data in images.items():
-        (file_server.root / "img" / f"{i}.jpg").write_bytes(data)
+        (http_files.root / "img" / f"{i}.jpg").write_bytes(data)
     max_bytes = 200_000
     cache = tmp_path / "cache"
     fetcher = Fetcher(cache, max_bytes=max_bytes)
     fetcher.budget.grace_seconds = 0
-    uris = [f"{file_server.base}/img/{i}.jpg" for i in range(40)]
+    uris = [f"{http_files.base}/img/{i}.jpg" for i in range(40)]
     sizes = []
     for uri in uris:
         assert fetcher.local_path(uri).is_file()
@@ -267,31 +221,31 @@ def test_the_fetch_cache_stays_under_its_budget_and_refetches_an_evicted_image(
     assert cached == list(range(40 - len(cached), 40))
 
     ref = ImageRef(key=uris[0], uri=uris[0], fetcher=fetcher)
-    assert file_server.image_gets()["/img/0.jpg"] == 1
+    assert image_gets(http_files)["/img/0.jpg"] == 1
     assert ref.open().tobytes() == Image.open(io.BytesIO(images[0])).convert("RGB").tobytes()
-    assert file_server.image_gets()["/img/0.jpg"] == 2  # evicted, so fetched again without the caller noticing
-    assert file_server.image_gets()["/img/39.jpg"] == 1
+    assert image_gets(http_files)["/img/0.jpg"] == 2  # evicted, so fetched again without the caller noticing
+    assert image_gets(http_files)["/img/39.jpg"] == 1
     ImageRef(key=uris[39], uri=uris[39], fetcher=fetcher).open()
-    assert file_server.image_gets()["/img/39.jpg"] == 1  # still cached: no second GET
+    assert image_gets(http_files)["/img/39.jpg"] == 1  # still cached: no second GET
 
 
 # ------------------------------------------------------------------------------------------------ lazy sets
-def test_a_lazily_read_set_fetches_no_image_while_loading(file_server: FileServer, tmp_path: Path) -> None:
-    write_set(file_server.root, images=12)
-    uri = f"{file_server.base}/train.csv"
+def test_a_lazily_read_set_fetches_no_image_while_loading(http_files: HttpFiles, tmp_path: Path) -> None:
+    write_set(http_files.root, images=12)
+    uri = f"{http_files.base}/train.csv"
     pairs = load_set("train", uri, DataSpec(train=uri, check_rows_up_to=0), Fetcher(tmp_path / "cache"))
     assert len(pairs) == 12 * CAPTIONS and pairs.skipped == 0
-    assert file_server.image_gets() == {} and file_server.gets["/train.csv"] == 1
+    assert image_gets(http_files) == {} and http_files.gets["/train.csv"] == 1
     assert [p.row for p in pairs.pairs[5:10]] == rows_of(1)
     assert {id(p.image) for p in pairs.pairs[5:10]} == {id(pairs.pairs[5].image)}  # one reference per image
     assert pairs.pairs[5].image.decoded is None
 
 
 def test_a_lazy_run_with_loader_workers_fetches_each_image_once_and_learns(
-        file_server: FileServer, tmp_path: Path) -> None:
+        http_files: HttpFiles, tmp_path: Path) -> None:
     images = 40
-    write_set(file_server.root, images)
-    spec = tiny_spec(f"{file_server.base}/train.csv", data={"checkRowsUpTo": 0},
+    write_set(http_files.root, images)
+    spec = tiny_spec(f"{http_files.base}/train.csv", data={"checkRowsUpTo": 0},
                      training={"numWorkers": 2, "learningRate": 2e-3})
     run = run_process(tmp_path, spec)
     assert run.code == 0, run.log[-4000:]
@@ -301,7 +255,7 @@ def test_a_lazy_run_with_loader_workers_fetches_each_image_once_and_learns(
     # every image a batch read was fetched once, by whichever worker came first; the other worker and the
     # second epoch read it from the disk cache
     read = {index // CAPTIONS for epoch in order_read(pairs, 2) for batch in epoch for index in batch}
-    assert file_server.image_gets() == {f"/img/{i}.jpg": 1 for i in sorted(read)}
+    assert image_gets(http_files) == {f"/img/{i}.jpg": 1 for i in sorted(read)}
     loss = losses(run)
     # from ≈ln 32 plus the initial logit scale's excess; a mean of three steps smooths one batch's luck
     assert len(loss) == started.total_steps and loss[-1] < loss[0]
