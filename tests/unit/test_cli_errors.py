@@ -293,6 +293,39 @@ def b_models_stage(draw: Draw, m: Materials) -> Call:
     return Call(["models", "stage", ref, dest, *source])
 
 
+def data_sets(root: Path) -> dict[str, Path]:
+    """Broken sets for the data tools, written once under ``root``: a missing image, unknown columns, a file that is
+    not UTF-8, a header and no rows, a directory, nothing at all."""
+    folder = root / "data-sets"
+    sets = {"missing_image": folder / "missing.csv", "wrong_columns": folder / "columns.csv",
+            "not_utf8": folder / "latin1.csv", "no_rows": folder / "empty.csv", "a_directory": folder,
+            "absent": folder / "absent.csv"}
+    if not folder.is_dir():
+        folder.mkdir()
+        sets["missing_image"].write_text(f"text,image\na red circle,{EVAL_IMAGE}\na blue square,gone.png\n")
+        sets["wrong_columns"].write_text(f"caption,url\na red circle,{EVAL_IMAGE}\n")
+        sets["not_utf8"].write_bytes("text,image\nun caf\u00e9,x.png\n".encode("latin-1"))
+        sets["no_rows"].write_text("text,image\n")
+    return sets
+
+
+def b_data(draw: Draw, m: Materials) -> Call:
+    return Call(["data", *draw(st.sampled_from([["--bogus"], ["valid"], ["shard-it", "x"]]))])
+
+
+def b_data_validate(draw: Draw, m: Materials) -> Call:
+    source = str(draw(st.sampled_from(sorted(data_sets(m.root).items())))[1])
+    flags = draw(st.sampled_from([[], ["--workers", "0"], ["-o", "xml"], ["--text-column", "caption"]]))
+    return Call(["data", "validate", source, "--no-tokens", *flags])
+
+
+def b_data_shard(draw: Draw, m: Materials) -> Call:
+    source = str(draw(st.sampled_from(sorted(data_sets(m.root).items())))[1])
+    dest = draw(st.sampled_from(["s3://", "s3://Bad_Bucket/x/", str(m.root / "shards")]))
+    flags = draw(st.sampled_from([[], ["--shard-size", "0"], ["--workers", "0"]]))
+    return Call(["data", "shard", source, dest, *flags])
+
+
 def b_unknown(draw: Draw, m: Materials) -> Call:
     return Call(draw(st.sampled_from([["lsit"], ["delet", "x"], ["artifact", "push"], ["--bogus"],
                                       ["models", "unstage"]])))

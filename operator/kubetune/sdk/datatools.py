@@ -444,12 +444,14 @@ def validate_set(source: str, *, text_column: str = "text", image_column: str = 
 
     ``tokens``: count CLIP tokens per caption when open_clip is installed. ``local_images_only``: leave images
     at s3:// or http(s) URIs unchecked (the check before an upload: the trainer fetches those itself).
-    Raises :class:`ConfigInvalid` (a missing set, a missing column, not a CSV or DocList),
+    Raises :class:`ConfigInvalid` (a missing set, a missing column, no rows, not a CSV or DocList),
     :class:`StorageUnavailable` (S3 or a web server unreachable), :class:`MissingExtra` (no trainer extra).
     """
     with tempfile.TemporaryDirectory(prefix="kubetune-data-") as tmp:
         fetcher = make_fetcher(Path(tmp), endpoint)
         rows = read_rows(source, fetcher, text_column, image_column, fmt)
+        if not rows:
+            raise ConfigInvalid(f"{source}: no rows, only a header", "a set needs at least one (caption, image) row")
         inline = {r.image: r.data for r in rows if r.image is not None and r.data is not None}
         images = [image for image in dict.fromkeys(r.image for r in rows if r.image is not None)
                   if not (local_images_only and image.startswith(REMOTE))]
