@@ -134,7 +134,7 @@ class DiskBudget:
     IGNORED_SUFFIXES = (".lock", ".part", ".source")
     SWEEP_EVERY_BYTES = 64 << 20  # a scan of the directory is cheap next to what many processes fetch meanwhile
 
-    def __init__(self, directory: Path, max_bytes: int, grace_seconds: float = 5.0) -> None:
+    def __init__(self, directory: Path, max_bytes: int, grace_seconds: float = 1.0) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
         self.grace_seconds = grace_seconds
