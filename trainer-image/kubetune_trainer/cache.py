@@ -195,8 +195,10 @@ class DiskBudget:
                     continue
                 if not entry.is_file(follow_symlinks=False):
                     continue
-                entries.append((stat.st_mtime, stat.st_size, entry.path))
-                total += stat.st_size
+                # the blocks a file takes, as the kubelet counts ephemeral storage: small images round up
+                size = max(stat.st_size, stat.st_blocks * 512)
+                entries.append((stat.st_mtime, size, entry.path))
+                total += size
         if total <= self.max_bytes:
             return total
         target = int(self.max_bytes * 0.8)

@@ -38,6 +38,8 @@ SEED = 7  # tiny_spec's training seed: the batch order below is computed from it
 BATCH = 32
 COMBOS = [(c, s, b) for c in COLOURS for s in SHAPES for b in BACKGROUNDS]
 
+BLOCK = 4096  # one filesystem block: a file of this size takes exactly its size on disk
+
 
 # ------------------------------------------------------------------------------------------------ data
 def photo(i: int) -> bytes:
@@ -164,7 +166,8 @@ def test_a_sweep_deletes_least_recently_used_files_down_to_eighty_percent_sparin
     now = time.time()
     names = [f"image-{i}.jpg" for i in range(10)]
     # used in the order 0 … 9, all long before the grace period
-    _files(tmp_path, dict.fromkeys(names, 1000), {n: now - 1000 + i for i, n in enumerate(names)})
+    # a block's worth each: the budget counts the blocks a file takes (a 1000-byte file takes 4096)
+    _files(tmp_path, dict.fromkeys(names, BLOCK), {n: now - 1000 + i for i, n in enumerate(names)})
     (tmp_path / ".locks").mkdir()
     kept = {".locks/abc.lock": 5000, "fetch.part": 5000, ".hidden": 5000, "shards.lock": 5000,
             "shards.source": 5000}
@@ -172,21 +175,21 @@ def test_a_sweep_deletes_least_recently_used_files_down_to_eighty_percent_sparin
         (tmp_path / name).write_bytes(b"y" * size)
         os.utime(tmp_path / name, (now - 5000, now - 5000))  # older than every image: still never swept
 
-    budget = DiskBudget(tmp_path, max_bytes=5000, grace_seconds=60)
-    assert budget.sweep(now) == 4000  # 10 000 bytes over a 5000 budget: down to ≤ 4000, oldest first
+    budget = DiskBudget(tmp_path, max_bytes=5 * BLOCK, grace_seconds=60)
+    assert budget.sweep(now) == 4 * BLOCK  # ten blocks over a budget of five: down to ≤ 80 %, oldest first
     assert sorted(p.name for p in tmp_path.glob("image-*")) == names[6:]
     assert all((tmp_path / name).stat().st_size == size for name, size in kept.items())
-    assert budget.sweep(now) == 4000  # within budget: nothing more goes
+    assert budget.sweep(now) == 4 * BLOCK  # within budget: nothing more goes
 
 
 def test_files_used_within_the_grace_period_survive_a_sweep_over_budget(tmp_path: Path) -> None:
     now = time.time()
     old, recent = [f"old-{i}.jpg" for i in range(4)], [f"new-{i}.jpg" for i in range(6)]
-    _files(tmp_path, dict.fromkeys(old + recent, 1000),
+    _files(tmp_path, dict.fromkeys(old + recent, BLOCK),
            {**{n: now - 600 + i for i, n in enumerate(old)}, **{n: now - 30 + i for i, n in enumerate(recent)}})
-    budget = DiskBudget(tmp_path, max_bytes=3000, grace_seconds=60)
-    # every old file goes; the six just used stay although 6000 bytes are twice the budget
-    assert budget.sweep(now) == 6000
+    budget = DiskBudget(tmp_path, max_bytes=3 * BLOCK, grace_seconds=60)
+    # every old file goes; the six just used stay although they take twice the budget
+    assert budget.sweep(now) == 6 * BLOCK
     assert sorted(p.name for p in tmp_path.glob("*.jpg")) == sorted(recent)
     assert DiskBudget.touch(tmp_path / "new-0.jpg") and not DiskBudget.touch(tmp_path / "old-0.jpg")
 
