@@ -96,7 +96,9 @@ def summary(step: Step) -> tuple[str, str | None, str | None, float]:
      {"followed_pod": "run-a0-x", "same_attempt_pod": False}, ("follow_log", "run-a1-y", None, 0.0)),
     ("the followed pod again (a reconnect) is no replacement", RUNNING_POD, ACTIVE_JOB,
      {"followed_pod": "run-a1-x", "same_attempt_pod": True}, ("follow_log", "run-a1-x", None, 0.0)),
-    ("pod gone and Job complete: finish", None, COMPLETE_JOB, {}, ("finish", None, "run-a1", 0.0)),
+    ("a Job complete before its pod was seen: the pods are read first (one may hold the result)", None,
+     COMPLETE_JOB, {}, ("read_pods", None, None, 0.0)),
+    ("pod gone and Job complete: finish", None, COMPLETE_JOB, {"pods_read": True}, ("finish", None, "run-a1", 0.0)),
     ("Job not in the index: wait, then look for it", None, None, {}, ("wait", None, None, 5.0)),
     ("Job gone from the index and the API server: the run is cancelled", RUNNING_POD, ACTIVE_JOB,
      {"job_gone": True}, ("job_deleted", None, None, 0.0)),
@@ -116,7 +118,7 @@ def test_only_a_missing_job_is_looked_for_after_a_wait() -> None:
 def test_a_pod_judged_without_being_followed_yields_its_termination_message_and_a_fresh_job() -> None:
     step = next_step(KILLED_GONE, None, followed_pod=None, same_attempt_pod=False)
     assert step.fold_summary and step.read_job and not step.drain_log
-    ended = next_step(None, FAILED_JOB, followed_pod=None, same_attempt_pod=False)
+    ended = next_step(None, FAILED_JOB, followed_pod=None, same_attempt_pod=False, pods_read=True)
     assert not (ended.fold_summary or ended.read_job or ended.drain_log)  # the index's Job decides
 
 

@@ -13,7 +13,9 @@ The supervisor observes (its watch index of the run's Jobs and pods, a fresh rea
 3. When a stream ends, a fresh read of the pod says why: it succeeded (read the rest of its log, then judge);
    it is being deleted (judge once its Job failed; else wait for the replacement or the failure); it
    terminated (read the rest of its log, then judge); it is gone (its Job decides); else reconnect.
-4. A terminated pod that was never followed, or an ended Job, is judged at once.
+4. A terminated pod that was never followed, or an ended Job, is judged at once; an ended Job whose pod the
+   index has not seen (the pod watch lags behind the Job watch, as after an operator restart) once the run's
+   pods were read from the API server: a pod's termination message carries the trainer's result.
 5. Otherwise wait for a change; a Job missing from the index and the API server means it was deleted: the run
    is cancelled (never re-created).
 6. What following reports: the run is ``Running`` once the trainer's log stream opens or the trainer says it
@@ -35,7 +37,8 @@ from kubetune.api.spec import MESSAGE_MAX_CHARS, Phase
 from kubetune.lifecycle.conditions import Notice, PhaseChange
 from kubetune.lifecycle.observed import JobState, PodState
 
-Action = Literal["follow_log", "replaced", "wait", "again", "read_pod", "read_job", "finish", "job_deleted"]
+Action = Literal["follow_log", "replaced", "wait", "again", "read_pod", "read_job", "read_pods", "finish",
+                 "job_deleted"]
 
 #: Container waiting reasons that need a person (or a fixed spec): the pod is reported, not followed.
 WAITING_PROBLEMS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",
@@ -66,6 +69,8 @@ class Step:
     - ``again``: observe again after ``timeout`` s (none: at once);
     - ``read_pod`` / ``read_job``: read the pod / the Job from the API server and call :func:`after_stream`
       again with it;
+    - ``read_pods``: read the run's pods from the API server into the index and call :func:`next_step` again,
+      with ``pods_read``;
     - ``finish``: the attempt ended: read the rest of ``pod``'s log when ``drain_log``, fold its termination
       message when ``fold_summary``, then judge ``pod`` with ``job`` (read from the API server first when
       ``read_job``: the index may lag behind the pod);
@@ -89,13 +94,16 @@ def followable(pod: PodState) -> bool:
 
 
 def next_step(pod: PodState | None, job: JobState | None, *, followed_pod: str | None, same_attempt_pod: bool,
-              job_gone: bool = False) -> Step:
+              job_gone: bool = False, pods_read: bool = False) -> Step:
     """The step from the watch index: ``pod`` is the attempt's newest pod, ``job`` its Job (None: not seen).
     ``followed_pod``: the pod the status names; ``same_attempt_pod``: it belongs to this attempt (this process
-    followed it); ``job_gone``: the last ``wait`` step found the Job in neither the index nor the API server."""
+    followed it); ``job_gone``: the last ``wait`` step found the Job in neither the index nor the API server;
+    ``pods_read``: the last ``read_pods`` step read the run's pods into the index."""
     if job_gone:
         return Step("job_deleted")
     job_ended = job is not None and job.ended
+    if pod is None and job_ended and not pods_read:
+        return Step("read_pods")  # rule 4: its pod may hold the result
     if pod is not None and pod.deleting and not pod.succeeded and not job_ended:
         pod = None  # rule 1: neither followed nor judged; the replacement or the Job's failure shows up next
     if pod is not None and followable(pod):

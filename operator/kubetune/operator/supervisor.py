@@ -441,12 +441,16 @@ class Supervisor:
         """Follow the attempt's pod(s) until the attempt ends (its outcome) or the run must stop (None). Each
         round observes the watch index and carries out :func:`kubetune.lifecycle.follow.next_step`."""
         attempt = int(self.status.get("attempts") or 1)
-        job_gone = False
+        job_gone = pods_read = False
         while not self.should_stop():
             self.changed.clear()
             step = next_step(self.ctx.children.pod(self.key, attempt), self.ctx.children.job(self.namespace, job_name),
                              followed_pod=self.status.get("podName"), same_attempt_pod=self.pod_attempt == attempt,
-                             job_gone=job_gone)
+                             job_gone=job_gone, pods_read=pods_read)
+            if step.action == "read_pods":
+                await self._resync_pods()
+                pods_read = True
+                continue
             if step.action == "job_deleted":
                 end = job_deleted(job_name)
                 self.set_phase(end.phase, end.reason, end.message, event="Warning")
