@@ -162,6 +162,12 @@ def test_after_stream(case: str, pod: PodState, opened: bool, state: PodState | 
     assert (step.drain_log, step.fold_summary, step.read_job) == flags, case
 
 
+def test_a_container_that_keeps_not_starting_is_tried_less_and_less_often() -> None:
+    waits = [after_stream(SCHEDULED, opened=False, open_failures=n).timeout for n in range(1, 10)]
+    assert waits == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
+    assert after_stream(SCHEDULED, opened=False, open_failures=10**6).timeout == 30.0
+
+
 def test_a_removed_pod_is_known_by_its_last_watched_state_only_if_it_is_the_same_pod() -> None:
     assert last_known("run-a1-x", RUNNING_POD, KILLED_GONE) == RUNNING_POD
     assert last_known("run-a1-x", None, KILLED_GONE) == KILLED_GONE

@@ -45,7 +45,10 @@ WAITING_PROBLEMS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageN
                               "CreateContainerError", "CrashLoopBackOff"})
 INDEX_WAIT_SECONDS = 5.0  # nothing to follow yet: the watch index wakes the supervisor sooner on a change
 RECONNECT_SECONDS = 1.0  # a stream dropped while the trainer runs, or a deleted pod's replacement is due
-NOT_STARTED_SECONDS = 0.5  # the stream could not open: the container is being created
+# The stream could not open (the container is being created, or its image pulled: minutes for a large one): the
+# next try comes when the pod watch reports a change, at the latest after a backoff from 0.5 s doubling to 30 s.
+NOT_STARTED_SECONDS = 0.5
+NOT_STARTED_MAX_SECONDS = 30.0
 
 
 class NotRead(enum.Enum):
@@ -124,12 +127,18 @@ def last_known(name: str, fresh: PodState | None, watched: PodState | None) -> P
     return watched if watched is not None and watched.name == name and watched.gone else None
 
 
+def open_backoff(failures: int) -> float:
+    """Seconds before the next log-open try after ``failures`` tries in a row found no running container."""
+    return min(NOT_STARTED_MAX_SECONDS, NOT_STARTED_SECONDS * 2 ** max(0, min(failures, 16) - 1))
+
+
 def after_stream(pod: PodState, *, opened: bool, state: PodState | NotRead | None = NOT_READ,
-                 job: JobState | NotRead | None = NOT_READ) -> Step:
-    """The step after following ``pod``'s log ended (``opened``: the stream opened at all). ``state``: the pod as
-    read afterwards (see :func:`last_known`); ``job``: the attempt's Job as read afterwards (None: gone)."""
+                 job: JobState | NotRead | None = NOT_READ, open_failures: int = 1) -> Step:
+    """The step after following ``pod``'s log ended (``opened``: the stream opened at all; ``open_failures``:
+    tries in a row that did not). ``state``: the pod as read afterwards (see :func:`last_known`); ``job``: the
+    attempt's Job as read afterwards (None: gone)."""
     if not opened and not pod.started:
-        return Step("again", timeout=NOT_STARTED_SECONDS)
+        return Step("again", timeout=open_backoff(open_failures))
     if state is NOT_READ:
         return Step("read_pod")
     if state is not None and state.succeeded:

@@ -165,6 +165,7 @@ def login(memo: kopf.Memo, **kwargs: Any) -> Any:
     if info is not None:
         if ctx.kube_client is None:
             ctx.kube_client = Kube.from_connection_info(info, relogin=lambda: _relogin(ctx, kwargs))
+            ctx.kube_client.on_response = ctx.metrics.api_request
         else:
             ctx.kube_client.update_credentials(info)
     return info

@@ -88,6 +88,8 @@ class Kube:
         self.relogin = relogin  # re-read credentials after a 401 (rotated service-account tokens)
         self.retry_for = retry_for  # seconds a request keeps retrying an unreachable/overloaded API server
         self._session: aiohttp.ClientSession | None = None
+        # Told of every answer (verb, HTTP status; 0: no answer): the operator counts its API requests.
+        self.on_response: Callable[[str, int], None] | None = None
 
     @classmethod
     def from_connection_info(cls, info: Any, relogin: Callable[[], Any] | None = None, *,
@@ -109,6 +111,10 @@ class Kube:
                 headers={"User-Agent": "kubetune-operator"},
             )
         return self._session
+
+    def _answered(self, verb: str, status: int) -> None:
+        if self.on_response is not None:
+            self.on_response(verb, status)
 
     async def close(self) -> None:
         if self._session is not None:
@@ -144,9 +150,14 @@ class Kube:
             headers = {**self.headers, "Accept": "application/json"}
             if data is not None:
                 headers["Content-Type"] = content_type
-            async with self.session.request(method, self.server + path, params=params, data=data,
-                                            headers=headers,
-                                            timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            try:
+                resp = await self.session.request(method, self.server + path, params=params, data=data,
+                                                  headers=headers, timeout=aiohttp.ClientTimeout(total=timeout))
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                self._answered(method, 0)
+                raise
+            self._answered(method, resp.status)
+            async with resp:
                 if resp.status == 401 and attempt == 1 and self.relogin is not None:
                     self.relogin()
                     continue
@@ -208,8 +219,13 @@ class Kube:
                 deleted += 1
         return deleted
 
-    async def list(self, collection_path: str, label_selector: str | None = None) -> list[dict[str, Any]]:
-        params = {"labelSelector": label_selector} if label_selector else None
+    async def list(self, collection_path: str, label_selector: str | None = None, *,
+                   cached: bool = False) -> list[dict[str, Any]]:
+        """The collection's items. ``cached``: from the API server's watch cache (``resourceVersion=0``), not
+        a quorum read from etcd: as fresh as the server's watches, at a fraction of the cost."""
+        params = {"labelSelector": label_selector} if label_selector else {}
+        if cached:
+            params["resourceVersion"] = "0"
         result = await self.request("GET", collection_path, params=params)
         return list((result or {}).get("items") or [])
 
@@ -222,8 +238,13 @@ class Kube:
         ``on_open`` is awaited once the server accepted the request (before the first line)."""
         headers = dict(self.headers)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=None)
-        async with self.session.get(self.server + path, params=params, headers=headers,
-                                    timeout=timeout) as resp:
+        try:
+            resp = await self.session.get(self.server + path, params=params, headers=headers, timeout=timeout)
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            self._answered("STREAM", 0)
+            raise
+        self._answered("STREAM", resp.status)
+        async with resp:
             if resp.status >= 400:
                 if resp.status == 401 and self.relogin is not None:
                     self.relogin()

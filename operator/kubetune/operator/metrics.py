@@ -28,7 +28,9 @@ Names follow Prometheus conventions (``_total`` counters, base units, ``_ratio``
   timestamp) to the operator reading it from the log stream (the node, the container runtime and the API
   server); the rest is the operator's throttle and its status patch;
 - ``kubetune_jobs_created_total{reason}``, ``kubetune_job_creates_refused_total``, ``kubetune_status_patches_total``,
-  ``kubetune_trainer_events_total{type}``, ``kubetune_log_streams``.
+  ``kubetune_trainer_events_total{type}``, ``kubetune_log_streams``, ``kubetune_log_open_errors_total``;
+- ``kubetune_api_requests_total{verb,code}``: the operator's own API requests (kopf's watches aside), by verb and
+  answer class (``2xx`` ... ``5xx``, ``error``: no answer).
 
 The per-run and per-phase series come from a collector over :class:`RunTable`, an in-memory table fed by the
 FinetuneRun watch and the supervisors. Per-run series are bounded: a finished run (Succeeded, Failed,
@@ -303,8 +305,18 @@ class Metrics:
         self.trainer_events = Counter("kubetune_trainer_events_total", "Structured trainer events parsed.",
                                       ["type"], registry=r)
         self.log_streams = Gauge("kubetune_log_streams", "Trainer pod logs being followed.", registry=r)
+        self.log_open_errors = Counter("kubetune_log_open_errors_total",
+                                       "Trainer log streams that could not be opened (the container not started, "
+                                       "the API server or kubelet refusing).", registry=r)
+        self.api_requests = Counter("kubetune_api_requests_total",
+                                    "Kubernetes API requests of the operator's own client, by verb (STREAM: a "
+                                    "followed log) and answer class (error: none); kopf's watches not included.",
+                                    ["verb", "code"], registry=r)
         self.info = Gauge("kubetune_operator_info", "Operator build and cluster information.",
                           ["version", "kubernetes"], registry=r)
+
+    def api_request(self, verb: str, status: int) -> None:
+        self.api_requests.labels(verb=verb, code=f"{status // 100}xx" if status else "error").inc()
 
     def transition(self, old: str | None, new: str) -> None:
         if old != new:

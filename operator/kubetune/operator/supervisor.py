@@ -128,6 +128,10 @@ class Supervisor:
         self.stream_complete = False  # the last log stream ended on the server's side (not cut, not stopped)
         self.next_resync = time.monotonic() + RESYNC_SECONDS * random.uniform(1.0, 1.25)
         self.pod_attempt: int | None = None  # the attempt whose pod status.podName names (this process's view)
+        self.open_failures = 0  # log-open tries in a row that found no running container
+        # The log reader never waits on a status patch: it folds, then wakes follow_log, which flushes.
+        self.flush_wanted = asyncio.Event()
+        self.urgent_wanted = False
 
     # ------------------------------------------------------------------------------------ helpers
     @property
@@ -166,13 +170,17 @@ class Supervisor:
         kopf.event(self.body, type=notice.event_type, reason=notice.reason, message=notice.message)
 
     async def flush(self, *, urgent: bool = False) -> None:
-        """Send the coalesced status patch (if any)."""
+        """Send the coalesced status patch (if any). A non-urgent one waits for a token of the global patch rate
+        first and is taken from the fold when the token is granted: it carries everything read meanwhile, so
+        what goes out is never as old as the wait."""
         async with self.flush_lock:
             if not self.folder.has_pending or self.gone or self.cancelled():
                 return  # a cancelled run's status is the cancel handler's (no stale phase over Cancelled)
-            patch, written = self.folder.take_patch()
             if not urgent:
                 await self.ctx.patch_limiter().acquire()
+                if self.gone or self.cancelled():
+                    return
+            patch, written = self.folder.take_patch()
             try:
                 await self.ctx.kube.merge_patch(runs_path(self.namespace, self.name, "status"), {"status": patch})
             except KubeError as e:
@@ -481,6 +489,7 @@ class Supervisor:
             opened = await self.follow_log(pod.name)
             if self.should_stop():
                 return None
+            self.open_failures = 0 if opened else self.open_failures + 1
             step = await self._after_stream(pod, opened, attempt, job_name)
             if step.action == "finish":
                 return await self._finish_step(step, job_name)
@@ -494,7 +503,7 @@ class Supervisor:
         state: PodState | NotRead | None = NOT_READ
         job: JobState | NotRead | None = NOT_READ
         while True:
-            step = after_stream(pod, opened=opened, state=state, job=job)
+            step = after_stream(pod, opened=opened, state=state, job=job, open_failures=self.open_failures)
             if step.action == "read_pod":
                 fresh = await self.ctx.kube.get(pods_path(self.namespace, pod.name))
                 if fresh is not None:
@@ -538,8 +547,11 @@ class Supervisor:
         if now < self.next_resync:
             return
         self.next_resync = now + RESYNC_SECONDS * random.uniform(1.0, 1.25)
-        job = await self.ctx.kube.get(jobs_path(self.namespace, job_name))
-        pods = await self.ctx.kube.list(pods_path(self.namespace), f"{manifests.RUN_LABEL}={self.key[1]}")
+        # From the watch cache: after an API server restart that is rebuilt from etcd, which is all a missed
+        # watch event needs; a thousand waiting runs do not become a thousand quorum reads.
+        job = await self.ctx.kube.get(jobs_path(self.namespace, job_name), {"resourceVersion": "0"})
+        pods = await self.ctx.kube.list(pods_path(self.namespace), f"{manifests.RUN_LABEL}={self.key[1]}",
+                                        cached=True)
         self.ctx.children.resync(self.key, job_name, job, pods)
 
     async def _drain_log(self, pod_name: str) -> None:
@@ -589,16 +601,22 @@ class Supervisor:
         metrics.log_streams.inc()
         reader = asyncio.ensure_future(self._read(pod_name, params))
         stopper = asyncio.ensure_future(self.stopped.wait())
+        wanted = asyncio.ensure_future(self.flush_wanted.wait())
         try:
             while not reader.done():
-                await asyncio.wait({reader, stopper}, timeout=self.throttle.delay(time.time()) or
+                await asyncio.wait({reader, stopper, wanted}, timeout=self.throttle.delay(time.time()) or
                                    self.ctx.settings.status_interval, return_when=asyncio.FIRST_COMPLETED)
                 if self.should_stop():
                     break
-                await self.maybe_flush()
+                if wanted.done():
+                    self.flush_wanted.clear()
+                    wanted = asyncio.ensure_future(self.flush_wanted.wait())
+                urgent, self.urgent_wanted = self.urgent_wanted, False
+                await self.maybe_flush(urgent=urgent)
         finally:
             metrics.log_streams.dec()
             stopper.cancel()
+            wanted.cancel()
             if not reader.done():
                 reader.cancel()
             # aiohttp.ClientError: the stream cut mid-response (ClientPayloadError, ServerDisconnectedError) when
@@ -609,6 +627,8 @@ class Supervisor:
             # Complete: the server ended the stream (the container's log is all read), not an error or a stop.
             self.stream_complete = (self.stream_opened and reader.done() and not reader.cancelled()
                                     and reader.exception() is None)
+            if not self.stream_opened and reader.done() and not reader.cancelled():
+                metrics.log_open_errors.inc()
             if reader.done() and not reader.cancelled() and reader.exception() is not None:
                 error = reader.exception()
                 if not (isinstance(error, KubeError) and error.status == 400 and not self.stream_opened):
@@ -626,7 +646,7 @@ class Supervisor:
         notice = stream_opened(self.status, pod_name, written_phase=self.phase, now=time.time())
         if notice is not None:
             self.report(notice)
-            await self.flush(urgent=True)
+            self.want_flush(urgent=True)
 
     async def _read(self, pod_name: str, params: dict[str, Any]) -> None:
         async def opened() -> None:
@@ -647,9 +667,9 @@ class Supervisor:
                 self.folder.update({"logCursor": cursor})
             event = self.folder.feed_line(text, t if t is not None else time.time())
             if event is not None:
-                await self._on_event(event)
+                self._on_event(event)
 
-    async def _on_event(self, event: Event) -> None:
+    def _on_event(self, event: Event) -> None:
         self.ctx.metrics.trainer_events.labels(type=event.type).inc()
         urgent = event.type in URGENT_EVENTS
         if event.type == "started":
@@ -658,7 +678,13 @@ class Supervisor:
                 self.report(notice)
         if event.type == "failed":
             self.folder.update(trainer_failed(event))
-        await self.maybe_flush(urgent=urgent)
+        self.want_flush(urgent=urgent)
+
+    def want_flush(self, *, urgent: bool) -> None:
+        """Ask follow_log's loop for a flush (at once when ``urgent``, else when the throttle allows)."""
+        self.urgent_wanted = self.urgent_wanted or urgent
+        if urgent or self.throttle.due(time.time(), urgent=False):
+            self.flush_wanted.set()
 
     # ------------------------------------------------------------------------------------ outcome
     async def _stop_previous_attempt(self) -> None:
