@@ -1,6 +1,15 @@
 """Operator scale bench: N concurrent FinetuneRuns with the stand-in trainer on the harness cluster.
 
     python -m bench.operator_scale --runs 100 --steps 30 --pace 1.0 [--json out.json]
+    python -m bench.operator_scale --simulated --runs 2000 --steps 60 --pace 5 [--json out.json]
+
+``--simulated``: the trainer pods run on simulated kubelets (:mod:`tests.cluster.simkubelet`, one node per 1,000
+pods, started by the bench) instead of the harness's one real node, so every run has a running, logging pod
+whatever N: the runs select and tolerate ``kubetune.io/simulated``, and their logs go API server → simulated
+kubelet exactly as to a real one. The simulated trainer emits the real trainer's events (a progress event and a
+human line every ``--pace`` seconds). The bench also reports the simulated kubelets' and the API server's CPU,
+the operator's API requests per second, log-open errors, and lost final states (a finished run whose status
+does not show its stream's last progress step and artifact).
 
 Measures, with the operator running as a subprocess (``python -m kubetune.operator --namespace NS``):
 
@@ -46,6 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetuneruns"
+SIMULATED = "kubetune.io/simulated"
 IMAGE = "kubetune/standin:test"
 
 
@@ -162,6 +172,37 @@ def counter_rates(samples: list[tuple[float, float]]) -> list[tuple[float, float
     return rates
 
 
+def labelled_counters(text: str, name: str) -> dict[str, float]:
+    """The samples of a labelled counter in a Prometheus exposition, by their label set's text."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            labels, _, value = line[len(name):].rpartition(" ")
+            out[labels] = float(value)
+    return out
+
+
+def lost_final_states(items: list[dict[str, Any]], steps: int) -> list[str]:
+    """Succeeded runs whose status does not show what their trainer's stream ended with: the last step and the
+    artifact."""
+    lost = []
+    for item in items:
+        status = item.get("status") or {}
+        if status.get("phase") == "Succeeded" and (
+                (status.get("progress") or {}).get("step") != steps or not (status.get("artifact") or {}).get("uri")):
+            lost.append(item["metadata"]["name"])
+    return lost
+
+
+def _pid_of(component: str) -> int | None:
+    from tests.cluster import procs
+
+    try:
+        return procs.pid_of(component)
+    except Exception:  # a cluster the harness did not start
+        return None
+
+
 def rss_mb(pid: int) -> tuple[float, float]:
     """(current RSS, peak RSS) in MiB."""
     fields = {}
@@ -187,19 +228,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the namespace")
     p.add_argument("--restart-after", type=float, default=None,
                    help="SIGKILL and restart the operator this many seconds after the last create")
+    p.add_argument("--simulated", action="store_true", help="trainer pods on simulated kubelets")
     args = p.parse_args(argv)
 
     from kubernetes import client, config, watch
 
     from tests.cluster.cluster import ClusterInfo, up
     from tests.cluster.objects import delete_namespace
+    from tests.cluster.simkubelet import SimulatedKubeletsProcess
 
     kubeconfig = os.environ.get("KUBECONFIG")
     info = ClusterInfo.load() if not kubeconfig else None
     if not kubeconfig:
         info = info or up()
         kubeconfig = info.kubeconfig
-    if info is not None and info.can_run_pods:
+    if info is not None and info.can_run_pods and not args.simulated:
         info.build_image(IMAGE, ROOT / "tests" / "images" / "standin", build_args={"BASE_IMAGE": info.base_image})
     api_client = config.new_client_from_config(config_file=kubeconfig)
     core, batch = client.CoreV1Api(api_client), client.BatchV1Api(api_client)
@@ -222,8 +265,14 @@ def main(argv: list[str] | None = None) -> int:
                                      "--metrics-port", str(metrics_port), "--health-port", str(health_port)],
                                     stdout=log, stderr=subprocess.STDOUT, env=op_env, cwd=str(ROOT))
 
+    sim: SimulatedKubeletsProcess | None = None
+    if args.simulated:
+        sim = SimulatedKubeletsProcess(kubeconfig, nodes=-(-args.runs // 1000), prefix=f"sim-{ns}").start()
+    apiserver_pid = _pid_of("kube-apiserver")
+    apiserver_cpu0 = cpu_seconds(apiserver_pid) if apiserver_pid else None
     operator = start_operator()
-    results: dict[str, Any] = {"runs": args.runs, "steps": args.steps, "pace_s": args.pace, "namespace": ns}
+    results: dict[str, Any] = {"runs": args.runs, "steps": args.steps, "pace_s": args.pace, "namespace": ns,
+                               "simulated": args.simulated, "loadavg_at_start": os.getloadavg()}
     job_seen: dict[str, float] = {}
     job_names: dict[str, list[str]] = {}
     stop = threading.Event()
@@ -294,11 +343,15 @@ def main(argv: list[str] | None = None) -> int:
         t_start = time.monotonic()
         for i in range(args.runs):
             name = f"run-{i:04d}"
+            resources: dict[str, Any] = {"gpus": 0, "cpu": "1m", "memory": "16Mi"}
+            if args.simulated:
+                resources["nodeSelector"] = {SIMULATED: "true"}
+                resources["tolerations"] = [{"key": SIMULATED, "operator": "Exists", "effect": "NoSchedule"}]
             body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "FinetuneRun", "metadata": {"name": name},
                     "spec": {"data": {"train": "s3://bench/train.csv"}, "training": {"epochs": 3},
                              "model": {"config": {"standin": {"steps": args.steps, "pace": args.pace,
                                                               "noise_lines": 1}}},
-                             "resources": {"gpus": 0, "cpu": "1m", "memory": "16Mi"}}}
+                             "resources": resources}}
             custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body)
             created[name] = time.monotonic()
         results["create_all_s"] = round(time.monotonic() - t_start, 2)
@@ -366,6 +419,19 @@ def main(argv: list[str] | None = None) -> int:
             results[f"log_delivery_p{q}_le_s"] = histogram_quantile(exposition, "kubetune_log_delivery_seconds", q)[0]
         results["operator_peak_rss_mb"] = round(peak_rss, 1)
         results["operator_cpu_s"] = round(cpu_seconds(operator.pid), 1)
+        results["operator_cpu_cores"] = round(results["operator_cpu_s"] / results["wall_s"], 2)
+        if sim is not None:
+            results["simulated_kubelets_cpu_cores"] = round(cpu_seconds(sim.pid) / results["wall_s"], 2)
+        if apiserver_pid and apiserver_cpu0 is not None:
+            results["apiserver_cpu_cores"] = round((cpu_seconds(apiserver_pid) - apiserver_cpu0) / results["wall_s"], 2)
+        requests = labelled_counters(exposition, "kubetune_api_requests_total")
+        results["operator_api_requests_per_s"] = round(sum(requests.values()) / results["wall_s"], 1)
+        results["operator_api_requests"] = requests
+        results["log_open_errors"] = counter_value(exposition, "kubetune_log_open_errors_total")
+        patches = counter_value(exposition, "kubetune_status_patches_total") or 0.0
+        results["status_patches"] = patches
+        results["patches_per_run_per_5s"] = round(patches / args.runs / (results["wall_s"] / 5), 3)
+        results["load_avg_at_end"] = os.getloadavg()
         items = custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"]  # type: ignore[index]
         attempts = {i["metadata"]["name"]: int((i.get("status") or {}).get("attempts") or 0) for i in items}
         duplicates = 0
@@ -373,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
             if len(names) != len(set(names)) or len(names) > max(1, attempts.get(run, 0)):
                 duplicates += 1
         results["duplicate_jobs"] = duplicates
+        results["lost_final_states"] = sorted(lost_final_states(items, args.steps))
         results["status_regressions"] = status_regressions(seen)
         if restarted_at is not None:
             results["restarted_after_creates_s"] = args.restart_after
@@ -391,7 +458,9 @@ def main(argv: list[str] | None = None) -> int:
         except subprocess.TimeoutExpired:
             operator.kill()
         if not args.keep:
-            delete_namespace(api_client, ns)
+            delete_namespace(api_client, ns)  # while the simulated kubelets still remove their pods
+        if sim is not None:
+            sim.stop()
     print(json.dumps(results, indent=2))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

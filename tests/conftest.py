@@ -10,6 +10,9 @@ Fixture contract (stable; tests across the repo rely on it):
 - ``kube_api`` (session): a ``kubernetes.client.ApiClient`` for the cluster.
 - ``namespace`` (function): a fresh namespace, deleted after the test.
 - ``prometheus`` (session): :class:`tests.cluster.prometheus.Prometheus`.
+- ``simulated_kubelets`` (session): :class:`tests.cluster.simkubelet.SimulatedKubeletsProcess`, one simulated node
+  (pods that select and tolerate ``kubetune.io/simulated`` run there); session-scoped so that it outlives every
+  test's namespace (it removes their pods).
 
 The cluster is started once per machine (``up`` is idempotent and locked), so parallel workers and
 several developers' test runs share it; tests keep apart through their own namespaces and buckets.
@@ -102,6 +105,15 @@ def namespace(kube_api: Any, request: pytest.FixtureRequest) -> Iterator[str]:
     core.create_namespace({"metadata": {"name": name, "labels": {"kubetune.io/test": "true"}}})
     yield name
     delete_namespace(kube_api, name)
+
+
+@pytest.fixture(scope="session")
+def simulated_kubelets(e2e_cluster: ClusterInfo) -> Iterator[Any]:
+    from tests.cluster.simkubelet import SimulatedKubeletsProcess
+
+    sims = SimulatedKubeletsProcess(e2e_cluster.kubeconfig, prefix=f"sim-{uuid.uuid4().hex[:6]}").start()
+    yield sims
+    sims.stop()
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,9 @@ from bench.operator_scale import (
     counter_rates,
     counter_value,
     histogram_quantile,
+    labelled_counters,
     log_progress,
+    lost_final_states,
     max_rate,
     percentile,
     progress_lags,
@@ -73,3 +75,20 @@ def test_restart_bench_summarizes_each_figure_as_median_min_max() -> None:
     assert summary["status_regressions"] == {"median": 1, "min": 0, "max": 3}
     assert summary["event_to_status_p99_s"] == {"median": 3.0, "min": 2.0, "max": 4.0}
     assert "duplicate_jobs" not in summary  # never measured: not reported as 0
+
+
+def test_a_finished_run_missing_its_streams_last_step_or_artifact_is_a_lost_final_state() -> None:
+    def run(name: str, **status: object) -> dict[str, object]:
+        return {"metadata": {"name": name}, "status": status}
+
+    items = [run("ok", phase="Succeeded", progress={"step": 9}, artifact={"uri": "s3://b/ok/"}),
+             run("behind", phase="Succeeded", progress={"step": 8}, artifact={"uri": "s3://b/x/"}),
+             run("no-artifact", phase="Succeeded", progress={"step": 9}),
+             run("running", phase="Running", progress={"step": 3})]
+    assert lost_final_states(items, 9) == ["behind", "no-artifact"]
+
+
+def test_labelled_counters_by_label_set() -> None:
+    text = ('# HELP x_total X\nx_total{code="2xx",verb="GET"} 5.0\nx_total{code="error",verb="STREAM"} 2.0\n'
+            "x_created 1.0\n")
+    assert labelled_counters(text, "x_total") == {'{code="2xx",verb="GET"}': 5.0, '{code="error",verb="STREAM"}': 2.0}
