@@ -275,7 +275,13 @@ class SimulatedKubelets:
     async def watch_pods(self) -> None:
         """Pods bound to these nodes, from a list then a watch (relisted when the watch expires)."""
         while True:
-            listed = await self.kube.request("GET", "/api/v1/pods")
+            try:  # an API server overloaded by the bench answers slowly or not at all: list again
+                listed = await self.kube.request("GET", "/api/v1/pods", params={"resourceVersion": "0"},
+                                                 timeout=120.0)
+            except (KubeError, aiohttp.ClientError, asyncio.TimeoutError) as e:
+                print(f"listing pods failed, again in 1 s: {e!r}", file=sys.stderr, flush=True)
+                await asyncio.sleep(1.0)
+                continue
             for pod in listed.get("items") or ():
                 self.on_pod("ADDED", pod)
             version = (listed.get("metadata") or {}).get("resourceVersion")
@@ -324,9 +330,22 @@ class SimulatedKubelets:
         task.add_done_callback(self.tasks.discard)
 
     async def patch_status(self, pod: SimPod, status: dict[str, Any]) -> None:
-        with contextlib.suppress(KubeError):
-            await self.kube.request("PATCH", pods_path(pod.namespace, pod.name, "status"), body={"status": status},
-                                    content_type="application/merge-patch+json")
+        await self.until_taken("PATCH", pods_path(pod.namespace, pod.name, "status"), {"status": status},
+                               "application/merge-patch+json")
+
+    async def until_taken(self, method: str, path: str, body: Any, content_type: str = "application/json") -> None:
+        """One request, tried until the API server takes it (an overloaded one may not answer for minutes) or
+        the object is gone, as a kubelet keeps reporting."""
+        while True:
+            try:
+                await self.kube.request(method, path, body=body, content_type=content_type, timeout=120.0)
+                return
+            except KubeError as e:
+                if e.status == 404 or not e.transient:
+                    return
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                pass
+            await asyncio.sleep(1.0)
 
     async def live(self, pod: SimPod) -> None:
         """Running at the container's start, terminated at its script's end."""
@@ -368,8 +387,7 @@ class SimulatedKubelets:
                     "restartCount": 0, "ready": False, "started": False, "state": {"terminated": {
                         "exitCode": 143, "reason": "Error", "startedAt": rfc3339(pod.started),
                         "finishedAt": rfc3339(time.time())}}}]})
-        with contextlib.suppress(KubeError):
-            await self.kube.request("DELETE", pods_path(*key), body={"gracePeriodSeconds": 0})
+        await self.until_taken("DELETE", pods_path(*key), {"gracePeriodSeconds": 0})
 
 
 # ------------------------------------------------------------------------------------------------ the process
