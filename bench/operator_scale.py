@@ -57,6 +57,7 @@ sys.path.insert(0, str(ROOT))
 
 GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetuneruns"
 SIMULATED = "kubetune.io/simulated"
+MIN_AVAILABLE_MB = 3072
 IMAGE = "kubetune/standin:test"
 
 
@@ -202,6 +203,13 @@ def _pid_of(component: str) -> int | None:
         return procs.pid_of(component)
     except Exception:  # a cluster the harness did not start
         return None
+
+
+def memory_available_mb() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 1024
+    return float("inf")
 
 
 def rss_mb(pid: int) -> tuple[float, float]:
@@ -395,6 +403,13 @@ def main(argv: list[str] | None = None) -> int:
                 operator = start_operator()
                 print(json.dumps({"restart": "operator SIGKILLed and started again"}), flush=True)
             rss, peak_rss = rss_mb(operator.pid)
+            available = memory_available_mb()
+            if available < MIN_AVAILABLE_MB:
+                # The API server and etcd grow without bound under a load they cannot serve: stop before the
+                # kernel's OOM killer picks a victim, and say so.
+                results["aborted"] = f"machine memory available fell to {available:.0f} MB"
+                print(json.dumps({"aborted": results["aborted"]}), flush=True)
+                break
             try:
                 phases = phase_counts(custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL,
                                                                            _preload_content=False))

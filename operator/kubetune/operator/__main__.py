@@ -92,7 +92,7 @@ TLS_READ_BUFFER = 16 * 1024
 def small_tls_read_buffers() -> None:
     """asyncio gives every TLS connection a read buffer of ``SSLProtocol.max_size`` (256 KiB), zero-filled at once.
     The operator holds one connection per followed trainer log, so at scale those buffers were most of its memory
-    (2,000 streams: 500 MiB). A record-sized buffer reads the same bytes in more, cheap calls."""
+    (2,000 streams × 256 KiB = 500 MiB). A record-sized buffer reads the same bytes in more, cheap calls."""
     asyncio.sslproto.SSLProtocol.max_size = TLS_READ_BUFFER
 
 
