@@ -127,12 +127,13 @@ def rfc3339_nano(t: float) -> str:
     """A kubelet's log timestamp: RFC 3339 with nanoseconds, UTC."""
     whole = math.floor(t)
     stamp = dt.datetime.fromtimestamp(whole, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
-    return f"{stamp}.{round((t - whole) * 1e9):09d}Z".replace(".1000000000Z", ".999999999Z")
+    return f"{stamp}.{min(999_999_999, round((t - whole) * 1e9)):09d}Z"
 
 
-def rfc3339(t: float, digits: int = 0) -> str:
+def rfc3339(t: float, *, micro: bool = False) -> str:
+    """An API object's time: whole seconds, or microseconds (a Lease's ``MicroTime``)."""
     stamp = dt.datetime.fromtimestamp(t, dt.timezone.utc)
-    return stamp.isoformat(timespec="microseconds" if digits else "seconds").replace("+00:00", "Z")
+    return stamp.isoformat(timespec="microseconds" if micro else "seconds").replace("+00:00", "Z")
 
 
 # ------------------------------------------------------------------------------------------------ the kubelet
@@ -228,7 +229,8 @@ class SimulatedKubelets:
             await self.kube.create("/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases", {
                 "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                 "metadata": {"name": name, "namespace": "kube-node-lease"},
-                "spec": {"holderIdentity": name, "leaseDurationSeconds": 40, "renewTime": rfc3339(time.time(), 6)}})
+                "spec": {"holderIdentity": name, "leaseDurationSeconds": 40,
+                         "renewTime": rfc3339(time.time(), micro=True)}})
 
     async def node_status(self, name: str) -> None:
         now = rfc3339(time.time())
@@ -258,7 +260,7 @@ class SimulatedKubelets:
                 with contextlib.suppress(KubeError, aiohttp.ClientError, asyncio.TimeoutError):
                     await self.kube.request(
                         "PATCH", f"/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{name}",
-                        body={"spec": {"renewTime": rfc3339(time.time(), 6)}},
+                        body={"spec": {"renewTime": rfc3339(time.time(), micro=True)}},
                         content_type="application/merge-patch+json")
                     if time.monotonic() - last_ready >= READY_REFRESH_SECONDS:
                         await self.node_status(name)
