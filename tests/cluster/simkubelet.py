@@ -49,7 +49,7 @@ import yaml
 from aiohttp import web
 from kubetune.api.events import Event, format_event, termination_message
 from kubetune.api.names import ATTEMPT_LABEL
-from kubetune.lifecycle.formats import parse_rfc3339
+from kubetune.lifecycle.formats import now_rfc3339, parse_rfc3339
 from kubetune.operator.kube import Kube, KubeError, pods_path
 from kubetune.operator.manifests import CONFIG_ANNOTATION, CONTAINER_NAME
 
@@ -130,10 +130,9 @@ def rfc3339_nano(t: float) -> str:
     return f"{stamp}.{min(999_999_999, round((t - whole) * 1e9)):09d}Z"
 
 
-def rfc3339(t: float, *, micro: bool = False) -> str:
-    """An API object's time: whole seconds, or microseconds (a Lease's ``MicroTime``)."""
-    stamp = dt.datetime.fromtimestamp(t, dt.timezone.utc)
-    return stamp.isoformat(timespec="microseconds" if micro else "seconds").replace("+00:00", "Z")
+def micro_time(t: float) -> str:
+    """A Lease's ``MicroTime``: RFC 3339 with microseconds, UTC."""
+    return dt.datetime.fromtimestamp(t, dt.timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 # ------------------------------------------------------------------------------------------------ the kubelet
@@ -230,10 +229,10 @@ class SimulatedKubelets:
                 "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                 "metadata": {"name": name, "namespace": "kube-node-lease"},
                 "spec": {"holderIdentity": name, "leaseDurationSeconds": 40,
-                         "renewTime": rfc3339(time.time(), micro=True)}})
+                         "renewTime": micro_time(time.time())}})
 
     async def node_status(self, name: str) -> None:
-        now = rfc3339(time.time())
+        now = now_rfc3339(time.time())
         conditions = [{"type": kind, "status": "False", "reason": f"KubeletHas{ok}", "message": ok,
                        "lastHeartbeatTime": now, "lastTransitionTime": now}
                       for kind, ok in (("MemoryPressure", "SufficientMemory"), ("DiskPressure", "NoDiskPressure"),
@@ -260,7 +259,7 @@ class SimulatedKubelets:
                 with contextlib.suppress(KubeError, aiohttp.ClientError, asyncio.TimeoutError):
                     await self.kube.request(
                         "PATCH", f"/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{name}",
-                        body={"spec": {"renewTime": rfc3339(time.time(), micro=True)}},
+                        body={"spec": {"renewTime": micro_time(time.time())}},
                         content_type="application/merge-patch+json")
                     if time.monotonic() - last_ready >= READY_REFRESH_SECONDS:
                         await self.node_status(name)
@@ -352,7 +351,7 @@ class SimulatedKubelets:
     async def live(self, pod: SimPod) -> None:
         """Running at the container's start, terminated at its script's end."""
         await asyncio.sleep(max(0.0, pod.started - time.time()))
-        started = rfc3339(pod.started)
+        started = now_rfc3339(pod.started)
         ready = [{"type": kind, "status": "True", "lastTransitionTime": started}
                  for kind in ("Initialized", "Ready", "ContainersReady", "PodScheduled")]
         container = {"name": CONTAINER_NAME, "image": "kubetune/simulated", "imageID": "sim://trainer",
@@ -373,7 +372,7 @@ class SimulatedKubelets:
                            for c in ready],
             "containerStatuses": [{**container, "ready": False, "started": False, "state": {"terminated": {
                 "exitCode": code, "reason": "Error" if code else "Completed", "message": pod.script.message,
-                "startedAt": started, "finishedAt": rfc3339(time.time()),
+                "startedAt": started, "finishedAt": now_rfc3339(time.time()),
                 "containerID": container["containerID"]}}}]})
         pod.done.set()
 
@@ -387,8 +386,8 @@ class SimulatedKubelets:
                 await self.patch_status(pod, {"phase": "Failed", "containerStatuses": [{
                     "name": CONTAINER_NAME, "image": "kubetune/simulated", "imageID": "sim://trainer",
                     "restartCount": 0, "ready": False, "started": False, "state": {"terminated": {
-                        "exitCode": 143, "reason": "Error", "startedAt": rfc3339(pod.started),
-                        "finishedAt": rfc3339(time.time())}}}]})
+                        "exitCode": 143, "reason": "Error", "startedAt": now_rfc3339(pod.started),
+                        "finishedAt": now_rfc3339(time.time())}}}]})
         await self.until_taken("DELETE", pods_path(*key), {"gracePeriodSeconds": 0})
 
 
