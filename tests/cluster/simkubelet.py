@@ -50,7 +50,7 @@ from aiohttp import web
 from kubetune.api.events import Event, format_event, termination_message
 from kubetune.api.names import ATTEMPT_LABEL
 from kubetune.lifecycle.formats import now_rfc3339, parse_rfc3339
-from kubetune.operator.kube import Kube, KubeError, pods_path
+from kubetune.operator.kube import Kube, KubeError, pods_path, small_tls_read_buffers
 from kubetune.operator.manifests import CONFIG_ANNOTATION, CONTAINER_NAME
 
 SIMULATED = "kubetune.io/simulated"
@@ -140,7 +140,6 @@ def micro_time(t: float) -> str:
 class SimPod:
     namespace: str
     name: str
-    node: str
     started: float
     script: Script
     done: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # ended or removed
@@ -160,8 +159,6 @@ class SimulatedKubelets:
         self.tasks: set[asyncio.Task[None]] = set()
         self.removing: set[tuple[str, str]] = set()
         self.runners: list[web.AppRunner] = []
-        self.streams = 0
-        self.lines_served = 0
 
     # ---- servers
     async def serve(self, ssl_context: ssl.SSLContext) -> None:
@@ -197,7 +194,6 @@ class SimulatedKubelets:
             lines = lines[-int(query["tailLines"]):] if int(query["tailLines"]) else []
         response = web.StreamResponse(headers={"Content-Type": "text/plain"})
         await response.prepare(request)
-        self.streams += 1
         try:
             for t, text in lines:
                 wait = t - time.time()
@@ -207,11 +203,8 @@ class SimulatedKubelets:
                     if pod.removed:
                         break
                 await response.write(((rfc3339_nano(t) + " ") if stamps else "").encode() + text.encode() + b"\n")
-                self.lines_served += 1
         except (ConnectionResetError, aiohttp.ClientConnectionError):
             return response
-        finally:
-            self.streams -= 1
         with contextlib.suppress(ConnectionResetError):
             await response.write_eof()
         return response
@@ -321,7 +314,7 @@ class SimulatedKubelets:
                 config = {}
             attempt = int((meta.get("labels") or {}).get(ATTEMPT_LABEL) or 1)
             started = time.time() + CONTAINER_START_SECONDS
-            sim = SimPod(key[0], key[1], spec["nodeName"], started, trainer_script(config, attempt, started))
+            sim = SimPod(key[0], key[1], started, trainer_script(config, attempt, started))
             self.pods[key] = sim
             self.spawn(self.live(sim))
 
@@ -481,6 +474,7 @@ async def amain(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    small_tls_read_buffers()  # one TLS connection per served log, as in the operator
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--pods-per-node", type=int, default=1000)

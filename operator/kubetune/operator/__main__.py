@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import asyncio.sslproto
 import contextlib
 import logging
 import os
@@ -22,7 +21,7 @@ import kopf
 from kubetune.operator.context import Context
 from kubetune.operator.handlers import QuietWatchHandlers, build_registry, connection_info
 from kubetune.operator.health import Readiness, start_health_server
-from kubetune.operator.kube import Kube
+from kubetune.operator.kube import Kube, small_tls_read_buffers
 from kubetune.operator.leader import (
     DEFAULT_LEASE_NAME,
     LEASE_DURATION,
@@ -83,17 +82,6 @@ def election_config(args: argparse.Namespace) -> ElectionConfig | None:
                           name=args.leader_election_id, identity=default_identity(),
                           lease_duration=args.lease_duration, renew_deadline=args.renew_deadline,
                           retry_period=args.retry_period)
-
-
-#: Bytes asyncio reads from a TLS connection at once: a TLS record holds at most 16 KiB.
-TLS_READ_BUFFER = 16 * 1024
-
-
-def small_tls_read_buffers() -> None:
-    """asyncio gives every TLS connection a read buffer of ``SSLProtocol.max_size`` (256 KiB), zero-filled at once.
-    The operator holds one connection per followed trainer log, so at scale those buffers were most of its memory
-    (2,000 streams × 256 KiB = 500 MiB). A record-sized buffer reads the same bytes in more, cheap calls."""
-    asyncio.sslproto.SSLProtocol.max_size = TLS_READ_BUFFER
 
 
 def main(argv: list[str] | None = None) -> int:
