@@ -85,6 +85,9 @@ def test_child_index_tracks_newest_pod_per_attempt_and_wakes_waiters() -> None:
         gone = index.pod(("ns", "r"), 2)  # a removed pod's last state stays: its summary decides the attempt
         assert gone is not None and gone.gone and gone.succeeded and gone.message == "KUBETUNE_EVENT {}"
         assert [p.name for _, p in index.pods(("ns", "r")) if p.alive] == []
+        index.on_pod("ADDED", _pod("p5", 2, "Pending", "2026-01-01T00:03:00Z"))  # a pod started after p3 ended
+        assert index.pod(("ns", "r"), 2).name == "p5"  # type: ignore[union-attr]
+        assert index.ended_pod(("ns", "r"), 2) == gone  # the one that ended keeps the result
         index.on_job("ADDED", {"metadata": {"name": "r-a1", "namespace": "ns", "labels": {"kubetune.io/run": "r"}},
                                "status": {"conditions": [{"type": "Failed", "status": "True"}]}})
         assert index.job("ns", "r-a1").failed  # type: ignore[union-attr]
@@ -110,8 +113,10 @@ def test_child_index_resync_replaces_what_a_missed_event_left_stale() -> None:
         pod = index.pod(key, 1)
         assert changed.is_set() and pod is not None and pod.exit_code == 78
         assert index.job("ns", "r-a1").failed  # type: ignore[union-attr]
-        index.resync(key, "r-a1", None, [])  # both gone meanwhile
-        assert index.pod(key, 1) is None and index.job("ns", "r-a1") is None
+        index.resync(key, "r-a1", None, [])  # both gone meanwhile: the pod's last state stays, as gone
+        gone = index.pod(key, 1)
+        assert gone is not None and gone.gone and gone.exit_code == 78 and index.job("ns", "r-a1") is None
+        assert index.ended_pod(key, 1) == gone and index.pod_named(key, "p1") == gone
 
     asyncio.run(scenario())
 

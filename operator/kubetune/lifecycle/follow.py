@@ -13,9 +13,10 @@ The supervisor observes (its watch index of the run's Jobs and pods, a fresh rea
 3. When a stream ends, a fresh read of the pod says why: it succeeded (read the rest of its log, then judge);
    it is being deleted (judge once its Job failed; else wait for the replacement or the failure); it
    terminated (read the rest of its log, then judge); it is gone (its Job decides); else reconnect.
-4. A terminated pod that was never followed, or an ended Job, is judged at once; an ended Job whose pod the
-   index has not seen (the pod watch lags behind the Job watch, as after an operator restart) once the run's
-   pods were read from the API server: a pod's termination message carries the trainer's result.
+4. A terminated pod that was never followed, or an ended Job, is judged at once: an ended Job with the
+   attempt's terminated pod (removed or not, even when a newer pod appeared), whose termination message carries
+   the trainer's result; an ended Job whose pod the index has not seen (the pod watch lags behind the Job watch,
+   as after an operator restart) once the run's pods were read from the API server.
 5. Otherwise wait for a change; a Job missing from the index and the API server means it was deleted: the run
    is cancelled (never re-created).
 6. What following reports: the run is ``Running`` once the trainer's log stream opens or the trainer says it
@@ -97,14 +98,19 @@ def followable(pod: PodState) -> bool:
 
 
 def next_step(pod: PodState | None, job: JobState | None, *, followed_pod: str | None, same_attempt_pod: bool,
-              job_gone: bool = False, pods_read: bool = False) -> Step:
+              job_gone: bool = False, pods_read: bool = False, ended_pod: PodState | None = None) -> Step:
     """The step from the watch index: ``pod`` is the attempt's newest pod, ``job`` its Job (None: not seen).
     ``followed_pod``: the pod the status names; ``same_attempt_pod``: it belongs to this attempt (this process
     followed it); ``job_gone``: the last ``wait`` step found the Job in neither the index nor the API server;
-    ``pods_read``: the last ``read_pods`` step read the run's pods into the index."""
+    ``pods_read``: the last ``read_pods`` step read the run's pods into the index; ``ended_pod``: the attempt's
+    newest terminated pod, removed or not."""
     if job_gone:
         return Step("job_deleted")
     job_ended = job is not None and job.ended
+    if job_ended and ended_pod is not None and (pod is None or not pod.terminated):
+        # rule 4: the Job ended, and the pod that ended it may have been removed since, even replaced by one the
+        # Job controller started before it counted the first: the terminated one holds the result
+        return Step("finish", pod=ended_pod, fold_summary=True, read_job=True)
     if pod is None and job_ended and not pods_read:
         return Step("read_pods")  # rule 4: its pod may hold the result
     if pod is not None and pod.deleting and not pod.succeeded and not job_ended:

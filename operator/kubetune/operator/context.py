@@ -92,7 +92,10 @@ class ChildIndex:
     def resync_pods(self, key: RunKey, pods: list[Any]) -> None:
         """Replace the run's pods with a fresh list (what a lagging watch has not reported yet). The last states
         of removed pods stay: they may carry a trainer's summary nobody has read yet."""
-        fresh = {name: e for name, e in self._pods.get(key, {}).items() if e.state.gone}
+        # A pod the list lacks was removed: it is kept as gone, as its DELETED event (which may still be on its
+        # way) would keep it.
+        fresh = {name: e if e.state.gone else PodEntry(e.attempt, dataclasses.replace(e.state, gone=True))
+                 for name, e in self._pods.get(key, {}).items()}
         for pod in pods:
             parsed = self._run_key(pod)
             if parsed is not None and parsed[0] == key:
@@ -115,6 +118,16 @@ class ChildIndex:
         if not entries:
             return None
         return max(entries, key=lambda p: (not p.gone, p.created or 0.0, p.name))
+
+    def pod_named(self, key: RunKey, name: str) -> PodState | None:
+        entry = self._pods.get(key, {}).get(name)
+        return entry.state if entry is not None else None
+
+    def ended_pod(self, key: RunKey, attempt: int) -> PodState | None:
+        """The newest pod of this attempt that terminated (its termination message may hold the result), removed
+        or not."""
+        entries = [e.state for e in self._pods.get(key, {}).values() if e.attempt == attempt and e.state.terminated]
+        return max(entries, key=lambda p: (p.created or 0.0, p.name), default=None)
 
     def register(self, key: RunKey) -> asyncio.Event:
         return self._changed.setdefault(key, asyncio.Event())

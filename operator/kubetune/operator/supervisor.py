@@ -454,7 +454,9 @@ class Supervisor:
             self.changed.clear()
             step = next_step(self.ctx.children.pod(self.key, attempt), self.ctx.children.job(self.namespace, job_name),
                              followed_pod=self.status.get("podName"), same_attempt_pod=self.pod_attempt == attempt,
-                             job_gone=job_gone, pods_read=pods_read)
+                             job_gone=job_gone, pods_read=pods_read,
+                             ended_pod=self.ctx.children.ended_pod(self.key, attempt))
+            self._log_step("next", step)
             if step.action == "read_pods":
                 await self._resync_pods()
                 pods_read = True
@@ -490,39 +492,48 @@ class Supervisor:
             if self.should_stop():
                 return None
             self.open_failures = 0 if opened else self.open_failures + 1
-            step = await self._after_stream(pod, opened, attempt, job_name)
+            step = await self._after_stream(pod, opened, job_name)
             if step.action == "finish":
                 return await self._finish_step(step, job_name)
             if step.timeout:
                 await self.wait_change(step.timeout)
         return None
 
-    async def _after_stream(self, pod: PodState, opened: bool, attempt: int, job_name: str) -> Step:
+    async def _after_stream(self, pod: PodState, opened: bool, job_name: str) -> Step:
         """:func:`kubetune.lifecycle.follow.after_stream`, reading the pod and the Job when (and in the order)
         it asks for them."""
         state: PodState | NotRead | None = NOT_READ
         job: JobState | NotRead | None = NOT_READ
         while True:
             step = after_stream(pod, opened=opened, state=state, job=job, open_failures=self.open_failures)
+            self._log_step("after stream", step)
             if step.action == "read_pod":
                 fresh = await self.ctx.kube.get(pods_path(self.namespace, pod.name))
                 if fresh is not None:
                     state = last_known(pod.name, pod_state(fresh), None)
                 else:
-                    state = last_known(pod.name, None, await self._watched_final(pod.name, attempt))
+                    state = last_known(pod.name, None, await self._watched_final(pod.name))
             elif step.action == "read_job":
                 job = await self._job_state(job_name)
             else:
                 return step
 
-    async def _watched_final(self, name: str, attempt: int) -> PodState | None:
+    def _log_step(self, where: str, step: Step) -> None:
+        # What each decision saw, so that a run judged wrongly can be traced from the operator's debug log.
+        pod = step.pod
+        seen = "" if pod is None else (f" pod {pod.name} phase={pod.phase} exit={pod.exit_code} "
+                                       f"deleting={pod.deleting} gone={pod.gone} message={bool(pod.message)}")
+        job = "" if step.job is None else f" job ended={step.job.ended}"
+        self.logger.debug(f"Follow step ({where}): {step.action}{seen}{job}")
+
+    async def _watched_final(self, name: str) -> PodState | None:
         """The watch's last state of pod ``name``, which the API server no longer has. The watch's DELETED event
         carries the pod's final status (with the trainer's termination message) and can arrive after the pod is
         gone from the API server, so it is waited for, at most ``WATCH_CATCH_UP_SECONDS``."""
         deadline = time.monotonic() + WATCH_CATCH_UP_SECONDS
         while True:
-            watched = self.ctx.children.pod(self.key, attempt)
-            if watched is None or watched.name != name or watched.gone or time.monotonic() >= deadline:
+            watched = self.ctx.children.pod_named(self.key, name)
+            if watched is None or watched.gone or time.monotonic() >= deadline:
                 return watched
             self.changed.clear()
             await self.wait_change(max(0.0, deadline - time.monotonic()))
