@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
@@ -26,6 +27,9 @@ from kubetune.api.trainer_env import TrainerEnv, variable
 from .config import ConfigError, build_parser, resolve
 from .events import Emitter
 from .failures import classify, describe
+
+DEFAULT_RENDEZVOUS_PORT = 29500  # kubetune.operator.manifests.RENDEZVOUS_PORT
+DEFAULT_RENDEZVOUS_SECONDS = 600
 
 
 def without_nproc(argv: list[str]) -> list[str]:
@@ -43,14 +47,54 @@ def without_nproc(argv: list[str]) -> list[str]:
     return out
 
 
-def launch_torchrun(nproc: int, argv: list[str], termination_log: str | None) -> int:
-    """Re-run this program under torchrun with ``nproc`` processes on this node; the exit code is rank 0's.
+@dataclass(frozen=True)
+class Nodes:
+    """This pod's place in a run over several pods, for torchrun."""
+
+    count: int
+    rank: int
+    rendezvous: str  # host:port of rank 0's rendezvous
+    timeout_seconds: int
+    run_id: str
+
+    def torchrun_args(self) -> list[str]:
+        """Static rendezvous on rank 0's c10d TCPStore: node rank N's processes get global ranks N·P … N·P+P-1,
+        so global rank 0 (which writes events, the termination log and the artifact) is always in node rank 0's
+        pod. (c10d's dynamic rendezvous orders nodes by host name instead.) Rank 0 hosts the store and reaches
+        it on the loopback: a pod connecting to itself through a Service address needs hairpin NAT."""
+        host, _, port = self.rendezvous.rpartition(":")
+        return [f"--nnodes={self.count}", f"--node-rank={self.rank}", "--rdzv-backend=static",
+                f"--master-addr={'127.0.0.1' if self.rank == 0 else host}", f"--master-port={port}",
+                f"--rdzv-id={self.run_id}", f"--rdzv-conf=timeout={self.timeout_seconds}"]
+
+
+def nodes_of(cfg_nodes: int, env: TrainerEnv, timeout_seconds: int | None, run_id: str) -> Nodes | None:
+    """This pod's :class:`Nodes` for a run over ``cfg_nodes`` pods (None for one pod); a missing rank or
+    rendezvous is a :class:`ConfigError` (the operator sets both)."""
+    if cfg_nodes <= 1:
+        return None
+    rank = env.node_rank
+    if rank is None or rank >= cfg_nodes:
+        raise ConfigError(f"spec.resources.nodes is {cfg_nodes}: {variable('node_rank')} must be set to this pod's "
+                          f"rank, 0 to {cfg_nodes - 1}, got {rank!r} (the operator sets it; local mode runs on one "
+                          "machine: set nodes to 1)")
+    rendezvous = env.rendezvous or (f"127.0.0.1:{DEFAULT_RENDEZVOUS_PORT}" if rank == 0 else None)
+    if rendezvous is None:
+        raise ConfigError(f"spec.resources.nodes is {cfg_nodes}: node rank {rank} needs {variable('rendezvous')}, "
+                          "rank 0's host:port")
+    return Nodes(cfg_nodes, rank, rendezvous, timeout_seconds or DEFAULT_RENDEZVOUS_SECONDS, run_id)
+
+
+def launch_torchrun(nproc: int, argv: list[str], termination_log: str | None, nodes: Nodes | None = None) -> int:
+    """Re-run this program under torchrun with ``nproc`` processes on this node (and ``nodes``' other pods);
+    the exit code is rank 0's.
 
     torchrun itself exits 1 whenever a worker fails, which would turn bad data (65) or an outage (75) into a
     permanent failure: the code is taken from the failed event rank 0 wrote to the termination log (a file of
     our own when the pod has none).
     """
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+    placement = ["--standalone"] if nodes is None else nodes.torchrun_args()
+    cmd = [sys.executable, "-m", "torch.distributed.run", *placement, f"--nproc-per-node={nproc}",
            "-m", "kubetune_trainer", *without_nproc(argv)]
     own_log = None
     if termination_log is None:
@@ -96,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         if env_error is not None:
             raise ConfigError(env_error)
         cfg = resolve(args, env)
+        nodes = nodes_of(cfg.spec.resources.nodes, env,
+                         cfg.spec.run_policy.scheduling_timeout(cfg.spec.resources.nodes),
+                         f"{env.run_uid or cfg.name}-a{env.attempt}")
     except ConfigError as exc:
         emitter.emit("failed", reason="InvalidConfig", message=str(exc)[:1000], retryable=False,
                      exit_code=EXIT_BAD_CONFIG)
@@ -104,15 +151,16 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_CONFIG
 
     if "WORLD_SIZE" not in os.environ:
-        nproc = args.nproc
+        resources = cfg.spec.resources
+        nproc = args.nproc or resources.procs_per_node
         if nproc is None:
             import torch
 
-            gpus = cfg.spec.resources.gpus
+            gpus = resources.gpus
             nproc = gpus if gpus > 1 and torch.cuda.device_count() >= gpus else 1
-        if nproc > 1:
+        if nproc > 1 or nodes is not None:
             # the rank-0 worker writes the termination log; this launcher emits nothing, so it writes nothing
-            return launch_torchrun(nproc, argv, env.termination_log_path())
+            return launch_torchrun(nproc, argv, env.termination_log_path(), nodes)
 
     from .run import Preempted, StopFlag, Trainer
 

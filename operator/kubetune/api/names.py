@@ -10,6 +10,9 @@ from kubetune.api.errors import ConfigInvalid
 
 RUN_LABEL = "kubetune.io/run"
 ATTEMPT_LABEL = "kubetune.io/attempt"
+NODE_RANK_LABEL = "kubetune.io/node-rank"
+#: What the Job controller writes on each pod of an Indexed Job (1.21+): its index, the pod's node rank.
+COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 RUN_NAME_ANNOTATION = "kubetune.io/run-name"
 RUN_UID_ANNOTATION = "kubetune.io/run-uid"
 
@@ -39,6 +42,26 @@ def job_name(name: str, attempt: int) -> str:
     pod label)."""
     suffix = f"-a{attempt}"
     return _shorten(name, _LABEL_MAX - len(suffix)) + suffix
+
+
+def worker_job_name(name: str, attempt: int, node_rank: int) -> str:
+    """The Job of node rank ``node_rank`` of a run over several pods without Indexed Jobs: rank 0's is the
+    attempt's Job (:func:`job_name`), the others' add ``-n<rank>``."""
+    if node_rank == 0:
+        return job_name(name, attempt)
+    suffix = f"-a{attempt}-n{node_rank}"
+    return _shorten(name, _LABEL_MAX - len(suffix)) + suffix
+
+
+def rendezvous_service_name(name: str, attempt: int) -> str:
+    """The Service of one attempt's rank 0 (its rendezvous). A Service name is a DNS-1035 label: a letter first,
+    no dots; a name with dots is made unique by a hash."""
+    suffix = f"-a{attempt}"
+    base = name.replace(".", "-")
+    if base != name:
+        digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+        base = f"{base[:_LABEL_MAX - 3 - len(suffix) - 9].rstrip('-')}-{digest}"
+    return "kt-" + _shorten(base, _LABEL_MAX - 3 - len(suffix)) + suffix
 
 
 def run_name_problem(name: object) -> str | None:

@@ -336,6 +336,12 @@ class Toleration(_Model):
 class ResourcesSpec(_Model):
     gpus: Annotated[int, Field(ge=0, le=16, description=(
         "GPUs for the trainer pod (nvidia.com/gpu); more than one runs DDP through torchrun."))] = 1
+    nodes: Annotated[int, Field(ge=1, le=64, description=(
+        "Pods the run trains on, each with these resources. More than one starts them as one unit (an Indexed "
+        "Job, or one Job per pod on servers before 1.22) that trains with torchrun across the pods; one failing "
+        "pod fails (and retries) the whole unit."))] = 1
+    procs_per_node: Annotated[int | None, Field(ge=1, le=16, description=(
+        "Training processes per pod. Empty: the pod's GPUs, else 1."))] = None
     cpu: Annotated[str, Field(pattern=QUANTITY_PATTERN, max_length=20, description="CPU request and limit.")] = "4"
     memory: Annotated[str, Field(pattern=QUANTITY_PATTERN, max_length=20, description=(
         "Memory request and limit."))] = "16Gi"
@@ -355,6 +361,9 @@ class ResourcesSpec(_Model):
         "Names of image pull Secrets."))] = []
 
 
+DEFAULT_GANG_SCHEDULING_SECONDS = 600
+
+
 class RunPolicySpec(_Model):
     backoff_limit: Annotated[int, Field(ge=0, le=100, description=(
         "Retries for retryable trainer failures (each resumes from the latest checkpoint)."))] = 3
@@ -369,6 +378,16 @@ class RunPolicySpec(_Model):
         "Write a training checkpoint every N optimizer steps (0: only at epoch ends)."))] = 0
     checkpoint_every_epochs: Annotated[int, Field(ge=0, description=(
         "Write a training checkpoint every N epochs (0: never at epoch ends)."))] = 1
+    scheduling_timeout_seconds: Annotated[int | None, Field(ge=1, description=(
+        "Fail the run when its pods are not all running this long after its attempt's Jobs were created (an "
+        "attempt over several pods holds what it got while it waits for the rest). Empty: 600 for runs over "
+        "several pods, no limit for one pod."))] = None
+
+    def scheduling_timeout(self, nodes: int) -> int | None:
+        """The scheduling timeout that applies to a run over ``nodes`` pods."""
+        if self.scheduling_timeout_seconds is not None:
+            return self.scheduling_timeout_seconds
+        return DEFAULT_GANG_SCHEDULING_SECONDS if nodes > 1 else None
 
 
 class FinetuneRunSpec(_Model):

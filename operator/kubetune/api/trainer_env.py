@@ -37,6 +37,11 @@ KUBETUNE_TERMINATION_LOG    operator (= the pod's                  where rank 0 
 KUBETUNE_MODEL_MIRROR       operator (Helm value                   reads pretrained weights from
                             ``runDefaults.models.mirror``),        ``<mirror>/<NAME>/<TAG>/`` (sha256-checked) before
                             the user's shell in local mode         trying the hub (:mod:`kubetune.api.models`)
+KUBETUNE_NODE_RANK          operator (runs over several pods: the  this pod's node rank for torchrun
+                            literal rank, or an Indexed Job's      (``--node-rank``); rank 0 hosts the rendezvous
+                            completion index)
+KUBETUNE_RENDEZVOUS         operator (runs over several pods)      ``host:port`` of rank 0's rendezvous
+                                                                   (``--master-addr``/``--master-port``)
 ==========================  =====================================  ==============================================
 
 The operator sets every field that has a value, defaults included, so a pod's spec shows all of them and an
@@ -63,6 +68,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # for a run the API server took
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 _NAME_MAX = 253
+RENDEZVOUS_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9.\-]*[A-Za-z0-9])?:[0-9]{1,5}$"
 MODEL_MIRROR_PATTERN = r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/\S*)?$"
 
 
@@ -118,7 +124,19 @@ class TrainerEnv:
     """``KUBETUNE_MODEL_MIRROR``: the model mirror, ``s3://bucket/prefix`` on the run's S3 endpoint, where
     ``kubetune models stage`` put pretrained weights for clusters without internet. Unset: the hub only."""
 
+    node_rank: int | None = None
+    """``KUBETUNE_NODE_RANK``: this pod's rank among the run's pods (``spec.resources.nodes`` > 1)."""
+    rendezvous: str | None = None
+    """``KUBETUNE_RENDEZVOUS``: ``host:port`` where rank 0's torchrun hosts the rendezvous of a run over several
+    pods (rank 0 itself listens on the port and reaches it on the loopback)."""
+
     def __post_init__(self) -> None:
+        if self.node_rank is not None and (isinstance(self.node_rank, bool) or not isinstance(self.node_rank, int)
+                                           or self.node_rank < 0):
+            raise ValueError(f"{variable('node_rank')}: expected an integer >= 0, got {self.node_rank!r}")
+        if self.rendezvous is not None and (not isinstance(self.rendezvous, str)
+                                            or not re.match(RENDEZVOUS_PATTERN, self.rendezvous)):
+            raise ValueError(f"{variable('rendezvous')}: expected host:port, got {self.rendezvous!r}")
         if self.model_mirror is not None and (not isinstance(self.model_mirror, str)
                                               or not re.match(MODEL_MIRROR_PATTERN, self.model_mirror)):
             raise ValueError(f"{variable('model_mirror')}: expected s3://bucket[/prefix], got {self.model_mirror!r}")
@@ -160,7 +178,7 @@ class TrainerEnv:
             if raw is None or raw == "":
                 continue
             kind = hints[f.name]
-            if kind is int:
+            if kind is int or kind == (int | None):
                 try:
                     values[f.name] = int(raw.strip())
                 except ValueError:

@@ -34,18 +34,22 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from kubetune.api.names import (
     ATTEMPT_LABEL,
+    COMPLETION_INDEX_ANNOTATION,
+    NODE_RANK_LABEL,
     RUN_LABEL,
     RUN_NAME_ANNOTATION,
     RUN_UID_ANNOTATION,
     job_name,
+    rendezvous_service_name,
     run_label,
+    worker_job_name,
 )
 from kubetune.api.spec import API_VERSION, KIND, FinetuneRunSpec, ResourcesSpec, SecretRef, Toleration
-from kubetune.api.trainer_env import DEFAULT_TERMINATION_LOG, TrainerEnv
+from kubetune.api.trainer_env import DEFAULT_TERMINATION_LOG, TrainerEnv, variable
 from kubetune.operator.settings import Capabilities, OperatorSettings
 
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
@@ -66,6 +70,18 @@ CONTAINER_NAME = "trainer"
 # the log's tail there instead when a crashed trainer wrote nothing.
 TERMINATION_MESSAGE_PATH = DEFAULT_TERMINATION_LOG
 MANAGED_BY = "kubetune-operator"
+#: Where rank 0's torchrun hosts the rendezvous (its c10d TCPStore) of a run over several pods.
+RENDEZVOUS_PORT = 29500
+
+GangMode = Literal["single", "indexed", "per-node"]
+
+
+def gang_mode(spec: FinetuneRunSpec, capabilities: Capabilities | None) -> GangMode:
+    """How an attempt's pods are created: one pod (``single``); several as one Indexed Job (``indexed``, servers
+    with Indexed Jobs on by default); or one single-pod Job per node rank (``per-node``, older servers)."""
+    if spec.resources.nodes <= 1:
+        return "single"
+    return "indexed" if capabilities is not None and capabilities.indexed_job else "per-node"
 
 def owner_reference(run: dict[str, Any]) -> dict[str, Any]:
     """Controller owner reference to the run: children are garbage-collected with it."""
@@ -167,18 +183,28 @@ def applied_spec(job: Mapping[str, Any] | None) -> tuple[FinetuneRunSpec | None,
 
 
 def trainer_env(run: dict[str, Any], attempt: int, resume_from: str | None,
-                model_mirror: str | None = None) -> TrainerEnv:
+                model_mirror: str | None = None, *, node_rank: int | None = None,
+                rendezvous: str | None = None) -> TrainerEnv:
     """The trainer's ``KUBETUNE_*`` contract for one attempt (:mod:`kubetune.api.trainer_env`)."""
     meta = run["metadata"]
     return TrainerEnv(config=CONFIG_PATH, run_name=meta["name"], run_namespace=meta["namespace"],
                       run_uid=meta["uid"], attempt=attempt, resume_from=resume_from or None,
-                      termination_log=TERMINATION_MESSAGE_PATH, model_mirror=model_mirror)
+                      termination_log=TERMINATION_MESSAGE_PATH, model_mirror=model_mirror, node_rank=node_rank,
+                      rendezvous=rendezvous)
 
 
 def _env(run: dict[str, Any], spec: FinetuneRunSpec, attempt: int, resume_from: str | None,
-         model_mirror: str | None = None) -> list[dict[str, Any]]:
+         model_mirror: str | None = None, *, mode: GangMode = "single", node_rank: int = 0,
+         rendezvous: str | None = None) -> list[dict[str, Any]]:
+    contract: list[dict[str, Any]] = list(trainer_env(
+        run, attempt, resume_from, model_mirror, node_rank=None if mode == "single" else node_rank,
+        rendezvous=rendezvous).to_env())
+    if mode == "indexed":  # every pod of the Job has one template: the rank is the pod's completion index
+        contract = [{"name": e["name"], "valueFrom": {"fieldRef": {
+            "fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}}}
+                    if e["name"] == variable("node_rank") else e for e in contract]
     env: list[dict[str, Any]] = [
-        *trainer_env(run, attempt, resume_from, model_mirror).to_env(),
+        *contract,
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         {"name": "HOME", "value": "/tmp"},
         {"name": "XDG_CACHE_HOME", "value": "/tmp/.cache"},
@@ -212,10 +238,55 @@ def _resources(spec: FinetuneRunSpec) -> dict[str, Any]:
     return {"requests": amounts, "limits": limits}
 
 
+def rendezvous_address(run: dict[str, Any], attempt: int, mode: GangMode, cluster_ip: str | None) -> str | None:
+    """``host:port`` of an attempt's rendezvous: rank 0's pod by its DNS name under the headless Service
+    (``indexed``), or the Service's cluster IP (``per-node``: no cluster DNS needed; None until it is known)."""
+    name = run["metadata"]["name"]
+    if mode == "indexed":
+        return f"{job_name(name, attempt)}-0.{rendezvous_service_name(name, attempt)}:{RENDEZVOUS_PORT}"
+    if mode == "per-node" and cluster_ip:
+        return f"{cluster_ip}:{RENDEZVOUS_PORT}"
+    return None
+
+
+def rendezvous_service(run: dict[str, Any], attempt: int, mode: GangMode,
+                       owner_job: Mapping[str, Any]) -> dict[str, Any]:
+    """The Service of an attempt's rendezvous, owned by its rank-0 Job (it goes when that Job goes).
+
+    ``indexed``: headless, over all the Job's pods; each pod's hostname ``<job>-<index>`` under its subdomain
+    is a DNS name. ``per-node``: a cluster IP in front of rank 0's pod, so that the other ranks' Jobs can be
+    given the address when they are created, on clusters without DNS too."""
+    meta = run["metadata"]
+    selector = {RUN_LABEL: run_label(meta["name"]), ATTEMPT_LABEL: str(attempt)}
+    spec: dict[str, Any] = {"selector": selector, "ports": [
+        {"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT, "protocol": "TCP"}]}
+    if mode == "indexed":
+        spec.update(clusterIP="None", publishNotReadyAddresses=True)
+    else:
+        selector[NODE_RANK_LABEL] = "0"
+    owner = owner_job["metadata"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": rendezvous_service_name(meta["name"], attempt),
+            "namespace": meta["namespace"],
+            "labels": labels(run, attempt),
+            "annotations": run_annotations(run),
+            "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": owner["name"],
+                                 "uid": owner["uid"]}],
+        },
+        "spec": spec,
+    }
+
+
 def job(run: dict[str, Any], spec: FinetuneRunSpec, settings: OperatorSettings, *, attempt: int,
         resume_from: str | None = None, active_deadline_seconds: int | None = None,
-        capabilities: Capabilities | None = None) -> dict[str, Any]:
-    """The batch/v1 Job of one attempt.
+        capabilities: Capabilities | None = None, node_rank: int = 0,
+        rendezvous: str | None = None) -> dict[str, Any]:
+    """The batch/v1 Job of one attempt, or, for a run over several pods (:func:`gang_mode`), the attempt's one
+    Indexed Job, or node rank ``node_rank``'s Job (with the ``rendezvous`` address, see
+    :func:`rendezvous_address`). Rank 0's Job is always named :func:`kubetune.api.names.job_name`.
 
     ``active_deadline_seconds`` is what is left of the run's ``activeDeadlineSeconds`` (the operator computes
     it from the run's start time so that retries do not extend the deadline).
@@ -223,10 +294,13 @@ def job(run: dict[str, Any], spec: FinetuneRunSpec, settings: OperatorSettings, 
     meta = run["metadata"]
     resolved = resolve_spec(spec, settings)
     res = resolved.resources
+    mode = gang_mode(spec, capabilities)
     job_labels = labels(run, attempt)
     if resolved.queue_name:
         job_labels[QUEUE_LABEL] = resolved.queue_name
     pod_labels = labels(run, attempt)
+    if mode == "per-node":
+        job_labels[NODE_RANK_LABEL] = pod_labels[NODE_RANK_LABEL] = str(node_rank)
     uid = settings.run_as_user
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
@@ -244,7 +318,8 @@ def job(run: dict[str, Any], spec: FinetuneRunSpec, settings: OperatorSettings, 
             "name": CONTAINER_NAME,
             "image": res.image,
             "imagePullPolicy": res.image_pull_policy,
-            "env": _env(run, resolved, attempt, resume_from, settings.model_mirror),
+            "env": _env(run, resolved, attempt, resume_from, settings.model_mirror, mode=mode, node_rank=node_rank,
+                        rendezvous=rendezvous if mode == "per-node" else rendezvous_address(run, attempt, mode, None)),
             "resources": _resources(resolved),
             "terminationMessagePath": TERMINATION_MESSAGE_PATH,
             "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -278,16 +353,26 @@ def job(run: dict[str, Any], spec: FinetuneRunSpec, settings: OperatorSettings, 
         pod_spec["priorityClassName"] = res.priority_class_name
     if res.image_pull_secrets:
         pod_spec["imagePullSecrets"] = [{"name": n} for n in res.image_pull_secrets]
+    if mode != "single":
+        pod_spec["containers"][0]["ports"] = [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT,
+                                               "protocol": "TCP"}]
+    if mode == "indexed":
+        pod_spec["subdomain"] = rendezvous_service_name(meta["name"], attempt)
+    pods = res.nodes if mode == "indexed" else 1
     job_spec: dict[str, Any] = {
         "backoffLimit": 0,
-        "completions": 1,
-        "parallelism": 1,
+        "completions": pods,
+        "parallelism": pods,
         "template": {"metadata": {"labels": pod_labels, "annotations": pod_annotations(run, spec, settings)},
                      "spec": pod_spec},
     }
+    if mode == "indexed":
+        job_spec["completionMode"] = "Indexed"
     if active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = max(1, int(active_deadline_seconds))
-    if capabilities is not None and capabilities.pod_failure_policy:
+    # A pod of a run over several pods that the Job controller replaced could not join its peers' rendezvous:
+    # the operator fails and retries the whole unit instead (see kubetune.lifecycle.gang).
+    if mode == "single" and capabilities is not None and capabilities.pod_failure_policy:
         # Evictions/preemptions do not fail the attempt: the Job controller starts a new pod, which resumes
         # from the latest checkpoint. Permanent trainer exits fail the Job at once.
         job_spec["podFailurePolicy"] = {"rules": [
@@ -299,7 +384,7 @@ def job(run: dict[str, Any], spec: FinetuneRunSpec, settings: OperatorSettings, 
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {
-            "name": job_name(meta["name"], attempt),
+            "name": worker_job_name(meta["name"], attempt, node_rank),
             "namespace": meta["namespace"],
             "labels": job_labels,
             "annotations": run_annotations(run),

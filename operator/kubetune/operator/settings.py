@@ -280,6 +280,11 @@ class Capabilities:
         return self.at_least(21)
 
     @property
+    def indexed_job(self) -> bool:
+        """``completionMode: Indexed`` Jobs, on by default (beta 1.22, GA 1.24)."""
+        return self.at_least(22)
+
+    @property
     def job_ttl_after_finished(self) -> bool:
         """``Job.spec.ttlSecondsAfterFinished`` enabled by default (beta 1.21, GA 1.23)."""
         return self.at_least(21)
