@@ -411,3 +411,85 @@ def test_gpu_defaults_apply_to_gpu_jobs_only_and_spec_wins() -> None:
     # No defaults configured: GPU runs are unchanged.
     pod = manifests.job(plain, _spec(plain), SETTINGS, attempt=1)["spec"]["template"]["spec"]
     assert "nodeSelector" not in pod and "tolerations" not in pod
+
+
+# ------------------------------------------------------------------------------------ runs over several pods
+OLD = Capabilities(1, 20)
+NEW = Capabilities(1, 29)
+
+
+def _gang_run(nodes: int = 3, name: str = "clip-ft") -> dict[str, Any]:
+    return _run(name, {"data": {"train": "s3://data/train.csv"}, "resources": {"gpus": 2, "nodes": nodes},
+                       "queueName": "team-a-queue"})
+
+
+def _env(job: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in _container(job)["env"]}
+
+
+def test_one_pod_runs_keep_one_plain_job() -> None:
+    run = _run()
+    for capabilities in (OLD, NEW, None):
+        assert manifests.gang_mode(_spec(run), capabilities) == "single"
+        job = manifests.job(run, _spec(run), SETTINGS, attempt=1, capabilities=capabilities)
+        assert "completionMode" not in job["spec"] and job["spec"]["completions"] == 1
+        assert "KUBETUNE_NODE_RANK" not in _env(job) and "ports" not in _container(job)
+
+
+def test_old_servers_get_one_job_per_node_rank_behind_a_service_address() -> None:
+    run = _gang_run()
+    spec = _spec(run)
+    assert manifests.gang_mode(spec, OLD) == "per-node"
+    rank0 = manifests.job(run, spec, SETTINGS, attempt=2, capabilities=OLD)
+    rank0["metadata"]["uid"] = "job-uid"
+    service = manifests.rendezvous_service(run, 2, "per-node", rank0)
+    assert service["metadata"]["name"] == "kt-clip-ft-a2" and "clusterIP" not in service["spec"]
+    assert service["spec"]["selector"] == {manifests.RUN_LABEL: "clip-ft", manifests.ATTEMPT_LABEL: "2",
+                                           manifests.NODE_RANK_LABEL: "0"}
+    assert service["metadata"]["ownerReferences"] == [{"apiVersion": "batch/v1", "kind": "Job",
+                                                       "name": "clip-ft-a2", "uid": "job-uid"}]
+    address = manifests.rendezvous_address(run, 2, "per-node", "10.96.0.42")
+    assert address == "10.96.0.42:29500" and manifests.rendezvous_address(run, 2, "per-node", None) is None
+    others = [manifests.job(run, spec, SETTINGS, attempt=2, capabilities=OLD, node_rank=r, rendezvous=address)
+              for r in (1, 2)]
+    assert [j["metadata"]["name"] for j in [rank0, *others]] == ["clip-ft-a2", "clip-ft-a2-n1", "clip-ft-a2-n2"]
+    for rank, job in enumerate([rank0, *others]):
+        pod_labels = job["spec"]["template"]["metadata"]["labels"]
+        job_labels = job["metadata"]["labels"]
+        assert pod_labels[manifests.NODE_RANK_LABEL] == job_labels[manifests.NODE_RANK_LABEL] == str(rank)
+        assert job["spec"]["completions"] == job["spec"]["parallelism"] == 1
+        assert _env(job)["KUBETUNE_NODE_RANK"] == str(rank)
+        assert _env(job).get("KUBETUNE_RENDEZVOUS") == (address if rank else None)
+        assert _container(job)["ports"] == [{"name": "rendezvous", "containerPort": 29500, "protocol": "TCP"}]
+        assert "podFailurePolicy" not in job["spec"]  # the unit is retried as a whole, never one pod
+        assert job["metadata"]["labels"][manifests.QUEUE_LABEL] == "team-a-queue"
+        assert _container(job)["resources"]["limits"]["nvidia.com/gpu"] == "2"  # each pod: the spec's resources
+
+
+def test_new_servers_get_one_indexed_job_under_a_headless_service() -> None:
+    run = _gang_run(nodes=4)
+    spec = _spec(run)
+    assert manifests.gang_mode(spec, NEW) == "indexed"
+    job = manifests.job(run, spec, SETTINGS, attempt=1, capabilities=NEW)
+    assert job["metadata"]["name"] == "clip-ft-a1"
+    assert job["spec"]["completionMode"] == "Indexed"
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 4
+    assert job["spec"]["template"]["spec"]["subdomain"] == "kt-clip-ft-a1"
+    assert manifests.NODE_RANK_LABEL not in job["spec"]["template"]["metadata"]["labels"]
+    env = _env(job)
+    assert env["KUBETUNE_NODE_RANK"] == {"fieldRef": {
+        "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}
+    assert env["KUBETUNE_RENDEZVOUS"] == "clip-ft-a1-0.kt-clip-ft-a1:29500"
+    job["metadata"]["uid"] = "u"
+    service = manifests.rendezvous_service(run, 1, "indexed", job)
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    assert manifests.NODE_RANK_LABEL not in service["spec"]["selector"]
+
+
+def test_service_names_are_dns_labels_whatever_the_run_name() -> None:
+    names = {}
+    for name in ("9lives", "a.b", "a-b", "x" * 253, "x." * 100 + "y"):
+        names[name] = manifests.rendezvous_service(_gang_run(name=name), 3, "per-node",
+                                                   {"metadata": {"name": "j", "uid": "u"}})["metadata"]["name"]
+        assert len(names[name]) <= 63 and names[name][0].isalpha() and "." not in names[name], name
+    assert len(set(names.values())) == len(names)

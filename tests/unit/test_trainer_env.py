@@ -58,7 +58,8 @@ def test_the_contract_lists_each_variable_once_with_a_docstring() -> None:
     assert TrainerEnv.variables() == ("KUBETUNE_CONFIG", "KUBETUNE_RUN_NAME", "KUBETUNE_RUN_NAMESPACE",
                                       "KUBETUNE_RUN_UID", "KUBETUNE_ATTEMPT", "KUBETUNE_RESUME_FROM",
                                       "KUBETUNE_WORK_DIR", "KUBETUNE_PROGRESS_SECONDS", "KUBETUNE_LOG_LEVEL",
-                                      "KUBETUNE_TERMINATION_LOG", "KUBETUNE_MODEL_MIRROR")
+                                      "KUBETUNE_TERMINATION_LOG", "KUBETUNE_MODEL_MIRROR", "KUBETUNE_NODE_RANK",
+                                      "KUBETUNE_RENDEZVOUS")
     module = ast.parse((ROOT / "operator" / "kubetune" / "api" / "trainer_env.py").read_text())
     body = next(n for n in module.body if isinstance(n, ast.ClassDef) and n.name == "TrainerEnv").body
     documented = {}
@@ -77,7 +78,7 @@ def test_from_env_and_to_env_round_trip() -> None:
     full = TrainerEnv(config="/c.yaml", run_name="clip-ft", run_namespace="team-a", run_uid="u-1", attempt=3,
                       resume_from="s3://b/p/team-a/clip-ft/checkpoints/step-00000040.pt", work_dir="/scratch",
                       progress_seconds=0.25, log_level="debug", termination_log="/dev/termination-log",
-                      model_mirror="s3://models/mirror")
+                      model_mirror="s3://models/mirror", node_rank=1, rendezvous="10.96.0.20:29500")
     assert full.log_level == "DEBUG"
     as_env = full.to_env()
     assert [e["name"] for e in as_env] == list(TrainerEnv.variables())
@@ -99,6 +100,8 @@ def test_from_env_and_to_env_round_trip() -> None:
     ("KUBETUNE_PROGRESS_SECONDS", "inf"), ("KUBETUNE_LOG_LEVEL", "LOUD"), ("KUBETUNE_RUN_NAME", "Clip_FT"),
     ("KUBETUNE_RUN_NAMESPACE", "-team"), ("KUBETUNE_RUN_NAME", "x" * 254), ("KUBETUNE_RUN_UID", "   "),
     ("KUBETUNE_MODEL_MIRROR", "models/mirror"), ("KUBETUNE_MODEL_MIRROR", "s3://Models"),
+    ("KUBETUNE_NODE_RANK", "-1"), ("KUBETUNE_NODE_RANK", "first"), ("KUBETUNE_RENDEZVOUS", "10.96.0.20"),
+    ("KUBETUNE_RENDEZVOUS", "http://rank0:29500"),
 ])
 def test_a_bad_value_names_its_variable(name: str, value: str) -> None:
     with pytest.raises(ValueError, match=f"^{name}: "):

@@ -90,6 +90,10 @@ app.kubernetes.io/part-of: kubetune
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch"]
+{{- /* the rendezvous Service of a run over several pods (owned by its rank-0 Job, which takes it along) */}}
+- apiGroups: [""]
+  resources: ["services"]
+  verbs: ["get", "create"]
 - apiGroups: [""]
   resources: ["pods/log"]
   verbs: ["get"]

@@ -537,6 +537,8 @@ class FinetuneRunStatus(_Model):
     completion_time: Annotated[str | None, Field(description="When the run finished (RFC 3339).")] = None
     job_name: Annotated[str | None, Field(max_length=253, description="The run's Job.")] = None
     pod_name: Annotated[str | None, Field(max_length=253, description="The trainer pod being followed.")] = None
+    pods: Annotated[list[str] | None, Field(max_length=64, description=(
+        "The current attempt's pods by node rank, for a run over several pods (podName is node rank 0's)."))] = None
     attempts: Annotated[int | None, Field(ge=0, description="Trainer attempts so far.")] = None
     retries: Annotated[int | None, Field(ge=0, description=(
         "Retryable trainer failures so far (compared with spec.runPolicy.backoffLimit)."))] = None

@@ -45,8 +45,12 @@ class PodState:
 def pod_state(pod: Mapping[str, Any], container: str = "trainer") -> PodState:
     meta = pod.get("metadata") or {}
     status = pod.get("status") or {}
+    # a pod the scheduler cannot place says why in its PodScheduled condition ("0/3 nodes are available: ...")
+    unschedulable: Mapping[str, Any] = next((c for c in status.get("conditions") or ()
+                                             if c.get("type") == "PodScheduled" and c.get("status") == "False"), {})
     state = PodState(name=meta.get("name", ""), phase=status.get("phase") or "Pending",
-                     reason=status.get("reason"), message=status.get("message"),
+                     reason=status.get("reason") or unschedulable.get("reason"),
+                     message=status.get("message") or unschedulable.get("message"),
                      created=parse_rfc3339(meta.get("creationTimestamp")),
                      scheduled=bool((pod.get("spec") or {}).get("nodeName")),
                      deleting=bool(meta.get("deletionTimestamp")))

@@ -8,6 +8,7 @@ import dataclasses
 import time
 from typing import Any
 
+from kubetune.api.names import COMPLETION_INDEX_ANNOTATION, NODE_RANK_LABEL
 from kubetune.lifecycle.observed import JobState, PodState, job_state, pod_state
 from kubetune.operator.kube import Kube
 from kubetune.operator.manifests import ATTEMPT_LABEL, RUN_LABEL
@@ -21,6 +22,18 @@ RunKey = tuple[str, str]  # (namespace, run label value)
 class PodEntry:
     attempt: int
     state: PodState
+    rank: int = 0  # node rank in a run over several pods
+
+
+def node_rank(body: Any) -> int:
+    """A pod's node rank: its label (one Job per rank), else its Indexed Job's completion index, else 0."""
+    meta = body.get("metadata") or {}
+    raw = (meta.get("labels") or {}).get(NODE_RANK_LABEL) or (meta.get("annotations") or {}).get(
+        COMPLETION_INDEX_ANNOTATION)
+    try:
+        return max(0, int(raw or 0))
+    except ValueError:
+        return 0
 
 
 class ChildIndex:
@@ -75,7 +88,7 @@ class ChildIndex:
         # container carries the trainer's summary (termination message), which decides the attempt even
         # when the pod was removed before its supervisor woke up.
         pods[name] = PodEntry(attempt, dataclasses.replace(state, gone=True, deleting=True)
-                              if event_type == "DELETED" else state)
+                              if event_type == "DELETED" else state, node_rank(body))
         self._notify(key)
 
     def resync(self, key: RunKey, job_name: str, job: Any | None, pods: list[Any]) -> None:
@@ -94,12 +107,12 @@ class ChildIndex:
         of removed pods stay: they may carry a trainer's summary nobody has read yet."""
         # A pod the list lacks was removed: it is kept as gone, as its DELETED event (which may still be on its
         # way) would keep it.
-        fresh = {name: e if e.state.gone else PodEntry(e.attempt, dataclasses.replace(e.state, gone=True))
+        fresh = {name: e if e.state.gone else dataclasses.replace(e, state=dataclasses.replace(e.state, gone=True))
                  for name, e in self._pods.get(key, {}).items()}
         for pod in pods:
             parsed = self._run_key(pod)
             if parsed is not None and parsed[0] == key:
-                fresh[(pod.get("metadata") or {}).get("name", "")] = PodEntry(parsed[1], pod_state(pod))
+                fresh[(pod.get("metadata") or {}).get("name", "")] = PodEntry(parsed[1], pod_state(pod), node_rank(pod))
         if fresh:
             self._pods[key] = fresh
         else:
@@ -112,9 +125,13 @@ class ChildIndex:
         """Every known pod of the run, with its attempt."""
         return [(e.attempt, e.state) for e in self._pods.get(key, {}).values()]
 
+    def attempt_pods(self, key: RunKey, attempt: int) -> list[tuple[int, PodState]]:
+        """Every known pod of this attempt, removed ones included, with its node rank."""
+        return [(e.rank, e.state) for e in self._pods.get(key, {}).values() if e.attempt == attempt]
+
     def pod(self, key: RunKey, attempt: int) -> PodState | None:
-        """The newest pod of this attempt that still exists, else the last one removed."""
-        entries = [e.state for e in self._pods.get(key, {}).values() if e.attempt == attempt]
+        """The newest pod of node rank 0 of this attempt that still exists, else the last one removed."""
+        entries = [e.state for e in self._pods.get(key, {}).values() if e.attempt == attempt and e.rank == 0]
         if not entries:
             return None
         return max(entries, key=lambda p: (not p.gone, p.created or 0.0, p.name))
@@ -124,9 +141,10 @@ class ChildIndex:
         return entry.state if entry is not None else None
 
     def ended_pod(self, key: RunKey, attempt: int) -> PodState | None:
-        """The newest pod of this attempt that terminated (its termination message may hold the result), removed
-        or not."""
-        entries = [e.state for e in self._pods.get(key, {}).values() if e.attempt == attempt and e.state.terminated]
+        """The newest pod of node rank 0 of this attempt that terminated (its termination message may hold the
+        result), removed or not."""
+        entries = [e.state for e in self._pods.get(key, {}).values()
+                   if e.attempt == attempt and e.rank == 0 and e.state.terminated]
         return max(entries, key=lambda p: (p.created or 0.0, p.name), default=None)
 
     def register(self, key: RunKey) -> asyncio.Event:

@@ -63,6 +63,10 @@ def jobs_path(namespace: str, name: str | None = None) -> str:
     return f"/apis/batch/v1/namespaces/{quote(namespace)}/jobs" + (f"/{quote(name)}" if name else "")
 
 
+def services_path(namespace: str, name: str | None = None) -> str:
+    return f"/api/v1/namespaces/{quote(namespace)}/services" + (f"/{quote(name)}" if name else "")
+
+
 def pods_path(namespace: str, name: str | None = None, subresource: str | None = None) -> str:
     path = f"/api/v1/namespaces/{quote(namespace)}/pods" + (f"/{quote(name)}" if name else "")
     return path + (f"/{subresource}" if subresource else "")

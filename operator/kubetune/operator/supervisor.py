@@ -28,10 +28,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -71,6 +72,7 @@ from kubetune.lifecycle.follow import (
     waiting_problem,
 )
 from kubetune.lifecycle.formats import now_rfc3339, parse_rfc3339
+from kubetune.lifecycle.gang import all_started, gang_outcome, gang_pod_names, scheduling_timeout
 from kubetune.lifecycle.observed import JobState, PodState, job_state, pod_state
 from kubetune.lifecycle.outcome import FINISH_FIELDS, Outcome, finish_message, finish_update, outcome_of
 from kubetune.lifecycle.policy import Refusal, admission, cancel_request, is_suspended
@@ -81,6 +83,7 @@ from kubetune.operator.kube import (
     jobs_path,
     pods_path,
     runs_path,
+    services_path,
     split_log_line,
 )
 from kubetune.operator.settings import OperatorSettings
@@ -129,6 +132,12 @@ class Supervisor:
         self.next_resync = time.monotonic() + RESYNC_SECONDS * random.uniform(1.0, 1.25)
         self.pod_attempt: int | None = None  # the attempt whose pod status.podName names (this process's view)
         self.open_failures = 0  # log-open tries in a row that found no running container
+        # The attempt judged as a unit (see _start_gang): a run over several pods, or one with a scheduling timeout.
+        self.gang_attempt: int | None = None
+        self.gang_nodes = 1
+        self.gang_timeout: int | None = None
+        self.gang_since = time.monotonic()
+        self.gang_all_started = False
         # The log reader never waits on a status patch: it folds, then wakes follow_log, which flushes.
         self.flush_wanted = asyncio.Event()
         self.urgent_wanted = False
@@ -372,9 +381,11 @@ class Supervisor:
             self.folder.update(update)
             await self.flush(urgent=True)
         for job in await self.ctx.kube.list(jobs_path(self.namespace), f"{manifests.RUN_LABEL}={self.key[1]}"):
-            name = (job.get("metadata") or {}).get("name", "")
+            meta = job.get("metadata") or {}
+            name = meta.get("name", "")
             state = job_state(job)
-            if name != manifests.job_name(self.name, attempt) and not (state.failed or state.complete):
+            if (meta.get("labels") or {}).get(manifests.ATTEMPT_LABEL) != str(attempt) \
+                    and not (state.failed or state.complete):
                 self.logger.info(f"Deleting the still-active Job {name} before attempt {attempt}.")
                 await self.ctx.kube.delete(jobs_path(self.namespace, name))
         self.changed.clear()
@@ -401,13 +412,12 @@ class Supervisor:
         ctx = self.ctx
         run = self.run_object()
         capabilities = await ctx.server_capabilities()
-        left = deadline_left(spec.run_policy.active_deadline_seconds, self.typed_status(), time.time())
-        job = manifests.job(run, spec, ctx.settings, attempt=attempt, resume_from=self.status.get("checkpoint"),
-                            active_deadline_seconds=int(left) if left is not None else None,
-                            capabilities=capabilities)
+        build = await self._job_builder(spec, attempt)
+        job = build()
         with ctx.metrics.timed("create_attempt"):
             # The Job carries this attempt's spec in its (immutable) pod template: nothing else to write first.
-            created = await self._create_owned(jobs_path(self.namespace), job)
+            rank0, created = await self._create_owned(jobs_path(self.namespace), job)
+            await self._ensure_gang(run, spec, attempt, rank0, build)
         job_name = job["metadata"]["name"]
         if self.should_stop():
             if not self.gone and (self.cancelled() or self.suspended()):
@@ -431,15 +441,42 @@ class Supervisor:
         self.folder.last_failed = None
         return job_name
 
-    async def _create_owned(self, collection: str, obj: dict[str, Any]) -> bool:
+    async def _job_builder(self, spec: FinetuneRunSpec, attempt: int) -> Callable[..., dict[str, Any]]:
+        """:func:`kubetune.operator.manifests.job` for this attempt; called with ``node_rank`` and
+        ``rendezvous`` for the other node ranks of a run over several pods."""
+        left = deadline_left(spec.run_policy.active_deadline_seconds, self.typed_status(), time.time())
+        return functools.partial(manifests.job, self.run_object(), spec, self.ctx.settings, attempt=attempt,
+                                 resume_from=self.status.get("checkpoint"),
+                                 active_deadline_seconds=int(left) if left is not None else None,
+                                 capabilities=await self.ctx.server_capabilities())
+
+    async def _ensure_gang(self, run: dict[str, Any], spec: FinetuneRunSpec, attempt: int,
+                           rank0: Mapping[str, Any], build: Callable[..., dict[str, Any]]) -> None:
+        """The rest of an attempt over several pods (:func:`kubetune.operator.manifests.gang_mode`), after its
+        rank-0 Job ``rank0``: the rendezvous Service (owned by that Job), then, without Indexed Jobs, one Job per
+        other node rank, given the Service's address. Idempotent: what exists is adopted."""
+        mode = manifests.gang_mode(spec, await self.ctx.server_capabilities())
+        if mode == "single":
+            return
+        owner = str((rank0.get("metadata") or {}).get("uid"))
+        service, _ = await self._create_owned(
+            services_path(self.namespace), manifests.rendezvous_service(run, attempt, mode, rank0), owner_uid=owner)
+        if mode == "indexed":
+            return
+        address = manifests.rendezvous_address(run, attempt, mode, (service.get("spec") or {}).get("clusterIP"))
+        for rank in range(1, spec.resources.nodes):
+            await self._create_owned(jobs_path(self.namespace), build(node_rank=rank, rendezvous=address))
+
+    async def _create_owned(self, collection: str, obj: dict[str, Any],
+                            owner_uid: str | None = None) -> tuple[dict[str, Any], bool]:
         existing, created = await self.ctx.kube.create(collection, obj)
         if not created:
-            self._check_owner(obj, existing)
-        return created
+            self._check_owner(obj, existing, owner_uid or self.uid)
+        return existing, created
 
-    def _check_owner(self, obj: Mapping[str, Any], existing: Mapping[str, Any]) -> None:
+    def _check_owner(self, obj: Mapping[str, Any], existing: Mapping[str, Any], owner_uid: str) -> None:
         owners = {ref.get("uid") for ref in (existing.get("metadata") or {}).get("ownerReferences") or ()}
-        if self.uid not in owners:
+        if owner_uid not in owners:
             raise kopf.TemporaryError(
                 f"{obj['kind']} {obj['metadata']['name']} exists and belongs to someone else "
                 "(an earlier run of the same name being deleted?)", delay=5)
@@ -450,8 +487,14 @@ class Supervisor:
         round observes the watch index and carries out :func:`kubetune.lifecycle.follow.next_step`."""
         attempt = int(self.status.get("attempts") or 1)
         job_gone = pods_read = False
+        self._start_gang(attempt)
+        if self.gang_attempt is not None:
+            await self._resume_gang(job_name, attempt)
         while not self.should_stop():
             self.changed.clear()
+            verdict = self._gang_verdict()
+            if verdict is not None:
+                return self._unit_ended(attempt, verdict)
             step = next_step(self.ctx.children.pod(self.key, attempt), self.ctx.children.job(self.namespace, job_name),
                              followed_pod=self.status.get("podName"), same_attempt_pod=self.pod_attempt == attempt,
                              job_gone=job_gone, pods_read=pods_read,
@@ -491,6 +534,9 @@ class Supervisor:
             opened = await self.follow_log(pod.name)
             if self.should_stop():
                 return None
+            verdict = self._gang_verdict()
+            if verdict is not None:
+                return self._unit_ended(attempt, verdict)
             self.open_failures = 0 if opened else self.open_failures + 1
             step = await self._after_stream(pod, opened, job_name)
             if step.action == "finish":
@@ -498,6 +544,49 @@ class Supervisor:
             if step.timeout:
                 await self.wait_change(step.timeout)
         return None
+
+    def _start_gang(self, attempt: int) -> None:
+        """Following starts: a run over several pods (or with a scheduling timeout) is judged as a unit too."""
+        spec = self.spec
+        nodes = spec.resources.nodes if spec is not None else 1
+        timeout = spec.run_policy.scheduling_timeout(nodes) if spec is not None else None
+        self.gang_attempt = attempt if nodes > 1 else None
+        self.gang_nodes, self.gang_timeout = nodes, timeout
+        self.gang_since, self.gang_all_started = time.monotonic(), False
+
+    async def _resume_gang(self, job_name: str, attempt: int) -> None:
+        """Following an attempt over several pods whose rank-0 Job is still active (after an operator restart,
+        perhaps between creating its Jobs): the rest of the unit is created if missing, from that Job's spec."""
+        raw = await self.ctx.kube.get(jobs_path(self.namespace, job_name))
+        spec, _ = manifests.applied_spec(raw)
+        if raw is None or spec is None or job_state(raw).ended:
+            return
+        await self._ensure_gang(self.run_object(), spec, attempt, raw, await self._job_builder(spec, attempt))
+
+    def _unit_ended(self, attempt: int, verdict: Outcome) -> Outcome:
+        self.logger.info(f"Attempt {attempt} ends as a unit: {verdict.reason}: {verdict.message}")
+        return verdict
+
+    def _gang_verdict(self) -> Outcome | None:
+        """The attempt's outcome when one of its pods decides it or it waited too long for its pods
+        (:mod:`kubetune.lifecycle.gang`); None while node rank 0 decides. Also lists the pods in status."""
+        attempt = self.gang_attempt if self.gang_attempt is not None else int(self.status.get("attempts") or 1)
+        pods = self.ctx.children.attempt_pods(self.key, attempt)
+        if self.gang_attempt is not None:
+            names = gang_pod_names(pods, self.gang_nodes)
+            if names != self.status.get("pods"):
+                self.folder.update({"pods": names})
+        rank0 = self.ctx.children.ended_pod(self.key, attempt)
+        if rank0 is not None and rank0.succeeded:
+            return None  # the result is in; the other pods end on their own
+        backoff_limit = self.spec.run_policy.backoff_limit if self.spec is not None else 0
+        verdict = (gang_outcome(pods, retries=int(self.status.get("retries") or 0), backoff_limit=backoff_limit)
+                   if self.gang_attempt is not None else None)
+        if verdict is None and not self.gang_all_started:
+            verdict = scheduling_timeout(pods, nodes=self.gang_nodes, waited=time.monotonic() - self.gang_since,
+                                         timeout=self.gang_timeout)
+            self.gang_all_started = all_started(pods, self.gang_nodes)
+        return verdict
 
     async def _after_stream(self, pod: PodState, opened: bool, job_name: str) -> Step:
         """:func:`kubetune.lifecycle.follow.after_stream`, reading the pod and the Job when (and in the order)
@@ -613,12 +702,20 @@ class Supervisor:
         reader = asyncio.ensure_future(self._read(pod_name, params))
         stopper = asyncio.ensure_future(self.stopped.wait())
         wanted = asyncio.ensure_future(self.flush_wanted.wait())
+        # a run over several pods also wakes when another of its pods changes: that pod may end the attempt
+        watched = asyncio.ensure_future(self.changed.wait()) if self.gang_attempt is not None else None
         try:
             while not reader.done():
-                await asyncio.wait({reader, stopper, wanted}, timeout=self.throttle.delay(time.time()) or
-                                   self.ctx.settings.status_interval, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({reader, stopper, wanted, *([watched] if watched else [])},
+                                   timeout=self.throttle.delay(time.time()) or self.ctx.settings.status_interval,
+                                   return_when=asyncio.FIRST_COMPLETED)
                 if self.should_stop():
                     break
+                if watched is not None and watched.done():
+                    self.changed.clear()
+                    watched = asyncio.ensure_future(self.changed.wait())
+                    if self._gang_verdict() is not None:
+                        break
                 if wanted.done():
                     self.flush_wanted.clear()
                     wanted = asyncio.ensure_future(self.flush_wanted.wait())
@@ -628,6 +725,8 @@ class Supervisor:
             metrics.log_streams.dec()
             stopper.cancel()
             wanted.cancel()
+            if watched is not None:
+                watched.cancel()
             if not reader.done():
                 reader.cancel()
             # aiohttp.ClientError: the stream cut mid-response (ClientPayloadError, ServerDisconnectedError) when
@@ -700,14 +799,18 @@ class Supervisor:
     # ------------------------------------------------------------------------------------ outcome
     async def _stop_previous_attempt(self) -> None:
         """Before a retry: a Job that is still active (its controller replaced a lost pod meanwhile) is
-        deleted, so two trainers of one run never write the same checkpoints. A finished Job stays (history)."""
-        job_name = self.status.get("jobName")
-        if not job_name:
+        deleted, so two trainers of one run never write the same checkpoints. A finished Job stays (history).
+        For a run over several pods, every still-active Job of the attempt: its other pods wait in a broken
+        process group (or a rendezvous nobody else joins)."""
+        attempt = self.status.get("attempts")
+        if not self.status.get("jobName") or not attempt:
             return
-        job = await self._job_state(job_name)
-        if job is not None and not (job.failed or job.complete):
-            self.logger.info(f"Deleting the still-active Job {job_name} before the retry.")
-            await self.ctx.kube.delete(jobs_path(self.namespace, job_name))
+        selector = f"{manifests.RUN_LABEL}={self.key[1]},{manifests.ATTEMPT_LABEL}={attempt}"
+        for raw in await self.ctx.kube.list(jobs_path(self.namespace), selector):
+            job = job_state(raw)
+            if not (job.failed or job.complete):
+                self.logger.info(f"Deleting the still-active Job {job.name} of attempt {attempt}.")
+                await self.ctx.kube.delete(jobs_path(self.namespace, job.name))
 
     async def finish_attempt(self, outcome: Outcome) -> None:
         """Record the attempt's outcome (:func:`kubetune.lifecycle.outcome.finish_update`); before a retry, stop
@@ -720,5 +823,6 @@ class Supervisor:
                    message=finish_message(outcome, status)[:1024])
         if outcome.action == "retry":
             self.retry_pending = True
+        if outcome.action == "retry" or (self.gang_attempt is not None and outcome.action == "fail"):
             await self._stop_previous_attempt()
         await self.flush(urgent=True)
