@@ -371,7 +371,7 @@ def test_trainer_network_policy_is_off_by_default() -> None:
     assert not find(render(), "NetworkPolicy")
 
 
-def test_trainer_network_policy_denies_ingress_and_allows_egress_to_dns_and_the_object_store_only() -> None:
+def test_trainer_network_policy_lets_trainers_reach_only_each_other_dns_and_the_object_store() -> None:
     from kubetune.operator import manifests
 
     policies = find(render(SECURITY), "NetworkPolicy")
@@ -384,8 +384,11 @@ def test_trainer_network_policy_denies_ingress_and_allows_egress_to_dns_and_the_
            "metadata": {"name": "r", "namespace": "team-a", "uid": "u"}}
     pod_labels = manifests.labels(run, 1)
     assert spec["podSelector"]["matchLabels"].items() <= pod_labels.items()
-    assert set(spec["policyTypes"]) == {"Ingress", "Egress"} and spec["ingress"] == []
-    dns, store, extra = spec["egress"]
+    assert set(spec["policyTypes"]) == {"Ingress", "Egress"}
+    trainers = [{"podSelector": {"matchLabels": spec["podSelector"]["matchLabels"]}}]
+    assert spec["ingress"] == [{"from": trainers}]  # the pods of a run over several pods, nothing else
+    peers, dns, store, extra = spec["egress"]
+    assert peers == {"to": trainers}
     assert dns["to"] == [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}]
     assert sorted((p["protocol"], p["port"]) for p in dns["ports"]) == [("TCP", 53), ("UDP", 53)]
     assert store == {"to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}, {"ipBlock": {"cidr": "192.168.7.10/32"}}],
