@@ -493,3 +493,13 @@ def test_service_names_are_dns_labels_whatever_the_run_name() -> None:
                                                    {"metadata": {"name": "j", "uid": "u"}})["metadata"]["name"]
         assert len(names[name]) <= 63 and names[name][0].isalpha() and "." not in names[name], name
     assert len(set(names.values())) == len(names)
+
+
+@pytest.mark.parametrize(("resources", "threads"), [
+    ({"cpu": "4", "gpus": 0}, "4"), ({"cpu": "2", "gpus": 0, "procsPerNode": 2}, "1"),
+    ({"cpu": "500m", "gpus": 0}, "1"), ({"cpu": "8", "gpus": 4}, "2"), ({"cpu": "1", "gpus": 0, "nodes": 2}, "1"),
+    ({"cpu": "3.5", "gpus": 1}, "3"),
+])
+def test_each_process_gets_its_share_of_the_pod_cpu_as_threads(resources: dict[str, Any], threads: str) -> None:
+    run = _run(spec={"data": {"train": "s3://data/train.csv"}, "resources": resources})
+    assert _env(manifests.job(run, _spec(run), SETTINGS, attempt=1, capabilities=OLD))["OMP_NUM_THREADS"] == threads

@@ -48,6 +48,7 @@ from kubetune.api.names import (
     run_label,
     worker_job_name,
 )
+from kubetune.api.quantity import parse_quantity
 from kubetune.api.spec import API_VERSION, KIND, FinetuneRunSpec, ResourcesSpec, SecretRef, Toleration
 from kubetune.api.trainer_env import DEFAULT_TERMINATION_LOG, TrainerEnv, variable
 from kubetune.operator.settings import Capabilities, OperatorSettings
@@ -193,6 +194,15 @@ def trainer_env(run: dict[str, Any], attempt: int, resume_from: str | None,
                       rendezvous=rendezvous)
 
 
+def threads_per_process(resources: ResourcesSpec) -> int:
+    """Each training process's CPU threads: the pod's CPU limit shared among its processes (at least 1). Left to
+    itself, PyTorch starts a thread per core of the node, which a CPU limit then throttles; and the same global
+    batch gives the same weights whether its processes share one pod or are spread over several only when each
+    process computes with the same number of threads (float sums depend on their order)."""
+    procs = resources.procs_per_node or max(1, resources.gpus)
+    return max(1, int(parse_quantity(resources.cpu) // procs))
+
+
 def _env(run: dict[str, Any], spec: FinetuneRunSpec, attempt: int, resume_from: str | None,
          model_mirror: str | None = None, *, mode: GangMode = "single", node_rank: int = 0,
          rendezvous: str | None = None) -> list[dict[str, Any]]:
@@ -206,6 +216,7 @@ def _env(run: dict[str, Any], spec: FinetuneRunSpec, attempt: int, resume_from: 
     env: list[dict[str, Any]] = [
         *contract,
         {"name": "PYTHONUNBUFFERED", "value": "1"},
+        {"name": "OMP_NUM_THREADS", "value": str(threads_per_process(spec.resources))},
         {"name": "HOME", "value": "/tmp"},
         {"name": "XDG_CACHE_HOME", "value": "/tmp/.cache"},
         {"name": "HF_HOME", "value": "/tmp/.cache/huggingface"},
