@@ -171,6 +171,8 @@ TOLERATE_ALL = {"operator": "Exists"}
      ["spec.resources.tolerations[0].key"]),
     ("GPUs at the limit", {"gpus": 4}, POLICY, []),
     ("GPUs over the limit", {"gpus": 8}, POLICY, ["spec.resources.gpus"]),
+    ("GPUs at the limit over two pods", {"gpus": 2, "nodes": 2}, POLICY, []),
+    ("GPUs over the limit over three pods", {"gpus": 2, "nodes": 3}, POLICY, ["spec.resources.gpus"]),
     ("everything wrong at once, in field order", {"image": "evil/miner:1", "priorityClassName": "x", "gpus": 16,
                                                   "tolerations": [TOLERATE_ALL]}, POLICY,
      ["spec.resources.image", "spec.resources.priorityClassName", "spec.resources.tolerations[0].key",

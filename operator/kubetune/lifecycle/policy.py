@@ -135,8 +135,10 @@ def policy_violations(resources: ResourcesSpec, policy: PlatformPolicy) -> list[
             what = f"taint key {toleration.key!r}" if toleration.key else "a toleration without a key (every taint)"
             errors.append((f"spec.resources.tolerations[{i}].key",
                            f"{what} is not allowed; allowed keys: {_allowed(policy.toleration_keys)}"))
-    if policy.max_gpus is not None and resources.gpus > policy.max_gpus:
-        errors.append(("spec.resources.gpus", f"{resources.gpus} GPUs is more than the {policy.max_gpus} allowed "
+    total = resources.gpus * resources.nodes
+    if policy.max_gpus is not None and total > policy.max_gpus:
+        where = "" if resources.nodes == 1 else f" ({resources.gpus} per pod x {resources.nodes} nodes)"
+        errors.append(("spec.resources.gpus", f"{total} GPUs{where} is more than the {policy.max_gpus} allowed "
                                               "per run"))
     return errors
 
