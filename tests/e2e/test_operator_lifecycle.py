@@ -176,3 +176,32 @@ def test_result_comes_from_the_termination_message_when_the_log_misses_it(standi
     assert final["metrics"]["after"] == {"R@5": 0.75}  # the message keeps the key metrics only
     assert final["progress"]["percent"] == 100
     assert not any("KUBETUNE_EVENT" in line for line in final["logTail"])
+
+
+def _alive(runs: Runs, name: str) -> list[str]:
+    pods = runs.core.list_namespaced_pod(runs.namespace, label_selector=f"kubetune.io/run={name}").items
+    return [p.metadata.name for p in pods if p.status.phase in ("Pending", "Running")]
+
+
+def test_pods_of_one_unit_that_cannot_all_be_scheduled_fail_the_run_in_time(standin_image: str, operator: Any,
+                                                                              runs: Runs) -> None:
+    # each pod asks for 1.5 of the node's 2 CPUs: rank 0 is placed, rank 1 never
+    runs.create(run_manifest("too-big", model=standin(steps=400, pace=0.5),
+                             resources={"gpus": 0, "cpu": "1500m", "memory": "64Mi", "nodes": 2},
+                             runPolicy={"schedulingTimeoutSeconds": 8}))
+    final = runs.wait_phase("too-big", "Failed", 90)
+    assert condition(final, "Failed")["reason"] == "SchedulingTimeout", final
+    assert "1 of 2 pods" in final["message"] and "Insufficient cpu" in final["message"], final["message"]
+    wait_for(lambda: not _alive(runs, "too-big"), 60, "every pod of the unit to stop")
+    assert not [j.metadata.name for j in runs.jobs("too-big") if (j.status.active or 0) > 0]
+
+
+def test_suspending_a_run_over_several_pods_stops_every_pod(standin_image: str, operator: Any, runs: Runs) -> None:
+    runs.create(run_manifest("pair", model=standin(steps=400, pace=0.5),
+                             resources={"gpus": 0, "cpu": "50m", "memory": "64Mi", "nodes": 2}))
+    pods = wait_for(lambda: (p := runs.status("pair").get("pods")) and all(p) and p, 60, "both pods")
+    assert sorted(j.metadata.name for j in runs.jobs("pair")) == ["pair-a1", "pair-a1-n1"]
+    runs.patch_spec("pair", {"runPolicy": {"suspend": True}})
+    runs.wait_phase("pair", "Suspended", 60)
+    wait_for(lambda: not set(pods) & set(_alive(runs, "pair")), 60, "both pods to stop")
+    assert runs.jobs("pair") == []

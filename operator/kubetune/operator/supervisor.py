@@ -702,8 +702,10 @@ class Supervisor:
         reader = asyncio.ensure_future(self._read(pod_name, params))
         stopper = asyncio.ensure_future(self.stopped.wait())
         wanted = asyncio.ensure_future(self.flush_wanted.wait())
-        # a run over several pods also wakes when another of its pods changes: that pod may end the attempt
-        watched = asyncio.ensure_future(self.changed.wait()) if self.gang_attempt is not None else None
+        # A run over several pods also wakes when another of its pods changes (that pod may end the attempt), and
+        # a scheduling timeout is looked at on every wake-up.
+        as_unit = self.gang_attempt is not None or (self.gang_timeout is not None and not self.gang_all_started)
+        watched = asyncio.ensure_future(self.changed.wait()) if as_unit else None
         try:
             while not reader.done():
                 await asyncio.wait({reader, stopper, wanted, *([watched] if watched else [])},
@@ -711,9 +713,10 @@ class Supervisor:
                                    return_when=asyncio.FIRST_COMPLETED)
                 if self.should_stop():
                     break
-                if watched is not None and watched.done():
-                    self.changed.clear()
-                    watched = asyncio.ensure_future(self.changed.wait())
+                if watched is not None:
+                    if watched.done():
+                        self.changed.clear()
+                        watched = asyncio.ensure_future(self.changed.wait())
                     if self._gang_verdict() is not None:
                         break
                 if wanted.done():
