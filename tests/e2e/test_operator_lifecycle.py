@@ -178,6 +178,12 @@ def test_result_comes_from_the_termination_message_when_the_log_misses_it(standi
     assert not any("KUBETUNE_EVENT" in line for line in final["logTail"])
 
 
+def _started(runs: Runs, pods: list[str]) -> bool:
+    """Every pod's trainer container is running."""
+    statuses = [runs.core.read_namespaced_pod(pod, runs.namespace).status.container_statuses for pod in pods]
+    return all(containers and all(c.state.running is not None for c in containers) for containers in statuses)
+
+
 def _alive(runs: Runs, name: str) -> list[str]:
     pods = runs.core.list_namespaced_pod(runs.namespace, label_selector=f"kubetune.io/run={name}").items
     return [p.metadata.name for p in pods if p.status.phase in ("Pending", "Running")]
@@ -192,7 +198,7 @@ def test_pods_of_one_unit_that_cannot_all_be_scheduled_fail_the_run_in_time(stan
     final = runs.wait_phase("too-big", "Failed", 90)
     assert condition(final, "Failed")["reason"] == "SchedulingTimeout", final
     assert "1 of 2 pods" in final["message"] and "Insufficient cpu" in final["message"], final["message"]
-    wait_for(lambda: not _alive(runs, "too-big"), 60, "every pod of the unit to stop")
+    wait_for(lambda: not _alive(runs, "too-big"), 120, "every pod of the unit to stop")
     assert not [j.metadata.name for j in runs.jobs("too-big") if (j.status.active or 0) > 0]
 
 
@@ -201,7 +207,10 @@ def test_suspending_a_run_over_several_pods_stops_every_pod(standin_image: str, 
                              resources={"gpus": 0, "cpu": "50m", "memory": "64Mi", "nodes": 2}))
     pods = wait_for(lambda: (p := runs.status("pair").get("pods")) and all(p) and p, 60, "both pods")
     assert sorted(j.metadata.name for j in runs.jobs("pair")) == ["pair-a1", "pair-a1-n1"]
+    # both trainers started (a process still starting up as PID 1 ignores SIGTERM until its grace period ends)
+    wait_for(lambda: (runs.status("pair").get("progress") or {}).get("step", 0) >= 2 and _started(runs, pods), 120,
+             "both trainers to run")
     runs.patch_spec("pair", {"runPolicy": {"suspend": True}})
     runs.wait_phase("pair", "Suspended", 60)
-    wait_for(lambda: not set(pods) & set(_alive(runs, "pair")), 60, "both pods to stop")
+    wait_for(lambda: not set(pods) & set(_alive(runs, "pair")), 120, "both pods to stop")
     assert runs.jobs("pair") == []

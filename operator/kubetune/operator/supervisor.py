@@ -801,10 +801,10 @@ class Supervisor:
 
     # ------------------------------------------------------------------------------------ outcome
     async def _stop_previous_attempt(self) -> None:
-        """Before a retry: a Job that is still active (its controller replaced a lost pod meanwhile) is
-        deleted, so two trainers of one run never write the same checkpoints. A finished Job stays (history).
-        For a run over several pods, every still-active Job of the attempt: its other pods wait in a broken
-        process group (or a rendezvous nobody else joins)."""
+        """After an attempt that did not succeed, its Jobs that are still active are deleted: before a retry (the
+        Job controller may have replaced a lost pod meanwhile), so two trainers of one run never write the same
+        checkpoints; for a run over several pods, whose other pods wait in a broken process group (or a
+        rendezvous nobody else joins); for pods never scheduled. A finished Job stays (history)."""
         attempt = self.status.get("attempts")
         if not self.status.get("jobName") or not attempt:
             return
@@ -816,8 +816,8 @@ class Supervisor:
                 await self.ctx.kube.delete(jobs_path(self.namespace, job.name))
 
     async def finish_attempt(self, outcome: Outcome) -> None:
-        """Record the attempt's outcome (:func:`kubetune.lifecycle.outcome.finish_update`); before a retry, stop
-        the attempt's Job if it is still active."""
+        """Record the attempt's outcome (:func:`kubetune.lifecycle.outcome.finish_update`); unless it succeeded,
+        stop the attempt's Jobs that are still active."""
         # Only the fields finish_update reads are typed: a progress field the fold took from a malformed trainer
         # event (one the API server refused) must not keep the attempt's end from being recorded.
         status = FinetuneRunStatus.model_validate({k: v for k, v in self.status.items() if k in FINISH_FIELDS})
@@ -826,6 +826,7 @@ class Supervisor:
                    message=finish_message(outcome, status)[:1024])
         if outcome.action == "retry":
             self.retry_pending = True
-        if outcome.action == "retry" or (self.gang_attempt is not None and outcome.action == "fail"):
+        if outcome.action != "succeed":
+            # a failed pod's Job has ended already; what is left is a unit's other pods, or pods never scheduled
             await self._stop_previous_attempt()
         await self.flush(urgent=True)
