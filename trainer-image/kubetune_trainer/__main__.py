@@ -22,14 +22,12 @@ from pathlib import Path
 from types import FrameType
 
 from kubetune.api.events import EXIT_BAD_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_RETRYABLE, parse_termination_message
-from kubetune.api.trainer_env import TrainerEnv, variable
+from kubetune.api.spec import DEFAULT_GANG_SCHEDULING_SECONDS
+from kubetune.api.trainer_env import RENDEZVOUS_PORT, TrainerEnv, variable
 
 from .config import ConfigError, build_parser, resolve
 from .events import Emitter
 from .failures import classify, describe
-
-DEFAULT_RENDEZVOUS_PORT = 29500  # kubetune.operator.manifests.RENDEZVOUS_PORT
-DEFAULT_RENDEZVOUS_SECONDS = 600
 
 
 def without_nproc(argv: list[str]) -> list[str]:
@@ -78,11 +76,11 @@ def nodes_of(cfg_nodes: int, env: TrainerEnv, timeout_seconds: int | None, run_i
         raise ConfigError(f"spec.resources.nodes is {cfg_nodes}: {variable('node_rank')} must be set to this pod's "
                           f"rank, 0 to {cfg_nodes - 1}, got {rank!r} (the operator sets it; local mode runs on one "
                           "machine: set nodes to 1)")
-    rendezvous = env.rendezvous or (f"127.0.0.1:{DEFAULT_RENDEZVOUS_PORT}" if rank == 0 else None)
+    rendezvous = env.rendezvous or (f"127.0.0.1:{RENDEZVOUS_PORT}" if rank == 0 else None)
     if rendezvous is None:
         raise ConfigError(f"spec.resources.nodes is {cfg_nodes}: node rank {rank} needs {variable('rendezvous')}, "
                           "rank 0's host:port")
-    return Nodes(cfg_nodes, rank, rendezvous, timeout_seconds or DEFAULT_RENDEZVOUS_SECONDS, run_id)
+    return Nodes(cfg_nodes, rank, rendezvous, timeout_seconds or DEFAULT_GANG_SCHEDULING_SECONDS, run_id)
 
 
 def launch_torchrun(nproc: int, argv: list[str], termination_log: str | None, nodes: Nodes | None = None) -> int:

@@ -68,6 +68,8 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # for a run the API server took
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 _NAME_MAX = 253
+#: Where node rank 0's torchrun hosts the rendezvous (its c10d TCPStore) of a run over several pods.
+RENDEZVOUS_PORT = 29500
 RENDEZVOUS_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9.\-]*[A-Za-z0-9])?:[0-9]{1,5}$"
 MODEL_MIRROR_PATTERN = r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/\S*)?$"
 
@@ -209,5 +211,5 @@ class TrainerEnv:
         return DEFAULT_TERMINATION_LOG if os.path.exists(DEFAULT_TERMINATION_LOG) else None
 
 
-__all__ = ["DEFAULT_CONFIG", "DEFAULT_TERMINATION_LOG", "LOG_LEVELS", "MODEL_MIRROR_PATTERN", "PREFIX", "TrainerEnv",
-           "variable"]
+__all__ = ["DEFAULT_CONFIG", "DEFAULT_TERMINATION_LOG", "LOG_LEVELS", "MODEL_MIRROR_PATTERN", "PREFIX",
+           "RENDEZVOUS_PORT", "TrainerEnv", "variable"]

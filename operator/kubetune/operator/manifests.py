@@ -50,7 +50,7 @@ from kubetune.api.names import (
 )
 from kubetune.api.quantity import parse_quantity
 from kubetune.api.spec import API_VERSION, KIND, FinetuneRunSpec, ResourcesSpec, SecretRef, Toleration
-from kubetune.api.trainer_env import DEFAULT_TERMINATION_LOG, TrainerEnv, variable
+from kubetune.api.trainer_env import DEFAULT_TERMINATION_LOG, RENDEZVOUS_PORT, TrainerEnv, variable
 from kubetune.operator.settings import Capabilities, OperatorSettings
 
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
@@ -71,9 +71,6 @@ CONTAINER_NAME = "trainer"
 # the log's tail there instead when a crashed trainer wrote nothing.
 TERMINATION_MESSAGE_PATH = DEFAULT_TERMINATION_LOG
 MANAGED_BY = "kubetune-operator"
-#: Where rank 0's torchrun hosts the rendezvous (its c10d TCPStore) of a run over several pods.
-RENDEZVOUS_PORT = 29500
-
 GangMode = Literal["single", "indexed", "per-node"]
 
 
@@ -83,6 +80,7 @@ def gang_mode(spec: FinetuneRunSpec, capabilities: Capabilities | None) -> GangM
     if spec.resources.nodes <= 1:
         return "single"
     return "indexed" if capabilities is not None and capabilities.indexed_job else "per-node"
+
 
 def owner_reference(run: dict[str, Any]) -> dict[str, Any]:
     """Controller owner reference to the run: children are garbage-collected with it."""
