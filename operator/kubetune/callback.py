@@ -7,10 +7,11 @@ from kubetune.sdk.callbacks import (
     BestModelCheckpoint,
     EarlyStopping,
     EvaluationCallback,
+    MLFlowLogger,
     MLflowLogger,
     WandBLogger,
     WiSEFTCallback,
 )
 
-__all__ = ["BestModelCheckpoint", "EarlyStopping", "EvaluationCallback", "MLflowLogger", "WandBLogger",
+__all__ = ["BestModelCheckpoint", "EarlyStopping", "EvaluationCallback", "MLFlowLogger", "MLflowLogger", "WandBLogger",
            "WiSEFTCallback"]

@@ -88,7 +88,8 @@ def put_fake_artifact(s3_client: Any, uri: str) -> str:
 
 def test_fit_stream_logs_wait_metrics_and_save_artifact(standin_image: str, operator: Any, client: Client,
                                                         s3_server: Any, s3_bucket: str, s3_client: Any,
-                                                        kube_api: Any, namespace: str, tmp_path: Path) -> None:
+                                                        kube_api: Any, namespace: str, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
     run = fit_standin(client, "fit1", s3_server, s3_bucket)
     # local data went to S3 first: the CSV and its 64 images, under this submission's own inputs/<upload-id>/
     match = re.fullmatch(rf"s3://{s3_bucket}/(kubetune/{namespace}/fit1/inputs/{UPLOAD_ID}/train)/eval\.csv",
@@ -133,6 +134,26 @@ def test_fit_stream_logs_wait_metrics_and_save_artifact(standin_image: str, oper
     s3_client.put_object(bucket, f"{key}/metrics.json", io.BytesIO(b"{}"), 2)
     with pytest.raises(errors.ArtifactCorrupt, match="metrics"):
         run.save_artifact(tmp_path / "clip-model-2")
+
+    # Finetuner's other verbs: the artifact's id, the metrics table, examples refused with what to use, delete
+    kubetune.login()  # needs nothing: the kubeconfig's cluster
+    assert run.artifact_id == status.artifact.uri
+    capsys.readouterr()
+    run.display_metrics()
+    shown = capsys.readouterr().out
+    assert re.search(rf"R@5\b.*{STANDIN_AFTER['R@5']:.4f}", shown), shown
+    with pytest.raises(errors.ConfigInvalid, match="example_results") as refused:
+        run.display_examples()
+    assert "write_report" in (refused.value.hint or "")
+    kubetune.delete_run("fit1", client=client)
+    deadline = time.monotonic() + 60  # the operator's finalizer lets it go
+    while True:
+        try:
+            kubetune.get_run("fit1", client=client)
+        except errors.RunNotFound:
+            break
+        assert time.monotonic() < deadline, "fit1 still exists 60 s after delete_run"
+        time.sleep(0.5)
 
 
 def test_cli_submit_quickstart_logs_status_list(standin_image: str, operator: Any, cluster: Any, namespace: str,

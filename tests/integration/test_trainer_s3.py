@@ -102,3 +102,29 @@ def test_training_with_s3_data_checkpoints_artifact_and_resume(
     config2 = write_run(tmp_path / "run2.yaml", spec2, name="s3-run-2", namespace="team-b")
     code, events, raw = run_trainer(["--config", str(config2), "--work-dir", str(tmp_path / "work2")])
     assert code == 0, raw[-2000:]
+
+
+def test_a_run_created_again_under_a_deleted_runs_name_starts_afresh_and_leaves_its_data(
+        s3_server: Any, s3_client: Any, s3_bucket: str, s3_env: dict[str, str], tmp_path: Path,
+        synthetic_data: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`kubectl delete` then `apply` of one name: two objects with two uids. The second must train, not report the
+    first one's artifact as its own, and the first one's artifact must stay as it was."""
+    output = {"endpoint": s3_server.host_endpoint, "bucket": s3_bucket, "prefix": "reused"}
+    spec = tiny_spec(str(synthetic_data["train"]), training={"epochs": 1, "maxSteps": 2}, output=output,
+                     callbacks={"evaluation": {"enabled": False}})
+    artifacts = {}
+    for uid in ("0b6e0c7e-0000-4000-8000-000000000001", "0b6e0c7e-0000-4000-8000-000000000002"):
+        monkeypatch.setenv("KUBETUNE_RUN_UID", uid)
+        config = write_run(tmp_path / f"{uid}.yaml", spec, name="shoes", namespace="team-b", uid=uid)
+        code, events, raw = run_trainer(["--config", str(config), "--work-dir", str(tmp_path / uid)])
+        assert code == 0, raw[-2000:]
+        assert [e.step for e in of_type(events, "progress")][-1:] == [2], "it trained"
+        (artifacts[uid],) = of_type(events, "artifact")
+        assert artifacts[uid].uri == f"s3://{s3_bucket}/reused/team-b/shoes/{uid}/artifact"
+    first, second = artifacts.values()
+    store = s3_store(s3_server.host_endpoint, f"s3://{s3_bucket}/reused/team-b/shoes")
+    for uid, artifact in artifacts.items():
+        local = tmp_path / f"pulled-{uid}"
+        store.child(uid).get_dir("artifact", local)
+        assert verify_manifest(local) == [] and sha256_file(local / "manifest.json") == artifact.sha256
+    assert first.sha256 != second.sha256  # two artifacts, each with its own run in its metadata

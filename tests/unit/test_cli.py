@@ -426,14 +426,24 @@ def test_models_stage_checks_its_arguments_then_needs_the_staging_module(tmp_pat
         out.stderr
     calls: list[tuple[Any, ...]] = []
     staging = types.ModuleType(STAGING_MODULE)
-    staging.stage_model = lambda ref, dest, source=None: calls.append((ref, dest, source)) or f"{dest}/weights.pt"  # type: ignore[attr-defined]
+    def stage_model(ref: str, dest: str, source: str | None = None) -> dict[str, Any]:
+        calls.append((ref, dest, source))
+        uri = f"{dest}/ViT-B-32/openai"  # what kubetune.sdk.staging.stage_model returns
+        return {"ref": ref, "name": "ViT-B-32", "pretrained": "openai", "uri": uri, "file": f"{uri}/w.pt",
+                "sha256": "ab" * 32, "size": 1_500_000, "source": source}
+
+    staging.stage_model = stage_model  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, STAGING_MODULE, staging)
     weights = tmp_path / "w.pt"
     weights.write_bytes(b"w")
     out = runner.invoke(app, ["models", "stage", "ViT-B-32::openai", "s3://models/vit", "--from", str(weights)])
     assert out.exit_code == 0, out.output
     assert calls == [("ViT-B-32::openai", "s3://models/vit", str(weights))]
-    assert "s3://models/vit/weights.pt" in out.stdout
+    assert " ".join(out.stdout.split()) == (
+        "staged ViT-B-32::openai → s3://models/vit/ViT-B-32/openai/w.pt (1.5 MB, sha256 abababababab); a run's "
+        "trainer reads it with runDefaults.models.mirror = s3://models/vit")
+    out = runner.invoke(app, ["models", "stage", "ViT-B-32::openai", "s3://models/vit", "-o", "json"])
+    assert json.loads(out.stdout)["file"] == "s3://models/vit/ViT-B-32/openai/w.pt"
 
 
 def test_only_a_failed_run_exits_1() -> None:

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -483,3 +486,15 @@ def test_a_bug_is_exit_70_without_a_traceback_unless_debugging(monkeypatch: pyte
     result = runner.invoke(app, ["models"], env={"KUBETUNE_DEBUG": "1"})
     assert isinstance(result.exception, RuntimeError)
 
+
+
+def test_a_reader_that_goes_away_ends_the_listing_quietly() -> None:
+    """`kubetune models | head -0`: the reader has gone before the first line is written, so every write fails."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run([sys.executable, "-m", "kubetune.sdk.cli", "models", "--all"], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=120, check=False)
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stderr) == (errors.EXIT_BROKEN_PIPE, "")

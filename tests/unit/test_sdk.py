@@ -70,7 +70,8 @@ def test_build_spec_maps_finetuner_arguments() -> None:
 
 
 @pytest.mark.parametrize(("model", "name", "pretrained"), [
-    ("clip-base-en", "ViT-B-32", "openai"),
+    ("clip-base-en", "ViT-B-32-quickgelu", "openai"),
+    ("clip-large-en", "ViT-L-14-quickgelu", "openai"),
     ("clip-base-multi", "xlm-roberta-base-ViT-B-32", "laion5b_s13b_b90k"),
     ("ViT-B-16::laion2b_s34b_b88k", "ViT-B-16", "laion2b_s34b_b88k"),
     ("ViT-L-14", "ViT-L-14", None),

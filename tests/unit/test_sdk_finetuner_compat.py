@@ -9,6 +9,7 @@ import base64
 import copy
 import csv
 import io
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -146,7 +147,7 @@ def test_clip_guide_fit_with_documentarrays_creates_the_run_and_uploads_what_the
         run_name="fashion", client=client,
     )
     spec = run.spec
-    assert (spec.model.name, spec.model.pretrained) == ("ViT-B-32", "openai")
+    assert (spec.model.name, spec.model.pretrained) == ("ViT-B-32-quickgelu", "openai")
     assert (spec.training.epochs, spec.training.learning_rate, spec.training.loss) == (5, 1e-7, "CLIPLoss")
     assert spec.resources.gpus == 1 and spec.callbacks.evaluation.enabled
     assert spec.data.eval == spec.data.train  # the same DocumentArray is written and uploaded once
@@ -354,7 +355,7 @@ def test_auto_mode_minimises_losses_and_ranks_and_maximises_scores(monitor: str,
      10),
     ({"scheduler": "constant_with_warmup"}, "training.scheduler", "constant"),
     ({"model_artifact": "s3://b/kubetune/team/old/artifact"}, "model", {
-        "name": "ViT-B-32", "weights": "s3://b/kubetune/team/old/artifact"}),
+        "name": "ViT-B-32-quickgelu", "weights": "s3://b/kubetune/team/old/artifact"}),
     ({"batch_size": None, "learning_rate": None}, "training.batchSize", 64),
     ({"freeze": False, "sampler": "auto", "num_items_per_class": 4, "public": False, "scheduler_step": "batch"},
      "training.lockImage", False),
@@ -405,6 +406,29 @@ def test_unsupported_finetuner_arguments_are_config_errors_saying_what_to_write(
         finetuner.fit(model="clip-base-en", train_data="https://example.com/train.csv", client=client, **kwargs)
     assert info.value.hint and hint in info.value.hint, info.value.hint
     assert api.calls == []
+
+
+@pytest.mark.parametrize(("name", "instead"), [
+    ("build_model", "get_model"), ("cos_sim", "a @ b.T"), ("list_callbacks", "kubetune.callback"),
+    ("list_models", "describe_models()"), ("create_experiment", "namespace"), ("get_token", "kubeconfig")])
+def test_finetuner_names_kubetune_lacks_say_what_to_write_instead(name: str, instead: str) -> None:
+    with pytest.raises(AttributeError, match=f"Finetuner's {name} has no kubetune counterpart: .*{re.escape(instead)}"):
+        getattr(finetuner, name)
+    with pytest.raises(AttributeError, match=r"has no attribute 'no_such_thing'$"):
+        finetuner.no_such_thing  # noqa: B018
+
+
+def test_finetuners_module_paths_and_spellings_exist() -> None:
+    from kubetune.callback import MLFlowLogger, MLflowLogger
+
+    assert finetuner.run.Run is finetuner.Run and finetuner.login() is None and finetuner.notebook_login() is None
+    logger = MLFlowLogger(experiment="shoes", tracking_uri="http://mlflow:5000")
+    assert logger == MLflowLogger("http://mlflow:5000", "shoes")
+    with pytest.raises(TypeError):  # Finetuner's positional order is not kubetune's: keywords only
+        MLFlowLogger("shoes", "http://mlflow:5000")  # type: ignore[misc]
+    spec: dict[str, Any] = {}
+    MLflowLogger("http://mlflow:5000", credentials_secret="mlflow-auth").apply(spec)
+    assert spec["callbacks"]["mlflow"]["credentialsSecret"] == {"name": "mlflow-auth"}
 
 
 # ------------------------------------------------------------------------------------------------ status and metrics

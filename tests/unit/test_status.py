@@ -60,6 +60,22 @@ def test_progress_metrics_artifact_fold() -> None:
     assert f.started and f.finished
 
 
+@pytest.mark.parametrize(("fields", "expected"), [
+    ({"model": "ViT-B-32", "pretrained": "laion2b_s34b_b79k", "weights_from": "s3://models/ViT-B-32/x.bin"},
+     {"model": "ViT-B-32", "pretrained": "laion2b_s34b_b79k", "source": "s3://models/ViT-B-32/x.bin"}),
+    ({"model": "tiny", "weights_from": "random init"}, {"model": "tiny", "source": "random init"}),
+    ({"model": "ViT-B-32", "weights_from": "https://store.example/a.pt?X-Amz-Signature=secret"},
+     {"model": "ViT-B-32", "source": "https://store.example/a.pt"}),
+], ids=["tag-from-the-mirror", "random-init", "presigned-url"])
+def test_what_the_trainer_started_from_folds_into_status(fields: dict[str, str], expected: dict[str, str]) -> None:
+    f = StatusFolder()
+    f.feed_line(format_event("started", run="r", epochs=1, total_steps=2, **fields), 100.0)
+    patch, _ = f.take_patch()
+    assert patch["startedFrom"] == expected
+    assert FinetuneRunStatus.model_validate(patch).started_from is not None
+    assert "secret" not in json.dumps(patch)
+
+
 def test_log_tail_and_sizes_are_bounded() -> None:
     f = StatusFolder()
     for i in range(1000):

@@ -32,6 +32,7 @@ class RunConfig:
     spec: FinetuneRunSpec
     name: str
     namespace: str
+    uid: str | None = None  # the FinetuneRun's uid: its store is <prefix>/<namespace>/<name>/<uid>
     output_dir: Path | None = None  # local mode: the run's root directory; None: the S3 store in spec.output
     work_dir: Path = Path("/tmp/kubetune")  # scratch: downloaded images, weights, checkpoints in flight
     env: TrainerEnv = field(default_factory=TrainerEnv)
@@ -93,5 +94,5 @@ def resolve(args: argparse.Namespace, env: TrainerEnv | None = None) -> RunConfi
         work = output_dir / ".work"
     else:
         work = Path("/tmp/kubetune")
-    return RunConfig(spec=spec, name=name, namespace=namespace, output_dir=output_dir, work_dir=work.resolve(),
-                     env=env)
+    return RunConfig(spec=spec, name=name, namespace=namespace, uid=meta_uid or env.run_uid, output_dir=output_dir,
+                     work_dir=work.resolve(), env=env)

@@ -32,6 +32,7 @@ from typing import Any
 import open_clip
 import torch
 from kubetune.api.errors import ArtifactCorrupt, ArtifactMissing, StorageUnavailable
+from kubetune.api.events import shown_uri
 from kubetune.api.models import DEFAULT_NAME, WEIGHT_SUFFIXES, mirror_key
 from kubetune.api.spec import ModelSpec, OutputSpec
 from kubetune.storage import (
@@ -82,6 +83,13 @@ class ModelBundle:
         ``max_position_embeddings``, not what the tokenizer pads to)."""
         length = getattr(self.tokenizer, "context_length", None)
         return int(length if length is not None else getattr(self.model, "context_length", 77))
+
+
+def weights_source(start: dict[str, Any]) -> str:
+    """Where the starting weights came from, in words, from :attr:`ModelBundle.start`."""
+    if start.get("random_init"):
+        return "random init"
+    return shown_uri(str(start.get("from") or start.get("weights") or ""))
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -204,6 +212,13 @@ def build(spec: ModelSpec, device: torch.device, precision: str, work_dir: Path,
         log.info("model: %s, pretrained %s from %s", name, tag, start["from"])
     elif weights_path is not None:
         load_weights(model, weights_path, target, artifact)
+        if artifact is not None and name != artifact.name:
+            differ = config_differences(config, artifact.config)
+            if differ:  # the tensors fit, the function would not: an activation, a norm, a pooling
+                raise ModelError(f"spec.model.weights: the artifact {spec.weights} holds a {artifact.name} whose "
+                                 f"tensors fit {target} but whose config differs in {', '.join(differ[:4])}: leave "
+                                 f"spec.model.name and config unset to continue as {artifact.name}, or give its "
+                                 f"config")
         log.info("model: %s, starting from %s", name, spec.weights)
     else:
         log.info("model: %s, random init", name)
@@ -403,6 +418,18 @@ def load_weights(model: nn.Module, path: Path, target: str = "the model",
         raise ModelError(f"{path}: these weights do not fit {target} ({_summarise_load_error(str(exc))})") from None
     except (KeyError, ValueError) as exc:
         raise ModelError(f"{path}: cannot load weights: {str(exc)[:300]}") from None
+
+
+def config_differences(ours: dict[str, Any], theirs: dict[str, Any], prefix: str = "") -> list[str]:
+    """The keys (dotted) whose values differ between two open_clip model configs, with both values. Pure."""
+    out = []
+    for key in sorted(set(ours) | set(theirs)):
+        a, b = ours.get(key), theirs.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(config_differences(a, b, f"{prefix}{key}."))
+        elif a != b:
+            out.append(f"{prefix}{key} ({b} in the artifact, {a} here)")
+    return out
 
 
 def _mismatch(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], differ: list[str], missing: list[str],

@@ -140,7 +140,7 @@ class Trainer:
         self.precision = model_lib.resolve_precision(self.spec.training.precision, self.device)
         self.work = cfg.work_dir / (f"rank{self.dist.rank}" if self.dist.distributed else "")
         self.work.mkdir(parents=True, exist_ok=True)
-        self.store = store or run_store(self.spec.output, cfg.namespace, cfg.name, cfg.output_dir)
+        self.store = store or run_store(self.spec.output, cfg.namespace, cfg.name, cfg.output_dir, uid=cfg.uid)
         self.fetcher = Fetcher(cfg.work_dir / "cache", self.spec.output, max_bytes=disk_cache_bytes(self.spec))
         self.phases = distributed.SoloPhases(self.dist)  # replaced by one with its own timeout once data is known
         self.started_at = time.time()
@@ -277,7 +277,8 @@ class Trainer:
                 self.info("the operator last saw checkpoint %s; the store's latest is newer or different", expected)
         monitors = self._monitors(state)
 
-        self.emit("started", run=self.cfg.name, namespace=self.cfg.namespace, model=spec.model.name,
+        self.emit("started", run=self.cfg.name, namespace=self.cfg.namespace, model=bundle.name,
+                  pretrained=bundle.start.get("pretrained"), weights_from=model_lib.weights_source(bundle.start),
                   epochs=spec.training.epochs, total_steps=total_steps, step=state.step,
                   world_size=self.dist.world_size, attempt=self.cfg.env.attempt,
                   resumed_from_step=resumed_from, device=str(self.device.type), precision=self.precision,

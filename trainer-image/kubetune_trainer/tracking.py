@@ -115,13 +115,11 @@ def metric_name(name: str) -> str:
 
 
 def run_params(spec: FinetuneRunSpec, identity: RunIdentity) -> dict[str, str]:
-    """The params a tracking run starts with: the spec's, so ``pretrained`` is the tag asked for (``weights`` when
-    starting from weights, ``unset`` for the model's default). Data and weight URIs are left out: a presigned URL
-    carries a token."""
+    """The params a tracking run starts with: the spec's (what the model started from comes with the trainer's
+    ``started`` event, as it was resolved). Data URIs are left out: a presigned URL carries a token."""
     training = spec.training
-    pretrained = spec.model.pretrained or ("weights" if spec.model.weights else "unset")
     params: dict[str, Any] = {
-        "model": spec.model.name, "pretrained": pretrained, "epochs": training.epochs,
+        "model": spec.model.name, "epochs": training.epochs,
         "batch_size": training.batch_size, "grad_accumulation": training.grad_accumulation,
         "learning_rate": training.learning_rate, "loss": training.loss, "optimizer": training.optimizer,
         "scheduler": training.scheduler, "warmup_steps": training.warmup_steps,
@@ -149,8 +147,10 @@ def from_event(event_type: str, fields: Mapping[str, Any], step: int, now_ms: in
             update.points.append(Point(metric_name(key), float(value), at, now_ms))
 
     if event_type == "started":
+        # what the model started from as the trainer resolved it (a name alone means its default tag)
         update.params = {key: str(fields[key]) for key in ("world_size", "total_steps", "train_pairs", "device",
-                                                           "precision") if fields.get(key) is not None}
+                                                           "precision", "pretrained", "weights_from")
+                         if fields.get(key) is not None}
     elif event_type == "progress":
         point("train/samples_per_second", fields.get("samples_per_second"))
     elif event_type == "metrics":

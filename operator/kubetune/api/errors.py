@@ -10,7 +10,8 @@ from __future__ import annotations
 
 # CLI exit codes (documented in docs/sdk.md): 0 ok, 1 the run failed, 2 bad usage/config, 3 not found,
 # 4 not finished yet, 5 the cluster or the store is unreachable, 6 artifact missing/corrupt, 7 missing extra,
-# 70 a kubetune bug (sysexits' EX_SOFTWARE: an exception nobody expected), 130 interrupted.
+# 70 a kubetune bug (sysexits' EX_SOFTWARE: an exception nobody expected), 130 interrupted, 141 the reader of
+# its output went away (`kubetune list | head`: what a command killed by SIGPIPE reports).
 EXIT_OK = 0
 EXIT_RUN_FAILED = 1
 EXIT_USAGE = 2
@@ -21,6 +22,7 @@ EXIT_ARTIFACT = 6
 EXIT_MISSING_EXTRA = 7
 EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141
 
 
 class KubetuneError(Exception):

@@ -77,6 +77,12 @@ class Event(BaseModel):
     retryable: bool | None = None
 
 
+def shown_uri(text: str) -> str:
+    """A URI as events and status may show it: without its query string, where a presigned URL carries its
+    credential. Text that is no URI is left as it is."""
+    return text.split("?", 1)[0] if "://" in text else text
+
+
 def _finite(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None

@@ -269,6 +269,17 @@ class WandbSpec(_Model):
         "never reads it)."))] = None
 
 
+MLFLOW_CREDENTIAL_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+
+
+class MlflowCredentialsSecret(_Model):
+    name: Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+                               description=(
+        "Name of a Secret in the run's namespace with the keys MLFLOW_TRACKING_USERNAME and "
+        "MLFLOW_TRACKING_PASSWORD (basic auth) or MLFLOW_TRACKING_TOKEN (bearer token); each is passed to the "
+        "trainer as the variable of that name through an optional secretKeyRef (the operator never reads it)."))]
+
+
 class MlflowSpec(_Model):
     tracking_uri: Annotated[str, Field(min_length=1, max_length=2048, pattern=MLFLOW_URI_PATTERN, description=(
         "MLflow tracking server: an http(s) URL (e.g. http://mlflow.mlflow:5000) or a file: path. Credentials in "
@@ -278,6 +289,8 @@ class MlflowSpec(_Model):
     run_name: Annotated[str | None, Field(max_length=250, description=(
         "Name of the MLflow run. Empty: the FinetuneRun's name. Every attempt of a run logs to the same MLflow "
         "run (found by its kubetune.run_uid tag)."))] = None
+    credentials_secret: Annotated[MlflowCredentialsSecret | None, Field(description=(
+        "Credentials of a tracking server that asks for them."))] = None
 
 
 class CallbacksSpec(_Model):
@@ -314,7 +327,7 @@ class OutputSpec(_Model):
     bucket: Annotated[str | None, Field(min_length=3, max_length=63, pattern=BUCKET_PATTERN, description=(
         "Bucket for artifacts and checkpoints; empty: the operator's default."))] = None
     prefix: Annotated[str, Field(max_length=1024, description=(
-        "Key prefix; the run's artifact goes under <prefix>/<namespace>/<name>/."))] = "kubetune"
+        "Key prefix; the run's checkpoints and artifact go under <prefix>/<namespace>/<name>/<uid>/."))] = "kubetune"
     region: Annotated[str, Field(max_length=64, description="S3 region.")] = "us-east-1"
     credentials_secret: Annotated[SecretRef | None, Field(description=(
         "Secret with the S3 credentials, passed to the trainer through secretKeyRef (the operator never "
@@ -518,6 +531,22 @@ class Artifact(_Model):
     sha256: Annotated[str | None, Field(max_length=64, description="sha256 of the artifact's manifest.")] = None
 
 
+class StartedFrom(_Model):
+    model: Annotated[str, Field(max_length=253, description=(
+        "The open_clip model trained (a kubetune artifact in model.weights supplies its own)."))]
+    pretrained: Annotated[str | None, Field(max_length=253, description=(
+        "The pretrained tag whose weights it started from (a name alone means its default tag); empty for "
+        "model.weights or a random init."))] = None
+    source: Annotated[str | None, Field(max_length=2048, description=(
+        "Where those weights came from: the model mirror, the hub or its cache, model.weights; 'random init' "
+        "when none were loaded. A URL's query string is not shown."))] = None
+
+    @property
+    def ref(self) -> str:
+        """``NAME::TAG`` (or the name alone when no tag was used)."""
+        return self.model + (f"::{self.pretrained}" if self.pretrained else "")
+
+
 class LogCursorStatus(_Model):
     pod: Annotated[str, Field(max_length=253, description="The trainer pod whose log was read.")]
     time: Annotated[str, Field(max_length=64, description=(
@@ -549,6 +578,8 @@ class FinetuneRunStatus(_Model):
     log_tail: Annotated[list[str], Field(max_length=LOG_TAIL_LINES, description=(
         "The last trainer log lines (bounded)."))] = []
     artifact: Annotated[Artifact | None, Field(description="The published artifact.")] = None
+    started_from: Annotated[StartedFrom | None, Field(description=(
+        "The model and weights the trainer started from, as it resolved them."))] = None
     message: Annotated[str | None, Field(max_length=MESSAGE_MAX_CHARS, description="Human summary.")] = None
     attempt_generation: Annotated[int | None, Field(ge=0, description=(
         "The spec generation the current attempt runs with (a spec edit applies from the next attempt)."))] = None

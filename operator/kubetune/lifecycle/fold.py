@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
-from kubetune.api.events import Event, parse_line
+from kubetune.api.events import Event, parse_line, shown_uri
 from kubetune.api.spec import LOG_LINE_MAX_CHARS, LOG_TAIL_LINES, MAX_METRICS
 from kubetune.lifecycle.formats import clip, parse_rfc3339
 
@@ -159,6 +159,7 @@ class StatusFolder:
                 progress["step"] = resumed
             self._rate = _Rate()
             self._set_progress(progress)
+            self._set_started_from(extra)
         elif kind == "progress":
             progress = dict(self.status.get("progress") or {})
             for src, dst in (("epoch", "epoch"), ("epochs", "epochs"), ("step", "step"),
@@ -238,6 +239,19 @@ class StatusFolder:
         if progress != self.status.get("progress"):
             self.status["progress"] = progress
             self.dirty.add("progress")
+
+    def _set_started_from(self, extra: Mapping[str, Any]) -> None:
+        model = extra.get("model")
+        if not isinstance(model, str) or not model:
+            return
+        started: dict[str, Any] = {"model": clip(model, 253)}
+        for key, field, limit in (("pretrained", "pretrained", 253), ("source", "weights_from", 2048)):
+            value = extra.get(field)
+            if isinstance(value, str) and value:
+                started[key] = clip(shown_uri(value), limit)
+        if started != self.status.get("startedFrom"):
+            self.status["startedFrom"] = started
+            self.dirty.add("startedFrom")
 
     def _set_metric(self, key: str, value: float) -> None:
         metrics = dict(self.status.get("metrics") or {})

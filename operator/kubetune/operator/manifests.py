@@ -49,7 +49,15 @@ from kubetune.api.names import (
     worker_job_name,
 )
 from kubetune.api.quantity import parse_quantity
-from kubetune.api.spec import API_VERSION, KIND, FinetuneRunSpec, ResourcesSpec, SecretRef, Toleration
+from kubetune.api.spec import (
+    API_VERSION,
+    KIND,
+    MLFLOW_CREDENTIAL_KEYS,
+    FinetuneRunSpec,
+    ResourcesSpec,
+    SecretRef,
+    Toleration,
+)
 from kubetune.api.trainer_env import DEFAULT_TERMINATION_LOG, RENDEZVOUS_PORT, TrainerEnv, variable
 from kubetune.operator.settings import Capabilities, OperatorSettings
 
@@ -234,6 +242,11 @@ def _env(run: dict[str, Any], spec: FinetuneRunSpec, attempt: int, resume_from: 
         # the variable W&B's client reads its key from; with mode auto it also turns online logging on
         env.append({"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {
             "name": wandb.api_key_secret.name, "key": wandb.api_key_secret.key}}})
+    mlflow = spec.callbacks.mlflow
+    if mlflow is not None and mlflow.credentials_secret is not None:
+        # MLflow's client reads these variables itself; a Secret holds a user and password or a token, not both
+        env.extend({"name": key, "valueFrom": {"secretKeyRef": {
+            "name": mlflow.credentials_secret.name, "key": key, "optional": True}}} for key in MLFLOW_CREDENTIAL_KEYS)
     return env
 
 

@@ -189,14 +189,24 @@ class MLflowLogger:
     tracking_uri: str
     experiment: str = "kubetune"
     run_name: str | None = None
+    credentials_secret: str | None = None  # a Secret with MLFLOW_TRACKING_USERNAME/_PASSWORD or _TOKEN
 
     def __post_init__(self) -> None:
         if not self.tracking_uri:
             raise ConfigInvalid("MLflowLogger: tracking_uri is required", "e.g. http://mlflow.mlflow:5000")
 
     def apply(self, spec: dict[str, Any]) -> None:
-        _section(spec)["mlflow"] = {"trackingUri": self.tracking_uri, "experiment": self.experiment,
-                                    **({"runName": self.run_name} if self.run_name else {})}
+        _section(spec)["mlflow"] = {
+            "trackingUri": self.tracking_uri, "experiment": self.experiment,
+            **({"runName": self.run_name} if self.run_name else {}),
+            **({"credentialsSecret": {"name": self.credentials_secret}} if self.credentials_secret else {})}
+
+
+def MLFlowLogger(*, tracking_uri: str, experiment: str = "kubetune", run_name: str | None = None,
+                 credentials_secret: str | None = None) -> MLflowLogger:
+    """Finetuner's spelling of :class:`MLflowLogger`. Keyword arguments only: Finetuner's positional order
+    (experiment, tracking_uri) is not kubetune's."""
+    return MLflowLogger(tracking_uri, experiment, run_name, credentials_secret)
 
 
 Callback = (EvaluationCallback | WiSEFTCallback | EarlyStopping | BestModelCheckpoint | WandBLogger | MLflowLogger)

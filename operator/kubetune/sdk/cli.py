@@ -36,6 +36,7 @@ from typer.core import TyperGroup
 from kubetune import __version__
 from kubetune.api.errors import (
     EXIT_ARTIFACT,
+    EXIT_BROKEN_PIPE,
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
     EXIT_MISSING_EXTRA,
@@ -63,8 +64,16 @@ DEBUG_ENV = "KUBETUNE_DEBUG"  # set to 1: an unexpected exception (exit 70) show
 RESOURCE = f"{SINGULAR}.{GROUP}"  # what `-o name` prints before the run's name, as kubectl does
 STAGING_MODULE = "kubetune.sdk.staging"
 
-console = Console()
-err = Console(stderr=True)
+class _Console(Console):
+    """rich's console, except that a reader gone away is not exit 1 (which says "the run failed")."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError
+
+
+console = _Console()
+err = _Console(stderr=True)
 
 
 def _click_module(name: str) -> Any:
@@ -151,6 +160,15 @@ def _usage_error(exc: Any) -> None:
     print_error(message[:1].lower() + message[1:], hint)
 
 
+def _reader_gone() -> int:
+    """The reader of stdout left (``kubetune list | head``): nothing to report to anyone. stdout is pointed at
+    /dev/null so that the interpreter's last flush at exit cannot raise again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_BROKEN_PIPE
+
+
 class CLIGroup(TyperGroup):
     """The root command: click's usage errors answered like every other error, help for a bare ``kubetune``
     (exit 0), and no traceback for anything unexpected (exit 70; KUBETUNE_DEBUG=1 shows it)."""
@@ -173,6 +191,8 @@ class CLIGroup(TyperGroup):
         except _Abort:
             err.print("[yellow]interrupted[/]")
             code = EXIT_INTERRUPTED
+        except BrokenPipeError:
+            code = _reader_gone()
         except Exception as exc:
             if os.environ.get(DEBUG_ENV):
                 raise
@@ -647,6 +667,8 @@ def status(name: str, namespace: NamespaceOpt = None, kubeconfig: KubeconfigOpt 
         table.add_row("name", f"{r.namespace}/{r.name}")
         table.add_row("phase", str(st.phase or "Pending"))
         table.add_row("model", summary["model"])
+        if st.started_from and st.started_from.source:
+            table.add_row("weights", escape(st.started_from.source))
         if st.progress:
             pr = st.progress
             table.add_row("progress", f"epoch {pr.epoch}/{pr.epochs} · step {pr.step}/{pr.total_steps} · "
@@ -729,6 +751,8 @@ def describe_view(obj: dict[str, Any], events: list[dict[str, Any]], now: dateti
     rows: list[tuple[str, Any]] = [("Phase", st.phase or "Pending"), ("Message", st.message),
                                    ("Attempts", st.attempts), ("Retries", st.retries), ("Job", st.job_name),
                                    ("Pod", st.pod_name), ("Started", st.start_time), ("Completed", st.completion_time)]
+    if st.started_from:
+        rows.append(("Started from", " · ".join(filter(None, (st.started_from.ref, st.started_from.source)))))
     if st.progress and st.progress.summary:
         rows.append(("Progress", f"{st.progress.summary} · step {st.progress.step}/{st.progress.total_steps}"
                                  f" · ETA {_duration(st.progress.eta_seconds)}"))
@@ -1164,9 +1188,11 @@ def models_stage(ref: Annotated[str, typer.Argument(metavar="NAME::TAG", help=(
         with _spinner(f"staging {ref} into {dest}"):
             result = staging.stage_model(ref, dest, source=None if source is None else str(source))
         if output != Output.table:
-            dump({"model": ref, "dest": dest, "result": result}, output)
+            dump(result, output)
         else:
-            console.print(f"[green]staged[/] {escape(ref)} → {escape(str(result or dest))}", soft_wrap=True)
+            console.print(f"[green]staged[/] {escape(result['ref'])} → {escape(result['file'])} "
+                          f"({result['size'] / 1e6:.1f} MB, sha256 {result['sha256'][:12]}); a run's trainer reads "
+                          f"it with runDefaults.models.mirror = {escape(dest)}", soft_wrap=True, highlight=False)
 
 
 # ---- data

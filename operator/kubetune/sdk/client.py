@@ -77,8 +77,9 @@ INPUTS = "inputs"
 
 # Finetuner's CLIP names → (open_clip name, pretrained tag)
 MODEL_ALIASES: dict[str, tuple[str, str]] = {
-    "clip-base-en": ("ViT-B-32", "openai"),
-    "clip-large-en": ("ViT-L-14", "openai"),
+    # OpenAI's weights were trained with QuickGELU: open_clip's -quickgelu configs are their architecture
+    "clip-base-en": ("ViT-B-32-quickgelu", "openai"),
+    "clip-large-en": ("ViT-L-14-quickgelu", "openai"),
     "clip-base-multi": ("xlm-roberta-base-ViT-B-32", "laion5b_s13b_b90k"),
 }
 
@@ -675,6 +676,30 @@ class Run:
         return {"before": dict(st.metrics.before) if st.metrics else {},
                 "after": dict(st.metrics.after) if st.metrics else {}}
 
+    @property
+    def artifact_id(self) -> str | None:
+        """Finetuner's ``run.artifact_id``: here the artifact's URI (None until it is published), which
+        ``fit(model_artifact=...)`` takes to continue from it."""
+        artifact = self.status().artifact
+        return artifact.uri if artifact else None
+
+    def display_metrics(self) -> None:
+        """Finetuner's ``run.display_metrics()``: the before/after retrieval metrics as a table on stdout."""
+        from rich.console import Console
+
+        from kubetune.sdk.cli import metrics_table
+
+        Console().print(metrics_table(self.metrics()))
+
+    def example_results(self, *args: Any, **kwargs: Any) -> None:
+        """Finetuner's ``run.example_results()`` / ``display_examples()``: refused, with what to use instead."""
+        raise ConfigInvalid("run.example_results() and run.display_examples() are Finetuner's",
+                            "kubetune draws sample queries' top images before and after in an HTML page: "
+                            "kubetune.write_report(run.save_artifact('model'), 'report.html'), or `kubetune report "
+                            "NAME`")
+
+    display_examples = example_results
+
     # ---- logs
     def _pods(self) -> list[Any]:
         core = self.client._core()
@@ -938,7 +963,8 @@ class Run:
             age = _age(seconds)
         return {
             "name": self.name, "namespace": self.namespace, "phase": st.phase,
-            "model": model.get("name", "?") + (f"::{model['pretrained']}" if model.get("pretrained") else ""),
+            "model": st.started_from.ref if st.started_from else (
+                model.get("name", "?") + (f"::{model['pretrained']}" if model.get("pretrained") else "")),
             "progress": st.progress.summary if st.progress else None,
             "loss": st.metrics.train_loss if st.metrics else None,
             "before": dict(st.metrics.before) if st.metrics else {},
@@ -1086,3 +1112,17 @@ def get_run(name: str, namespace: str | None = None, client: Client | None = Non
 
 def list_runs(namespace: str | None = None, all_namespaces: bool = False, client: Client | None = None) -> list[Run]:
     return _client(client).list_runs(namespace, all_namespaces)
+
+
+def delete_run(name: str, namespace: str | None = None, client: Client | None = None) -> None:
+    """Finetuner's ``delete_run``: delete the FinetuneRun (its Jobs go with it; its artifact stays in S3)."""
+    _client(client).delete_run(name, namespace)
+
+
+def login(*args: Any, **kwargs: Any) -> None:
+    """Finetuner's ``login``/``notebook_login``: kubetune needs none. It talks to the cluster of your kubeconfig
+    (``configure(namespace=, kubeconfig=, context=)`` picks another), so a Finetuner script's first line runs."""
+    log.info("kubetune needs no login: it uses the cluster of your kubeconfig (kubetune.configure picks another)")
+
+
+notebook_login = login

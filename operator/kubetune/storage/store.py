@@ -396,13 +396,16 @@ def store_from_uri(uri: str, endpoint: str | None = None, region: str = "us-east
     return LocalStore(uri.removeprefix("file://"))
 
 
-def run_key(prefix: str, namespace: str, name: str) -> str:
-    """``<prefix>/<namespace>/<name>``: where one run's checkpoints and artifact live in the bucket."""
-    return join_key(prefix, namespace, name)
+def run_key(prefix: str, namespace: str, name: str, uid: str | None = None) -> str:
+    """``<prefix>/<namespace>/<name>/<uid>``: where one run's checkpoints and artifact live in the bucket. The uid
+    keeps a run created again under a deleted run's name from resuming, or reporting, the deleted run's work,
+    and from overwriting its artifact. Without a uid (a trainer started by hand): ``<prefix>/<namespace>/<name>``."""
+    return join_key(prefix, namespace, name, *([uid] if uid else []))
 
 
 def run_store(output: OutputSpec, namespace: str, name: str, output_dir: str | os.PathLike[str] | None = None,
-              env: Mapping[str, str] | None = None, retry: RetryPolicy | None = None) -> Store:
+              env: Mapping[str, str] | None = None, retry: RetryPolicy | None = None,
+              uid: str | None = None) -> Store:
     """The store rooted at one run: ``output_dir`` itself in local mode, else the bucket's run prefix."""
     if output_dir is not None:
         return LocalStore(output_dir)
@@ -410,4 +413,4 @@ def run_store(output: OutputSpec, namespace: str, name: str, output_dir: str | o
         raise ValueError("spec.output.endpoint and spec.output.bucket are needed without a local output dir")
     retry = retry or RetryPolicy.for_window(output.retry_seconds)
     return s3_store(output.endpoint, output.bucket, output.region, env, retry).child(
-        run_key(output.prefix, namespace, name))
+        run_key(output.prefix, namespace, name, uid))

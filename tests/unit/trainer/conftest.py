@@ -41,17 +41,17 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real MLflow tracking server on loopback (SQLite store, local artifact root); yields its URL and is
-    killed, with its worker processes, at the end of the session."""
-    root = tmp_path_factory.mktemp("mlflow")
+@contextlib.contextmanager
+def _mlflow_server(root: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[str]:
+    """A real MLflow tracking server on loopback (SQLite store, local artifact root) until the block ends; yields
+    its URL. It is killed with its worker processes."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-           "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--default-artifact-root", str(root / "artifacts")]
+           "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--default-artifact-root", str(root / "artifacts"),
+           *args]
     # no background job runner: the tests never submit server-side jobs, and the CPUs are shared
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})}
     with open(root / "server.log", "wb") as server_log:
         server = subprocess.Popen(cmd, stdout=server_log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
@@ -79,6 +79,30 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(server.pid, signal.SIGKILL)
             server.wait()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real MLflow tracking server that asks for no credentials; yields its URL."""
+    with _mlflow_server(tmp_path_factory.mktemp("mlflow")) as url:
+        yield url
+
+
+@pytest.fixture
+def mlflow_auth_server(tmp_path: Path) -> Iterator[tuple[str, str, str]]:
+    """A real MLflow tracking server with MLflow's own basic-auth app (a user store in SQLite, nothing readable
+    without credentials); yields its URL and the admin's user name and password."""
+    root = tmp_path / "mlflow-auth"
+    root.mkdir()
+    user, password = "admin", "kt-" + os.urandom(12).hex()
+    config = root / "basic_auth.ini"
+    config.write_text("[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
+                      f"database_uri = sqlite:///{root / 'users.db'}\nadmin_username = {user}\n"
+                      f"admin_password = {password}\n"
+                      "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    env = {"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_FLASK_SERVER_SECRET_KEY": os.urandom(16).hex()}
+    with _mlflow_server(root, "--app-name", "basic-auth", env=env) as url:
+        yield url, user, password
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ import torch
 from kt_trainer_helpers import TINY_CONFIG, of_type, run_trainer, tiny_spec, write_run
 from kubetune.api.events import EXIT_BAD_CONFIG, parse_line
 from kubetune.api.spec import ModelSpec
+from kubetune.lifecycle.fold import StatusFolder
 from kubetune.sdk.staging import stage_model
 from kubetune.storage import Store, s3_store
 from kubetune_trainer import export
@@ -109,6 +110,11 @@ def test_a_run_reads_the_mirror_its_environment_names_with_the_hub_off(tmp_path:
     metadata = json.loads((tmp_path / "out" / "artifact" / "metadata.json").read_text())
     assert metadata["start"] == {"name": "kt-tiny-mirror-run", "pretrained": "kt-v2", "from": staged["file"],
                                  "sha256": staged["sha256"]}
+    folder = StatusFolder()  # what the run's status says, through the operator's own fold
+    for line in done.stdout.splitlines():
+        folder.feed_line(line)
+    assert folder.status["startedFrom"] == {"model": "kt-tiny-mirror-run", "pretrained": "kt-v2",
+                                            "source": staged["file"]}
 
 
 @pytest.mark.parametrize("with_mirror", [True, False], ids=["mirror-without-the-tag", "no-mirror"])
@@ -169,6 +175,27 @@ def test_an_artifact_that_does_not_fit_the_named_model_is_one_sentence(artifact:
     assert "does not fit spec.model's kt-tiny-wide (embed_dim 32, vision 2×96 patch 8 at 32 px, text 2×32)" in message
     assert "leave spec.model.name and config unset" in message and "\n" not in message
     assert "size mismatch" not in raw
+
+
+def test_an_artifact_whose_tensors_fit_a_differently_configured_model_is_one_sentence(
+        artifact: Path, tmp_path: Path, synthetic_data: dict[str, Path]) -> None:
+    spec = tiny_spec(str(synthetic_data["train"]), model={
+        "name": "kt-tiny-quickgelu", "config": {**TINY_CONFIG, "quick_gelu": True}, "weights": str(artifact)})
+    code, events, raw = run_trainer(["--config", str(write_run(tmp_path / "run.yaml", spec)),
+                                     "--output-dir", str(tmp_path / "out")])
+    assert code == EXIT_BAD_CONFIG, raw[-3000:]
+    (failed,) = of_type(events, "failed")
+    message = failed.message or ""
+    assert failed.reason == "InvalidModel" and "\n" not in message
+    assert "holds a kt-tiny-art whose tensors fit spec.model's kt-tiny-quickgelu" in message
+    assert "differs in quick_gelu (None in the artifact, True here)" in message
+    # the same config under another name is the same function: it loads
+    same = tiny_spec(str(synthetic_data["train"]), training={"epochs": 1, "maxSteps": 1},
+                     callbacks={"evaluation": {"enabled": False}},
+                     model={"name": "kt-tiny-renamed", "config": TINY_CONFIG, "weights": str(artifact)})
+    code, _, raw = run_trainer(["--config", str(write_run(tmp_path / "same.yaml", same)),
+                                "--output-dir", str(tmp_path / "out-same")])
+    assert code == 0, raw[-3000:]
 
 
 def test_a_weights_file_that_does_not_fit_is_summarised(tmp_path: Path) -> None:

@@ -177,7 +177,7 @@ def test_mlflow_holds_params_loss_metrics_and_artifact_uri(tracked: dict[str, An
     started = of_type(tracked["events"], "started")[0]
     assert run.info.status == "FINISHED" and run.info.run_name == "tiny"
     assert run.data.params == {
-        "model": "kt-tiny", "pretrained": "unset", "epochs": "2", "batch_size": "32", "grad_accumulation": "1",
+        "model": "kt-tiny", "weights_from": "random init", "epochs": "2", "batch_size": "32", "grad_accumulation": "1",
         "learning_rate": "0.001", "loss": "CLIPLoss", "optimizer": "adamw", "scheduler": "cosine",
         "warmup_steps": "2", "weight_decay": "0.1", "seed": "7", "lock_image": "False", "lock_text": "False",
         "run_name": "tiny", "run_namespace": "team-a", "run_uid": tracked["uid"],
@@ -242,6 +242,34 @@ def test_a_down_server_never_fails_training_and_warns_once(
     assert "\n" not in warnings[0] and down in warnings[0]
     stderr = capfd.readouterr().err
     assert "Retrying" not in stderr and "WARNING" not in stderr, stderr[-2000:]
+
+
+def test_a_server_that_asks_for_credentials_gets_them_from_the_secrets_variables(
+        mlflow_auth_server: tuple[str, str, str], synthetic_data: dict[str, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow.exceptions import MlflowException
+
+    url, user, password = mlflow_auth_server
+    with pytest.raises(MlflowException, match=r"401|Unauthorized|credentials"):  # it does ask
+        _client(url).search_experiments()
+    uid = str(uuid.uuid4())
+    spec = _quick_spec(str(synthetic_data["train"]), mlflow={
+        "trackingUri": url, "experiment": "authenticated", "credentialsSecret": {"name": "mlflow-auth"}})
+    config = write_run(tmp_path / "run.yaml", spec, uid=uid)
+    monkeypatch.setenv("KUBETUNE_RUN_UID", uid)
+    # what the pod's optional secretKeyRefs put into the trainer's environment
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+    code, events, raw = run_trainer(["--config", str(config), "--output-dir", str(tmp_path / "out")])
+    assert code == 0, raw[-3000:]
+    (run,) = _runs_of(url, "authenticated", uid)
+    assert run.info.status == "FINISHED"
+    steps = [step for step, _ in events_series(events)["train/loss"]]
+    assert [m.step for m in _client(url).get_metric_history(run.info.run_id, "train/loss")] == steps
+    assert password not in raw
+    for path in tmp_path.rglob("*"):
+        if path.is_file() and "mlflow-auth" not in path.parts:  # the server's own user store holds its hash
+            assert password.encode() not in path.read_bytes(), path
 
 
 def test_a_failed_run_is_marked_failed_and_its_attempts_share_one_run(
@@ -330,6 +358,21 @@ def test_the_wandb_key_reaches_the_trainer_only_through_a_secret_key_ref() -> No
     without = manifests.job({**run, "spec": BASE_SPEC}, FinetuneRunSpec.model_validate(BASE_SPEC), settings,
                             attempt=1)
     assert "WANDB_API_KEY" not in {e["name"] for e in without["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+
+def test_mlflow_credentials_reach_the_trainer_only_through_optional_secret_key_refs() -> None:
+    settings = OperatorSettings(trainer_image="kubetune/trainer:test", s3_endpoint="http://10.0.0.1:9000",
+                                s3_bucket="models")
+    mlflow = {"trackingUri": "https://mlflow.example", "credentialsSecret": {"name": "mlflow-auth"}}
+    run = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FinetuneRun",
+           "metadata": {"name": "r", "namespace": "team-a", "uid": "u-1", "generation": 1},
+           "spec": {**BASE_SPEC, "callbacks": {"mlflow": mlflow}}}
+    job = manifests.job(run, FinetuneRunSpec.model_validate(run["spec"]), settings, attempt=1)
+    env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        assert env[key] == {"name": key, "valueFrom": {"secretKeyRef": {"name": "mlflow-auth", "key": key,
+                                                                          "optional": True}}}
+    assert not [e for e in env.values() if "value" in e and "mlflow-auth" in str(e["value"])]
 
 
 # ------------------------------------------------------------------------------------------------ pure pieces
