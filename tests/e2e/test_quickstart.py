@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.docs_blocks import block_named, run_block
+
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(3600)]
 ROOT = Path(__file__).resolve().parents[2]
 LOCAL_RUN_BUDGET_S = 180  # "under 3 minutes on a 2-core machine"
@@ -76,6 +78,11 @@ def test_readme_first_command(tmp_path: Path) -> None:
     encoded = subprocess.run([kubetune, "encode", str(artifact), "--image", str(image), "-o", "json"],
                              capture_output=True, text=True, env=env, timeout=300)
     assert encoded.returncode == 0 and json.loads(encoded.stdout)["shape"] == [1, 64], encoded.stderr
+
+    # docs/sdk.md's next block, as written, in the same copy: encode with the artifact, then the report
+    out = run_block(block_named("quickstart-artifact"), repo, env, timeout=600)
+    assert out.returncode == 0, f"{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    assert (repo / "kubetune-runs" / "quickstart" / "report.html").is_file(), out.stdout[-2000:]
 
     metrics = json.loads((artifact / "metrics.json").read_text())
     assert metrics["after"]["R@5"] > metrics["before"]["R@5"] + 0.3

@@ -1,51 +1,83 @@
-"""The quickstart file, unchanged, on the harness cluster with the real trainer image, driven by the CLI only:
-``kubetune submit`` (uploads the bundled data) → ``logs -f`` → ``status`` → ``artifact pull`` (sha256-verified)
-→ ``encode`` → ``report NAME`` (downloads the artifact, reads the eval data back from S3)."""
+"""docs/sdk.md's cluster blocks, as written, on the harness cluster with the real trainer image, then the CLI's
+reading verbs on what they made:
+
+- "The same file on a cluster": ``kubetune submit`` (uploads the bundled data) → ``logs -f`` → ``artifact pull``
+  (sha256-verified); its ``export`` lines keep the harness's S3 endpoint and keys where they show placeholders;
+- ``encode`` and ``report NAME`` (downloads the artifact, reads the eval data back from S3);
+- the kubectl-habits block: ``submit --dry-run`` (server side), ``list -l``, ``wait --for``, ``describe``,
+  ``logs --tail --since``, ``delete``.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from kubetune.api import errors
 from kubetune.sdk.cli import app
+from kubetune.sdk.client import Client
 from typer.testing import CliRunner
 
 from tests.cluster.s3 import S3Server
+from tests.docs_blocks import ROOT, block_named, run_block
 from tests.integration.test_operator_support import OperatorProcess
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
-ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_quickstart_file_on_the_cluster_with_the_cli(e2e_cluster: Any, namespace: str,
-                                                     trainer_operator: OperatorProcess, s3_server: S3Server,
-                                                     s3_bucket: str, tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_sdk_docs_cluster_blocks_run_as_written_on_the_cluster(e2e_cluster: Any, namespace: str,
+                                                                   trainer_operator: OperatorProcess,
+                                                                   s3_server: S3Server, s3_bucket: str,
+                                                                   tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     operator = trainer_operator
-    env = {"KUBECONFIG": e2e_cluster.kubeconfig, "KUBETUNE_NAMESPACE": namespace, "COLUMNS": "150",
-           "KUBETUNE_S3_ENDPOINT": s3_server.host_endpoint, "KUBETUNE_S3_BUCKET": s3_bucket,
-           "AWS_ACCESS_KEY_ID": s3_server.access_key, "AWS_SECRET_ACCESS_KEY": s3_server.secret_key}
-    for key, value in env.items():
+    harness = {"KUBECONFIG": e2e_cluster.kubeconfig, "KUBETUNE_NAMESPACE": namespace, "COLUMNS": "150",
+               "KUBETUNE_S3_ENDPOINT": s3_server.host_endpoint, "KUBETUNE_S3_BUCKET": s3_bucket,
+               "AWS_ACCESS_KEY_ID": s3_server.access_key, "AWS_SECRET_ACCESS_KEY": s3_server.secret_key}
+    for key, value in harness.items():
         monkeypatch.setenv(key, value)
-    runner = CliRunner()
-    out = runner.invoke(app, ["submit", str(ROOT / "examples" / "quickstart.yaml")])
-    assert out.exit_code == 0, out.output
-    out = runner.invoke(app, ["logs", "quickstart", "-f"])
-    assert out.exit_code == 0 and "artifact:" in out.output, out.output[-3000:]
-    out = runner.invoke(app, ["status", "quickstart", "-o", "json"])
-    status = json.loads(out.stdout)["status"]
-    assert status["phase"] == "Succeeded", (status, operator.log())
-    assert status["metrics"]["after"]["R@5"] > status["metrics"]["before"]["R@5"]
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    env = {**{k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV",)}, **harness,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 
+    out = run_block(block_named("cluster-quickstart"), tmp_path, env, keep_set_exports=True)
+    assert out.returncode == 0, f"{out.stdout[-3000:]}\n{out.stderr[-3000:]}\n{operator.log()[-3000:]}"
+    assert "artifact:" in out.stdout and "verified" in out.stdout, out.stdout[-3000:]
+    status = Client(namespace=namespace).get_run("quickstart").status()
+    assert status.phase == "Succeeded", (status, operator.log())
+    assert status.metrics and status.metrics.after["R@5"] > status.metrics.before["R@5"]
+    assert status.started_from is not None and status.started_from.source == "random init"
     model = tmp_path / "clip-model"
-    out = runner.invoke(app, ["artifact", "pull", "quickstart", str(model)])
-    assert out.exit_code == 0 and "verified" in out.output, out.output
-    out = runner.invoke(app, ["encode", str(model), "--text", "a red circle on a white background", "-o", "json"])
-    assert out.exit_code == 0 and json.loads(out.stdout)["shape"] == [1, 64], out.output
+    assert (model / "manifest.json").is_file()
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["encode", str(model), "--text", "a red circle on a white background", "-o", "json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["shape"] == [1, 64], res.output
     report = tmp_path / "report.html"
-    out = runner.invoke(app, ["report", "quickstart", "--out", str(report)])
-    assert out.exit_code == 0, out.output
+    res = runner.invoke(app, ["report", "quickstart", "--out", str(report)])
+    assert res.exit_code == 0, res.output
     page = report.read_text()
     assert page.count('<div class="q"') == 6 and "ranks differently" not in page
+
+    out = run_block(block_named("cluster-cli"), tmp_path, env)
+    assert out.returncode == 0, f"{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    shown = out.stdout
+    assert "finetunerun.kubetune.io/quickstart-2 created (server dry run" in shown, shown[-3000:]
+    assert "quickstart" in shown.split("quickstart-2", 1)[1], "list -l team=search shows the run"
+    assert (tmp_path / "model" / "manifest.json").read_bytes() == (model / "manifest.json").read_bytes()
+    assert "Phase:" in shown and "Succeeded" in shown and "Started from:" in shown  # describe
+    deadline = time.monotonic() + 60  # delete: the operator's finalizer lets it go
+    while True:
+        try:
+            Client(namespace=namespace).get_run("quickstart")
+        except errors.RunNotFound:
+            break
+        assert time.monotonic() < deadline, "quickstart still exists 60 s after `kubetune delete`"
+        time.sleep(0.5)
+    with pytest.raises(errors.RunNotFound):
+        Client(namespace=namespace).get_run("quickstart-2")  # the dry run stored nothing
