@@ -74,7 +74,7 @@ def test_real_trainer_rides_out_30s_s3_outages_at_checkpoint_and_artifact_upload
     proxy, pod_endpoint = node_proxy
     runs = Runs(kube_api, namespace)
     operator = start_real_trainer_operator(e2e_cluster, runs, trainer_image, s3_server, s3_bucket, tmp_path)
-    run_prefix = rf"^PUT /{s3_bucket}/kubetune/{namespace}/outage"
+    run_prefix = rf"^PUT /{s3_bucket}/kubetune/{namespace}/outage/[-0-9a-f]+"  # the run uid under its name
     at_checkpoint = proxy.outage_on(rf"{run_prefix}/checkpoints/step-", OUTAGE_S)
     at_artifact = proxy.outage_on(rf"{run_prefix}/artifact/", OUTAGE_S)
     # backoffLimit 0: a trainer that gave up on S3 would fail the run; only in-process retries can save it.

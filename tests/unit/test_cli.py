@@ -50,7 +50,7 @@ def test_run_local_collects_events_logs_and_metrics(fake_python: str, tmp_path: 
 
     doc = yaml.safe_load((result.output_dir / "run.yaml").read_text())
     assert doc["spec"]["data"]["train"] == str(QUICKSTART.parent / "data" / "train.csv")
-    assert doc["metadata"] == {"name": "quickstart", "namespace": "default"}
+    assert doc["metadata"] == {"name": "quickstart", "namespace": "default", "labels": {"team": "search"}}
     assert len((result.output_dir / "events.jsonl").read_text().splitlines()) == len(seen)
     assert "step 4" in (result.output_dir / "trainer.log").read_text()
     argv = json.loads((result.output_dir / "argv.json").read_text())

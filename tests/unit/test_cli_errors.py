@@ -351,8 +351,9 @@ def assert_user_error(result: Any, call: Call) -> None:
     assert result.exception is None or isinstance(result.exception, SystemExit), where
     assert result.exit_code in USER_ERROR_CODES, f"exit {result.exit_code}: {where}"
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert any(line.startswith("error: ") for line in lines), where
-    assert any(line.startswith("hint: ") for line in lines), where
+    # each error is one line (`delete` of several missing names: one each, as kubectl), then one hint line
+    hints_at = [i for i, line in enumerate(lines) if line.startswith("hint: ")]
+    assert len(hints_at) == 1 and hints_at[0] > 0 and lines[hints_at[0] - 1].startswith("error: "), where
 
 
 # ------------------------------------------------------------------------------------------------ the property

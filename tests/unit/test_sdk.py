@@ -130,7 +130,8 @@ def test_quickstart_run_file_is_valid_and_paths_resolve_against_it(tmp_path: Pat
     assert spec.data.train == str(QUICKSTART.parent / "data" / "train.csv")
     assert Path(spec.data.train).is_file() and spec.data.eval and Path(spec.data.eval).is_file()
     doc = run.document("other", "ns")
-    assert doc["metadata"] == {"name": "other", "namespace": "ns"} and doc["kind"] == "FinetuneRun"
+    assert doc["metadata"] == {"name": "other", "namespace": "ns", "labels": {"team": "search"}}
+    assert doc["kind"] == "FinetuneRun"
     assert doc["spec"]["data"]["train"] == "data/train.csv"  # the object itself keeps the user's paths
 
 

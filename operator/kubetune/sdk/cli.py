@@ -64,6 +64,7 @@ DEBUG_ENV = "KUBETUNE_DEBUG"  # set to 1: an unexpected exception (exit 70) show
 RESOURCE = f"{SINGULAR}.{GROUP}"  # what `-o name` prints before the run's name, as kubectl does
 STAGING_MODULE = "kubetune.sdk.staging"
 
+
 class _Console(Console):
     """rich's console, except that a reader gone away is not exit 1 (which says "the run failed")."""
 

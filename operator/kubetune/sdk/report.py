@@ -66,15 +66,29 @@ def _thumbnail(image: Any) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+def _local_output(spec: Any) -> Any:
+    """``spec.output`` with S3 as this machine sees it (``$KUBETUNE_S3_ENDPOINT``; the spec has the pods' view)."""
+    endpoint = os.environ.get("KUBETUNE_S3_ENDPOINT")
+    return spec.output.model_copy(update={"endpoint": endpoint}) if endpoint else spec.output
+
+
+def _mirror_root(start: dict[str, Any]) -> str | None:
+    """The model mirror the run's weights came from, from the artifact's record of its start
+    (``s3://<mirror>/<NAME>/<TAG>/<file>``), else ``$KUBETUNE_MODEL_MIRROR``."""
+    from kubetune.api.models import mirror_key
+
+    source, name, tag = str(start.get("from") or ""), start.get("name"), start.get("pretrained")
+    key = mirror_key(str(name), str(tag)) if name and tag else None
+    if key is not None and source.startswith("s3://") and f"/{key}/" in source:
+        return source.rsplit(f"/{key}/", 1)[0]
+    return os.environ.get("KUBETUNE_MODEL_MIRROR") or None
+
+
 def _load_eval(spec: Any, work: Path) -> tuple[Any, Any]:
     """(query PairSet, index PairSet) as the trainer evaluated them."""
     from kubetune_trainer.data import Fetcher, load_datasets, load_set
 
-    output = spec.output
-    endpoint = os.environ.get("KUBETUNE_S3_ENDPOINT")  # S3 as this machine sees it (the spec has the pods' view)
-    if endpoint:
-        output = output.model_copy(update={"endpoint": endpoint})
-    fetcher = Fetcher(work / "cache", output)
+    fetcher = Fetcher(work / "cache", _local_output(spec))
     data = spec.data
     if data.query or data.eval:
         query = load_set("query", data.query or data.eval, data, fetcher)
@@ -87,16 +101,20 @@ def _load_eval(spec: Any, work: Path) -> tuple[Any, Any]:
     return sets.query, sets.index
 
 
-def _before_model(spec: Any, work: Path) -> Any:
+def _before_model(spec: Any, start: dict[str, Any], work: Path) -> Any:
+    """The starting model, as the trainer built it; its weights from the mirror the run used, when it used one
+    (a cluster without internet has no other source)."""
     import torch
     from kubetune_trainer import model as model_lib
     from kubetune_trainer.data import Fetcher
     from kubetune_trainer.run import fetch_weights
 
+    output = _local_output(spec)
     torch.manual_seed(spec.training.seed)  # as the trainer did: a random init is reproduced exactly
-    weights = fetch_weights(spec.model.weights, Fetcher(work / "cache", spec.output), spec, work) \
+    weights = fetch_weights(spec.model.weights, Fetcher(work / "cache", output), spec, work) \
         if spec.model.weights else None
-    return model_lib.build(spec.model, torch.device("cpu"), "fp32", work, weights)
+    mirror = model_lib.mirror_store(_mirror_root(start), output)
+    return model_lib.build(spec.model, torch.device("cpu"), "fp32", work, weights, mirror=mirror)
 
 
 def compute(artifact: str | os.PathLike[str], queries: list[str] | None = None, top_k: int = 5,
@@ -131,7 +149,7 @@ def compute(artifact: str | os.PathLike[str], queries: list[str] | None = None, 
                 image = torch.cat([encode_image(batch) for batch in pixels])
             return F.normalize(text.float(), dim=-1), F.normalize(image.float(), dim=-1)
 
-        before_bundle = _before_model(spec, work)
+        before_bundle = _before_model(spec, metadata.get("start") or {}, work)
         net = before_bundle.model.eval()
         all_texts = task.query_texts
         b_text, b_image = rank(net.encode_text, before_bundle.tokenizer, net.encode_image,

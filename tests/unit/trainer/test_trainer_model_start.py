@@ -103,7 +103,8 @@ def test_a_run_reads_the_mirror_its_environment_names_with_the_hub_off(tmp_path:
     staged = stage_model("kt-tiny-mirror-run::kt-v2", dest, tmp_path / "weights.safetensors",
                          store=s3_store(s3_server.host_endpoint, dest, env=_credentials(s3_server)))
     spec = tiny_spec(str(synthetic_data["train"]), model={"name": "kt-tiny-mirror-run", "pretrained": "kt-v2"},
-                     training={"epochs": 1, "maxSteps": 2}, callbacks={"evaluation": {"enabled": False}})
+                     data={"train": str(synthetic_data["train"]), "eval": str(synthetic_data["eval"])},
+                     training={"epochs": 1, "maxSteps": 2}, callbacks={"evaluation": {"limit": 5}})
     done = _trainer_process(tmp_path, spec, {**_credentials(s3_server), "KUBETUNE_MODEL_MIRROR": dest,
                                              "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
@@ -115,6 +116,17 @@ def test_a_run_reads_the_mirror_its_environment_names_with_the_hub_off(tmp_path:
         folder.feed_line(line)
     assert folder.status["startedFrom"] == {"model": "kt-tiny-mirror-run", "pretrained": "kt-v2",
                                             "source": staged["file"]}
+
+    # the report rebuilds the starting model from the mirror the artifact names, with the hub unreachable and no
+    # KUBETUNE_MODEL_MIRROR on this side
+    report = tmp_path / "report.html"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "AWS_", "KUBETUNE_"))}
+    env.update({**_credentials(s3_server), "KUBETUNE_S3_ENDPOINT": s3_server.host_endpoint, "HF_HUB_OFFLINE": "1",
+                "HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}", "HF_HOME": str(tmp_path / "hf-report")})
+    shown = subprocess.run([sys.executable, "-m", "kubetune.sdk.cli", "report", str(tmp_path / "out" / "artifact"),
+                            "--out", str(report)], capture_output=True, text=True, env=env, timeout=300)
+    assert shown.returncode == 0, (shown.stdout + shown.stderr)[-3000:]
+    assert "ranks differently" not in report.read_text()  # the rebuilt start is the run's own
 
 
 @pytest.mark.parametrize("with_mirror", [True, False], ids=["mirror-without-the-tag", "no-mirror"])
