@@ -488,7 +488,6 @@ def test_a_bug_is_exit_70_without_a_traceback_unless_debugging(monkeypatch: pyte
     assert isinstance(result.exception, RuntimeError)
 
 
-
 def test_a_reader_that_goes_away_ends_the_listing_quietly() -> None:
     """`kubetune models | head -0`: the reader has gone before the first line is written, so every write fails."""
     read_end, write_end = os.pipe()

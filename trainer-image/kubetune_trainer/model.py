@@ -74,7 +74,8 @@ class ModelBundle:
     config: dict[str, Any]  # the open_clip model config (embed_dim, vision_cfg, text_cfg, ...)
     preprocess_cfg: dict[str, Any]  # image size, mean, std, interpolation, resize mode
     # what the model started from, for the artifact's metadata.json: name, pretrained (the tag actually used, or
-    # None), and where the weights came from (uri + sha256 of a tag's file, or the weights URI)
+    # None), and where the weights came from (uri + sha256 of a tag's file and the mirror it was in, or the
+    # weights URI)
     start: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -187,6 +188,8 @@ def build(spec: ModelSpec, device: torch.device, precision: str, work_dir: Path,
     tag_file, tag_cfg = None, {}
     if tag is not None:
         tag_file, start["from"] = pretrained_file(name, tag, mirror, work_dir)
+        if mirror is not None and start["from"].startswith(mirror.uri() + "/"):
+            start["mirror"] = mirror.uri()  # where a report rebuilds this start without the hub
         start["sha256"] = sha256_file(tag_file)
         tag_cfg = open_clip.get_pretrained_cfg(name, tag)
         warn_activation(name, tag, tag_cfg, config)

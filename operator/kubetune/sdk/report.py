@@ -73,15 +73,8 @@ def _local_output(spec: Any) -> Any:
 
 
 def _mirror_root(start: dict[str, Any]) -> str | None:
-    """The model mirror the run's weights came from, from the artifact's record of its start
-    (``s3://<mirror>/<NAME>/<TAG>/<file>``), else ``$KUBETUNE_MODEL_MIRROR``."""
-    from kubetune.api.models import mirror_key
-
-    source, name, tag = str(start.get("from") or ""), start.get("name"), start.get("pretrained")
-    key = mirror_key(str(name), str(tag)) if name and tag else None
-    if key is not None and source.startswith("s3://") and f"/{key}/" in source:
-        return source.rsplit(f"/{key}/", 1)[0]
-    return os.environ.get("KUBETUNE_MODEL_MIRROR") or None
+    """The model mirror the run's weights came from, as the artifact recorded it, else ``$KUBETUNE_MODEL_MIRROR``."""
+    return start.get("mirror") or os.environ.get("KUBETUNE_MODEL_MIRROR") or None
 
 
 def _load_eval(spec: Any, work: Path) -> tuple[Any, Any]:

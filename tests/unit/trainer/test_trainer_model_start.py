@@ -87,7 +87,7 @@ def test_staged_weights_load_from_the_mirror_sha256_checked(tmp_path: Path, s3_s
     loaded = bundle.model.state_dict()
     assert set(loaded) == set(saved) and all(torch.equal(loaded[k], saved[k]) for k in saved)
     assert bundle.start == {"name": "kt-tiny-mirror", "pretrained": "kt-v1", "from": staged["file"],
-                            "sha256": staged["sha256"]}
+                            "sha256": staged["sha256"], "mirror": dest}
 
     # a mirror file changed after staging is refused, not loaded
     mirror.put_bytes("kt-tiny-mirror/kt-v1/kt-v1.safetensors", b"tampered")
@@ -110,7 +110,7 @@ def test_a_run_reads_the_mirror_its_environment_names_with_the_hub_off(tmp_path:
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     metadata = json.loads((tmp_path / "out" / "artifact" / "metadata.json").read_text())
     assert metadata["start"] == {"name": "kt-tiny-mirror-run", "pretrained": "kt-v2", "from": staged["file"],
-                                 "sha256": staged["sha256"]}
+                                 "sha256": staged["sha256"], "mirror": dest}
     folder = StatusFolder()  # what the run's status says, through the operator's own fold
     for line in done.stdout.splitlines():
         folder.feed_line(line)
